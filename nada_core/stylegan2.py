@@ -1,0 +1,319 @@
+"""StyleGAN2 generator in plain PyTorch (no compiled ops): runs on CUDA, MPS and CPU.
+
+Parameter and buffer names and shapes follow the widely used rosinality layout, so the
+``g_ema`` state dict of ``stylegan2-ffhq-config-f.pt`` and of every StyleGAN-NADA output
+loads with ``strict=True``. The arithmetic is the reference arithmetic, rearranged for speed:
+
+* Modulated convolution scales the *activations* by the style and the *outputs* by the
+  demodulation coefficients instead of building one weight per sample. Convolution is linear,
+  so ``conv(x * s, w) * d == conv(x, w * s * d)`` exactly; it lets every sample share one
+  weight and one dense convolution (no grouped conv), which is what CPUs and GPUs are fast at.
+* Blur/upsampling (upfirdn2d) is a zero-insertion, a pad and a depthwise convolution.
+
+W+ slot use (GUIDE.md section 2), with ``L = n_latent``::
+
+    slot 0                -> conv1
+    slot 1                -> to_rgb1, convs[0]
+    slot i (odd, i >= 3)  -> convs[i-1], to_rgbs[(i-3)//2]
+    slot i (even, i >= 2) -> convs[i-1]
+    slot L-1              -> to_rgbs[-1] only
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BLUR_KERNEL = (1, 3, 3, 1)
+NOISE_MODES = ("const", "random", "none")
+
+
+def channel_table(channel_multiplier: int = 2, channel_max: int = 512) -> dict[int, int]:
+    """Feature maps per resolution; ``channel_max`` < 512 builds the tiny test models."""
+    base = {4: 512, 8: 512, 16: 512, 32: 512, 64: 256 * channel_multiplier,
+            128: 128 * channel_multiplier, 256: 64 * channel_multiplier,
+            512: 32 * channel_multiplier, 1024: 16 * channel_multiplier}
+    return {res: min(ch, channel_max) for res, ch in base.items()}
+
+
+def make_kernel(k: Sequence[float]) -> torch.Tensor:
+    """Separable FIR kernel normalised to sum 1 (outer product of a 1-D kernel)."""
+    k = torch.tensor(k, dtype=torch.float32)
+    if k.ndim == 1:
+        k = k[None, :] * k[:, None]
+    return k / k.sum()
+
+
+def upfirdn2d(x: torch.Tensor, kernel: torch.Tensor, up: int = 1, pad: tuple[int, int] = (0, 0)) -> torch.Tensor:
+    """Upsample by zero insertion, pad both axes by ``pad``, then convolve with ``kernel`` per channel."""
+    b, c, h, w = x.shape
+    if up > 1:
+        x = x.reshape(b, c, h, 1, w, 1)
+        x = F.pad(x, (0, up - 1, 0, 0, 0, up - 1))
+        x = x.reshape(b, c, h * up, w * up)
+    x = F.pad(x, (pad[0], pad[1], pad[0], pad[1]))
+    weight = torch.flip(kernel, (0, 1)).to(x.dtype)[None, None].expand(c, 1, *kernel.shape)
+    return F.conv2d(x, weight, groups=c)
+
+
+def fused_leaky_relu(x: torch.Tensor, bias: torch.Tensor, slope: float = 0.2, gain: float = math.sqrt(2)) -> torch.Tensor:
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    return F.leaky_relu(x + bias.view(shape), slope) * gain
+
+
+class PixelNorm(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(torch.mean(x * x, dim=1, keepdim=True) + 1e-8)
+
+
+class EqualLinear(nn.Module):
+    """Linear layer with equalised learning rate: weights stored at N(0,1)/lr_mul, scaled at run time."""
+
+    def __init__(self, in_dim: int, out_dim: int, bias_init: float = 0.0, lr_mul: float = 1.0, activation: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_dim, in_dim).div_(lr_mul))
+        self.bias = nn.Parameter(torch.full((out_dim,), float(bias_init)))
+        self.scale = lr_mul / math.sqrt(in_dim)
+        self.lr_mul = lr_mul
+        self.activation = activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.activation:
+            return fused_leaky_relu(F.linear(x, self.weight * self.scale), self.bias * self.lr_mul)
+        return F.linear(x, self.weight * self.scale, self.bias * self.lr_mul)
+
+
+class FusedLeakyReLU(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fused_leaky_relu(x, self.bias)
+
+
+class Blur(nn.Module):
+    def __init__(self, kernel: Sequence[float], pad: tuple[int, int], upsample_factor: int = 1):
+        super().__init__()
+        self.register_buffer("kernel", make_kernel(kernel) * upsample_factor ** 2)
+        self.pad = pad
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return upfirdn2d(x, self.kernel, pad=self.pad)
+
+
+class Upsample(nn.Module):
+    """2x FIR upsampling of the RGB skip path."""
+
+    def __init__(self, kernel: Sequence[float], factor: int = 2):
+        super().__init__()
+        self.factor = factor
+        self.register_buffer("kernel", make_kernel(kernel) * factor ** 2)
+        p = self.kernel.shape[0] - factor
+        self.pad = ((p + 1) // 2 + factor - 1, p // 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return upfirdn2d(x, self.kernel, up=self.factor, pad=self.pad)
+
+
+class ModulatedConv2d(nn.Module):
+    """Style-modulated convolution (StyleGAN2 Fig. 2c), optionally with 2x transposed-conv upsampling."""
+
+    def __init__(self, in_channel: int, out_channel: int, kernel_size: int, style_dim: int,
+                 demodulate: bool = True, upsample: bool = False, blur_kernel: Sequence[float] = BLUR_KERNEL):
+        super().__init__()
+        self.in_channel, self.out_channel, self.kernel_size = in_channel, out_channel, kernel_size
+        self.upsample, self.demodulate = upsample, demodulate
+        if upsample:
+            factor = 2
+            p = (len(blur_kernel) - factor) - (kernel_size - 1)
+            self.blur = Blur(blur_kernel, pad=((p + 1) // 2 + factor - 1, p // 2 + 1), upsample_factor=factor)
+        self.scale = 1 / math.sqrt(in_channel * kernel_size ** 2)
+        self.padding = kernel_size // 2
+        self.weight = nn.Parameter(torch.randn(1, out_channel, in_channel, kernel_size, kernel_size))
+        self.modulation = EqualLinear(style_dim, in_channel, bias_init=1)
+
+    def forward(self, x: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
+        s = self.modulation(style)                                   # (B, in)
+        weight = self.weight[0] * self.scale                         # (out, in, k, k), shared by the batch
+        x = x * s.to(x.dtype)[:, :, None, None]
+        if self.upsample:
+            out = F.conv_transpose2d(x, weight.transpose(0, 1).to(x.dtype), stride=2)
+        else:
+            out = F.conv2d(x, weight.to(x.dtype), padding=self.padding)
+        if self.demodulate:
+            # sum_{in,k,k} (w*s)^2 = (s^2) @ sum_{k,k} w^2  -> one small matmul instead of a per-sample weight
+            demod = torch.rsqrt(F.linear(s * s, weight.pow(2).sum((2, 3))) + 1e-8)
+            out = out * demod.to(out.dtype)[:, :, None, None]
+        if self.upsample:
+            out = self.blur(out)
+        return out
+
+
+class NoiseInjection(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+        return x if noise is None else x + self.weight * noise
+
+
+class StyledConv(nn.Module):
+    def __init__(self, in_channel: int, out_channel: int, kernel_size: int, style_dim: int,
+                 upsample: bool = False, blur_kernel: Sequence[float] = BLUR_KERNEL):
+        super().__init__()
+        self.conv = ModulatedConv2d(in_channel, out_channel, kernel_size, style_dim,
+                                    upsample=upsample, blur_kernel=blur_kernel)
+        self.noise = NoiseInjection()
+        self.activate = FusedLeakyReLU(out_channel)
+
+    def forward(self, x: torch.Tensor, style: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        return self.activate(self.noise(self.conv(x, style), noise))
+
+
+class ToRGB(nn.Module):
+    def __init__(self, in_channel: int, style_dim: int, upsample: bool = True, blur_kernel: Sequence[float] = BLUR_KERNEL):
+        super().__init__()
+        if upsample:
+            self.upsample = Upsample(blur_kernel)
+        self.conv = ModulatedConv2d(in_channel, 3, 1, style_dim, demodulate=False)
+        self.bias = nn.Parameter(torch.zeros(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor, style: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.conv(x, style) + self.bias
+        return out if skip is None else out + self.upsample(skip)
+
+
+class ConstantInput(nn.Module):
+    def __init__(self, channel: int, size: int = 4):
+        super().__init__()
+        self.input = nn.Parameter(torch.randn(1, channel, size, size))
+
+    def forward(self, batch: int) -> torch.Tensor:
+        return self.input.expand(batch, -1, -1, -1)
+
+
+class Generator(nn.Module):
+    """Mapping network z -> w and synthesis network W+ -> image in [-1, 1]."""
+
+    def __init__(self, size: int, style_dim: int = 512, n_mlp: int = 8, channel_multiplier: int = 2,
+                 channel_max: int = 512, lr_mlp: float = 0.01, blur_kernel: Sequence[float] = BLUR_KERNEL):
+        super().__init__()
+        log_size = int(math.log2(size))
+        if 2 ** log_size != size or not 8 <= size <= 1024:
+            raise ValueError(f"generator size must be a power of two in 8..1024, got {size}")
+        self.size, self.style_dim, self.n_mlp = size, style_dim, n_mlp
+        self.channel_multiplier, self.channel_max = channel_multiplier, channel_max
+        self.log_size = log_size
+        self.n_latent = log_size * 2 - 2
+        self.num_layers = (log_size - 2) * 2 + 1
+        self.channels = channel_table(channel_multiplier, channel_max)
+
+        self.style = nn.Sequential(PixelNorm(), *[
+            EqualLinear(style_dim, style_dim, lr_mul=lr_mlp, activation=True) for _ in range(n_mlp)])
+        ch = self.channels[4]
+        self.input = ConstantInput(ch)
+        self.conv1 = StyledConv(ch, ch, 3, style_dim, blur_kernel=blur_kernel)
+        self.to_rgb1 = ToRGB(ch, style_dim, upsample=False)
+        self.convs, self.upsamples, self.to_rgbs = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+        self.noises = nn.Module()
+        for i in range(self.num_layers):
+            res = 2 ** ((i + 5) // 2)
+            self.noises.register_buffer(f"noise_{i}", torch.randn(1, 1, res, res))
+        in_ch = ch
+        for log_res in range(3, log_size + 1):
+            out_ch = self.channels[2 ** log_res]
+            self.convs.append(StyledConv(in_ch, out_ch, 3, style_dim, upsample=True, blur_kernel=blur_kernel))
+            self.convs.append(StyledConv(out_ch, out_ch, 3, style_dim, blur_kernel=blur_kernel))
+            self.to_rgbs.append(ToRGB(out_ch, style_dim, blur_kernel=blur_kernel))
+            in_ch = out_ch
+
+    # ----------------------------------------------------------------- config
+    @property
+    def config(self) -> dict:
+        """Constructor arguments: enough to rebuild an identical, empty generator."""
+        return {"size": self.size, "style_dim": self.style_dim, "n_mlp": self.n_mlp,
+                "channel_multiplier": self.channel_multiplier, "channel_max": self.channel_max}
+
+    # ---------------------------------------------------------------- latents
+    def mapping(self, z: torch.Tensor) -> torch.Tensor:
+        """z (B, style_dim) -> w (B, style_dim)."""
+        return self.style(z)
+
+    @torch.no_grad()
+    def mean_latent(self, n: int = 4096, seed: int = 0) -> torch.Tensor:
+        """Average w of ``n`` seeded samples (the truncation centre), shape (1, style_dim)."""
+        gen = torch.Generator().manual_seed(seed)
+        z = torch.randn(n, self.style_dim, generator=gen).to(self.input.input.device)
+        return self.mapping(z).mean(0, keepdim=True)
+
+    def to_w_plus(self, w: torch.Tensor) -> torch.Tensor:
+        """Broadcast w (B, D) to W+ (B, n_latent, D); W+ passes through unchanged."""
+        return w if w.ndim == 3 else w.unsqueeze(1).repeat(1, self.n_latent, 1)
+
+    def mix(self, w_a: torch.Tensor, w_b: torch.Tensor, crossover: int) -> torch.Tensor:
+        """Style mixing: slots < crossover come from ``w_a``, the rest from ``w_b``."""
+        a, b = self.to_w_plus(w_a), self.to_w_plus(w_b)
+        keep = (torch.arange(self.n_latent, device=a.device) < crossover).view(1, -1, 1)
+        return torch.where(keep, a, b)
+
+    @staticmethod
+    def truncate(w: torch.Tensor, w_avg: torch.Tensor, psi: float) -> torch.Tensor:
+        return w if psi == 1.0 else w_avg + psi * (w - w_avg)
+
+    # -------------------------------------------------------------- slot map
+    def slot_consumers(self) -> dict[int, list[str]]:
+        """W+ slot -> names of the modules that read it (see module docstring)."""
+        table: dict[int, list[str]] = {s: [] for s in range(self.n_latent)}
+        table[0].append("conv1")
+        table[1].append("to_rgb1")
+        for i in range(len(self.convs)):
+            table[i + 1].append(f"convs.{i}")
+        for j in range(len(self.to_rgbs)):
+            table[2 * j + 3].append(f"to_rgbs.{j}")
+        return table
+
+    # ------------------------------------------------------------- synthesis
+    def _noise(self, index: int, batch: int, mode: str, like: torch.Tensor) -> torch.Tensor | None:
+        if mode == "none":
+            return None
+        buf = getattr(self.noises, f"noise_{index}")
+        if mode == "const":
+            return buf.to(like.dtype)
+        return torch.randn(batch, 1, *buf.shape[2:], device=like.device, dtype=like.dtype)
+
+    def synthesis(self, ws: torch.Tensor, noise_mode: str = "const") -> torch.Tensor:
+        """W+ (B, n_latent, D) or w (B, D) -> image (B, 3, size, size), roughly in [-1, 1]."""
+        if noise_mode not in NOISE_MODES:
+            raise ValueError(f"noise_mode must be one of {NOISE_MODES}, got {noise_mode!r}")
+        ws = self.to_w_plus(ws)
+        if ws.shape[1] != self.n_latent:
+            raise ValueError(f"expected {self.n_latent} W+ slots, got {ws.shape[1]}")
+        b = ws.shape[0]
+        x = self.input(b)
+        x = self.conv1(x, ws[:, 0], self._noise(0, b, noise_mode, x))
+        skip = self.to_rgb1(x, ws[:, 1])
+        i = 1
+        for j, to_rgb in enumerate(self.to_rgbs):
+            x = self.convs[2 * j](x, ws[:, i], self._noise(i, b, noise_mode, x))
+            x = self.convs[2 * j + 1](x, ws[:, i + 1], self._noise(i + 1, b, noise_mode, x))
+            skip = to_rgb(x, ws[:, i + 2], skip)
+            i += 2
+        return skip
+
+    def forward(self, z: torch.Tensor, truncation_psi: float = 1.0, noise_mode: str = "const",
+                truncation_latent: torch.Tensor | None = None) -> torch.Tensor:
+        """Sample images from z (B, D): mapping, optional truncation, synthesis."""
+        w = self.mapping(z)
+        if truncation_psi != 1.0:
+            w = self.truncate(w, truncation_latent if truncation_latent is not None else self.mean_latent(), truncation_psi)
+        return self.synthesis(w, noise_mode=noise_mode)
+
+
+def seeds_to_z(seeds: Sequence[int], dim: int = 512, device: str | torch.device = "cpu") -> torch.Tensor:
+    """One reproducible z per integer seed, independent of device and batch composition."""
+    return torch.stack([torch.randn(dim, generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(device)

@@ -1,0 +1,52 @@
+"""Tiny, deterministic, *untrained* stand-ins for the pretrained models.
+
+Pretrained weights cannot be downloaded everywhere (CI has no internet), so every code path is
+also exercised on these: a small StyleGAN2 with the real layout and a small open_clip CLIP with
+the real tokenizer. Their output is noise-like by construction; the UI labels them as untrained.
+"""
+from __future__ import annotations
+
+import torch
+
+from .stylegan2 import Generator
+
+TINY_GENERATOR = {"size": 32, "style_dim": 64, "n_mlp": 2, "channel_multiplier": 1, "channel_max": 32}
+TINY_CLIP_NAME = "tiny-clip"
+
+
+def _init_like_training(G: Generator, gen: torch.Generator) -> None:
+    """Random weights with the statistics of a trained model: non-zero noise strengths and
+    biases, so that every parameter influences the image and the tests can see it."""
+    with torch.no_grad():
+        for name, p in G.named_parameters():
+            if name.endswith("noise.weight"):
+                p.copy_(0.05 * torch.rand(p.shape, generator=gen))
+            elif name.endswith("bias") and "modulation" not in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+
+
+def tiny_generator(seed: int = 0, **overrides) -> Generator:
+    """A deterministic small generator (32 px, 32 channels by default); same seed, same weights."""
+    cfg = {**TINY_GENERATOR, **overrides}
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        G = Generator(**cfg)
+    _init_like_training(G, gen)
+    return G.eval()
+
+
+def tiny_clip(seed: int = 0, image_size: int = 32, embed_dim: int = 32):
+    """(model, tokenizer) for a random-init open_clip CLIP with the real BPE tokenizer."""
+    import open_clip
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    vision = CLIPVisionCfg(layers=1, width=32, head_width=16, patch_size=8, image_size=image_size)
+    text = CLIPTextCfg(context_length=77, vocab_size=49408, width=32, heads=2, layers=1)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIP(embed_dim, vision, text, quick_gelu=True)
+    model.eval().requires_grad_(False)
+    model.visual.image_mean = (0.48145466, 0.4578275, 0.40821073)
+    model.visual.image_std = (0.26862954, 0.26130258, 0.27577711)
+    return model, open_clip.get_tokenizer("ViT-B-32")

@@ -1,0 +1,124 @@
+import math
+
+import pytest
+import torch
+
+from nada_core.stylegan2 import Generator, ModulatedConv2d, Upsample, channel_table, seeds_to_z
+from nada_core.tiny import tiny_generator
+from tests.reference_stylegan2 import reference_mapping, reference_synthesis
+
+
+def test_modulation_and_demodulation_by_hand():
+    # 2 input channels, 1 output, 1x1 kernel: out = (a*s1*x1 + b*s2*x2) * c / sqrt((a*s1*c)^2 + (b*s2*c)^2 + 1e-8)
+    conv = ModulatedConv2d(2, 1, 1, style_dim=3, demodulate=True)
+    a, b, s1, s2, x1, x2 = 0.5, -2.0, 1.5, 0.25, 3.0, -1.0
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([a, b]).view(1, 1, 2, 1, 1))
+        conv.modulation.weight.zero_()
+        conv.modulation.bias.copy_(torch.tensor([s1, s2]))
+    x = torch.tensor([x1, x2]).view(1, 2, 1, 1)
+    c = 1 / math.sqrt(2)  # fan-in scale 1/sqrt(in*k*k)
+    expected = (a * s1 * x1 + b * s2 * x2) * c / math.sqrt((a * s1 * c) ** 2 + (b * s2 * c) ** 2 + 1e-8)
+    got = conv(x, torch.zeros(1, 3)).item()
+    assert got == pytest.approx(expected, rel=1e-6)
+    conv.demodulate = False
+    assert conv(x, torch.zeros(1, 3)).item() == pytest.approx((a * s1 * x1 + b * s2 * x2) * c, rel=1e-6)
+
+
+def test_skip_upsampling_of_an_impulse_by_hand():
+    # upfirdn2d(up=2, pad=(2,1)) with [1,3,3,1] (x4 gain): 1-D response of a corner impulse is [.75, .75, .25, 0]
+    up = Upsample((1, 3, 3, 1))
+    x = torch.zeros(1, 1, 2, 2)
+    x[0, 0, 0, 0] = 1
+    r = torch.tensor([0.75, 0.75, 0.25, 0.0])
+    assert torch.allclose(up(x)[0, 0], r[:, None] * r[None, :], atol=1e-7)
+    # interior of a constant image is preserved (the polyphase weights sum to one)
+    assert torch.allclose(up(torch.ones(1, 1, 4, 4))[0, 0, 2:6, 2:6], torch.ones(4, 4), atol=1e-6)
+
+
+def test_transposed_conv_upsampling_with_blur_by_hand():
+    # centre tap only, demodulated to gain 1: a single pixel x becomes a 2x2 block of 0.75*0.75*x
+    conv = ModulatedConv2d(1, 1, 3, style_dim=2, upsample=True)
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[0, 0, 0, 1, 1] = 3.0
+        conv.modulation.weight.zero_()
+        conv.modulation.bias.fill_(2.0)
+    out = conv(torch.full((1, 1, 1, 1), 4.0), torch.zeros(1, 2))
+    assert out.shape == (1, 1, 2, 2)
+    assert torch.allclose(out, torch.full((1, 1, 2, 2), 0.5625 * 4.0), atol=1e-6)
+
+
+def test_w_plus_slots_feed_the_documented_layers():
+    G = tiny_generator(size=64)
+    L = G.n_latent
+    assert L == 10
+    table = G.slot_consumers()
+    assert table[0] == ["conv1"] and table[1] == ["to_rgb1", "convs.0"]
+    assert table[3] == ["convs.2", "to_rgbs.0"] and table[L - 1] == ["to_rgbs.3"]
+    seen = {}
+    hooks = [m.register_forward_hook(lambda mod, args, out, name=name: seen.__setitem__(name, args[1].clone()))
+             for name, m in G.named_modules() if type(m).__name__ in ("StyledConv", "ToRGB")]
+    ws = torch.randn(2, L, G.style_dim)
+    G.synthesis(ws)
+    for h in hooks:
+        h.remove()
+    consumers = [name for names in table.values() for name in names]
+    assert sorted(consumers) == sorted(seen)  # every layer reads exactly one slot
+    for slot, names in table.items():
+        for name in names:
+            assert torch.equal(seen[name], ws[:, slot]), (slot, name)
+
+
+@pytest.mark.parametrize("size,cm,cmax", [(32, 1, 32), (64, 2, 48)])
+def test_synthesis_matches_reference_math(size, cm, cmax):
+    G = tiny_generator(size=size, channel_multiplier=cm, channel_max=cmax, style_dim=64)
+    ws = torch.randn(2, G.n_latent, 64) * 0.5 + 0.3
+    ours = G.synthesis(ws, noise_mode="const")
+    ref = reference_synthesis(G.state_dict(), ws)
+    assert ours.shape == (2, 3, size, size)
+    assert (ours.double() - ref).abs().max().item() <= 1e-4
+    # the comparison has teeth: dropping the noise moves the image far beyond that tolerance
+    assert (G.synthesis(ws, noise_mode="none").double() - ref).abs().max().item() > 1e-3
+
+
+def test_mapping_truncation_and_mixing():
+    G = tiny_generator()
+    z = seeds_to_z([1, 2], G.style_dim)
+    w = G.mapping(z)
+    assert torch.allclose(w.double(), reference_mapping(G.state_dict(), z, G.n_mlp), atol=1e-5)
+    w_avg = G.mean_latent(512)
+    assert w_avg.shape == (1, G.style_dim)
+    img_t = G(z, truncation_psi=0.0, truncation_latent=w_avg)
+    assert torch.allclose(img_t[0], img_t[1], atol=1e-6)  # psi=0: every sample is the average face
+    mixed = G.mix(w[:1], w[1:], crossover=3)
+    assert torch.equal(mixed[0, :3], w[0].expand(3, -1)) and torch.equal(mixed[0, 3:], w[1].expand(G.n_latent - 3, -1))
+    assert torch.equal(seeds_to_z([7], 64), seeds_to_z([3, 7], 64)[1:])  # per-seed z, batch-independent
+
+
+def test_noise_modes():
+    G = tiny_generator()
+    ws = G.to_w_plus(G.mapping(seeds_to_z([0], G.style_dim)))
+    a, b = G.synthesis(ws, "const"), G.synthesis(ws, "const")
+    assert torch.equal(a, b)
+    torch.manual_seed(0)
+    r1 = G.synthesis(ws, "random")
+    assert (r1 - a).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="noise_mode"):
+        G.synthesis(ws, "bogus")
+
+
+def test_full_size_layout_matches_config_f():
+    with torch.device("meta"):
+        G = Generator(1024, 512, 8, channel_multiplier=2)
+    sd = G.state_dict()
+    assert G.n_latent == 18 and len(G.convs) == 16 and len(G.to_rgbs) == 8
+    assert sd["input.input"].shape == (1, 512, 4, 4)
+    assert sd["style.8.weight"].shape == (512, 512)
+    assert sd["convs.15.conv.weight"].shape == (1, 32, 32, 3, 3)
+    assert sd["convs.0.conv.blur.kernel"].shape == (4, 4)
+    assert sd["to_rgbs.7.upsample.kernel"].shape == (4, 4)
+    assert sd["convs.6.conv.modulation.weight"].shape == (512, 512)
+    assert sd["noises.noise_16"].shape == (1, 1, 1024, 1024)
+    assert "to_rgb1.upsample.kernel" not in sd
+    assert channel_table(1)[256] == 64 and channel_table(2)[256] == 128
