@@ -1,0 +1,170 @@
+"""CLIP guidance for StyleGAN-NADA: an ensemble of frozen open_clip models, the text/image target
+directions, and the directional and global losses (paper Sec. 3, formulas in GUIDE.md section 3).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from . import weights
+
+DEFAULT_MODELS = ("ViT-B-32", "ViT-B-16")
+
+
+def _imagenet_templates() -> list[str]:
+    """The 79 ImageNet prompt templates StyleGAN-NADA averages over: CLIP's 80 without 'a photo of many {}.'."""
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+    return [t("{}") for t in OPENAI_IMAGENET_TEMPLATES if t("{}") != "a photo of many {}."]
+
+
+IMAGENET_TEMPLATES = _imagenet_templates()
+
+
+class PromptError(ValueError):
+    """A prompt that cannot guide training, with the reason a user can act on."""
+
+
+def check_prompts(source: str, target: str, tokenizer=None) -> list[str]:
+    """Raise PromptError for unusable prompts; return warnings (e.g. truncation) for usable ones."""
+    source, target = (source or "").strip(), (target or "").strip()
+    if not target:
+        raise PromptError("the target text is empty: describe the new domain, e.g. 'Sketch' or 'Pixar character'")
+    if not source:
+        raise PromptError("the source text is empty: describe what the generator makes now, e.g. 'Photo' or 'Human'")
+    if source.lower() == target.lower():
+        raise PromptError(f"source and target are both '{source}': there is no direction to learn")
+    warnings = []
+    if tokenizer is not None:
+        ctx = getattr(tokenizer, "context_length", 77)
+        longest = max(len(tokenizer.encode(t.format(p))) for t in IMAGENET_TEMPLATES for p in (source, target))
+        if longest + 2 > ctx:
+            warnings.append(f"a prompt is longer than CLIP's {ctx} tokens once placed in the templates; "
+                            "CLIP only reads the first part, the rest was truncated")
+    return warnings
+
+
+# ------------------------------------------------------------------ contract: pure functions
+def preprocess(images: torch.Tensor, size: int, mean, std) -> torch.Tensor:
+    """Generator images in [-1, 1] (any size) -> CLIP input, differentiably: [0,1], bicubic resize of
+    the short side to ``size``, centre crop, CLIP mean/std."""
+    x = (images + 1) / 2
+    h, w = x.shape[-2:]
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    if (nh, nw) != (h, w):
+        x = F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False)
+    top, left = (nh - size) // 2, (nw - size) // 2
+    x = x[..., top:top + size, left:left + size]
+    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x - m) / s
+
+
+@torch.no_grad()
+def encode_text_templates(clip_model, tokenizer, text: str, templates=IMAGENET_TEMPLATES) -> torch.Tensor:
+    """(T, D) unit embeddings of ``text`` placed in each template."""
+    device = next(clip_model.parameters()).device
+    tokens = tokenizer([t.format(text) for t in templates]).to(device)
+    return F.normalize(clip_model.encode_text(tokens).float(), dim=-1)
+
+
+def text_direction(clip_model, tokenizer, source: str, target: str) -> torch.Tensor:
+    """dT = normalize(mean_t[norm(E_T(t(target))) - norm(E_T(t(source)))]), a (D,) unit vector."""
+    diff = encode_text_templates(clip_model, tokenizer, target) - encode_text_templates(clip_model, tokenizer, source)
+    return F.normalize(diff.mean(0), dim=-1)
+
+
+def directional_loss(feats_frozen: torch.Tensor, feats_trained: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+    """Batch mean of 1 - cos(dI, dT), dI = norm(E_I(trained)) - norm(E_I(frozen)); feats are raw (B, D)."""
+    d_img = F.normalize(feats_trained, dim=-1) - F.normalize(feats_frozen, dim=-1)
+    return (1 - F.cosine_similarity(d_img, direction.to(d_img).expand_as(d_img), dim=-1)).mean()
+
+
+def global_loss(feats: torch.Tensor, text_feats: torch.Tensor) -> torch.Tensor:
+    """Batch mean of 1 - cos(E_I(G(w)), E_T(text)) (the official code's 1 - logits/100)."""
+    return (1 - F.cosine_similarity(feats, text_feats.to(feats).expand_as(feats), dim=-1)).mean()
+
+
+def embedding_norm_loss(feats_frozen: torch.Tensor, feats_trained: torch.Tensor) -> torch.Tensor:
+    """Optional regulariser: keep the CLIP embedding norm of adapted images near the source's."""
+    n0, n1 = feats_frozen.norm(dim=-1), feats_trained.norm(dim=-1)
+    return ((n1 - n0) / n0).pow(2).mean()
+
+
+# ------------------------------------------------------------------ the ensemble
+@dataclass
+class ClipMember:
+    name: str
+    model: torch.nn.Module
+    tokenizer: object
+    weight: float = 1.0
+    _text_cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def image_size(self) -> int:
+        size = self.model.visual.image_size
+        return size[0] if isinstance(size, (tuple, list)) else int(size)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Raw image embeddings (B, D), differentiable w.r.t. ``images`` in [-1, 1]."""
+        p = next(self.model.parameters())
+        x = preprocess(images.float(), self.image_size, self.model.visual.image_mean, self.model.visual.image_std)
+        return self.model.encode_image(x.to(p.dtype)).float()
+
+    def text_features(self, text: str, templates=IMAGENET_TEMPLATES) -> torch.Tensor:
+        """Mean unit text embedding over templates, cached: text is never re-encoded in the loop."""
+        key = (text, tuple(templates))
+        if key not in self._text_cache:
+            self._text_cache[key] = encode_text_templates(self.model, self.tokenizer, text, templates)
+        return self._text_cache[key]
+
+    def text_direction(self, source: str, target: str) -> torch.Tensor:
+        return F.normalize((self.text_features(target) - self.text_features(source)).mean(0), dim=-1)
+
+    def global_text(self, target: str) -> torch.Tensor:
+        """E_T('a {target}') unit vector for the global loss."""
+        return self.text_features(target, templates=("a {}",))[0]
+
+    @torch.no_grad()
+    def image_direction(self, style_images: torch.Tensor, source_images: torch.Tensor) -> torch.Tensor:
+        """Image-guided target: normalize(mean norm(E_I(style)) - mean norm(E_I(source)))."""
+        style = F.normalize(self.encode_images(style_images), dim=-1).mean(0)
+        source = F.normalize(self.encode_images(source_images), dim=-1).mean(0)
+        return F.normalize(style - source, dim=-1)
+
+
+class ClipLoadError(RuntimeError):
+    pass
+
+
+def load_clip(name: str, device: str | torch.device = "cpu", weight: float = 1.0) -> ClipMember:
+    """Load an OpenAI CLIP model by open_clip name from the weights folder (see weights/manifest.json).
+    On CUDA the model runs in half precision; it is frozen and in eval mode everywhere."""
+    import open_clip
+
+    if name == "tiny":
+        from .tiny import tiny_clip
+
+        model, tok = tiny_clip()
+        return ClipMember("tiny", model.to(device), tok, weight)
+    if name not in open_clip.list_models():
+        raise ClipLoadError(f"unknown CLIP model {name!r}; try one of {', '.join(DEFAULT_MODELS)}")
+    asset = f"clip-{name}"
+    try:
+        path = weights.require(asset)
+    except weights.WeightsError as e:
+        raise ClipLoadError(str(e)) from None
+    model = open_clip.create_model(name, pretrained=str(path), force_quick_gelu=True, device=device,
+                                   precision="fp16" if torch.device(device).type == "cuda" else "fp32")
+    model.eval().requires_grad_(False)
+    return ClipMember(name, model, open_clip.get_tokenizer(name), weight)
+
+
+def load_ensemble(names, model_weights=None, device="cpu") -> list[ClipMember]:
+    model_weights = list(model_weights or [1.0] * len(names))
+    if len(model_weights) != len(names):
+        raise ClipLoadError("give one weight per CLIP model")
+    return [load_clip(n, device, w) for n, w in zip(names, model_weights) if w != 0]

@@ -1,0 +1,132 @@
+import math
+
+import pytest
+import torch
+
+from nada_core.adapt import Adapter, Recipe
+from nada_core.checkpoints import load_generator
+from nada_core.clip_guide import directional_loss, load_clip
+from nada_core.tiny import tiny_generator
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return [load_clip("tiny")]
+
+
+def recipe(**kw):
+    base = dict(source="photo", target="sketch", iterations=4, clip_models=["tiny"], clip_weights=[1.0],
+                preview_every=2, snapshot_every=2, preview_seeds=[0, 1])
+    return Recipe(**{**base, **kw})
+
+
+def snapshot(G):
+    return {k: v.detach().clone() for k, v in G.state_dict().items()}
+
+
+def test_one_step_changes_only_the_chosen_layers(clip):
+    ad = Adapter(tiny_generator(size=64), recipe(k=3, auto_layer_iters=1), clip)
+    frozen_before, train_before = snapshot(ad.G_frozen), snapshot(ad.G_train)
+    losses, slots, timings = ad.train_step()
+    assert len(slots) == 3 and set(timings) >= {"selection", "frozen_forward", "train_forward_backward", "clip"}
+    changed = {k.split(".conv.")[0].split(".noise")[0].split(".activate")[0]
+               for k, v in ad.G_train.state_dict().items() if not torch.equal(v, train_before[k])}
+    expected = {"conv1" if s == 0 else f"convs.{s - 1}" for s in slots if s <= len(ad.G_train.convs)}
+    assert changed == expected
+    assert all(torch.equal(v, frozen_before[k]) for k, v in ad.G_frozen.state_dict().items())
+    assert ad.G_train.style is ad.G_frozen.style  # one shared, frozen mapping network
+
+
+def test_thirty_steps_lower_the_directional_loss(clip):
+    ad = Adapter(tiny_generator(), recipe(iterations=30, batch=4, lr=0.01, preset="all", preview_every=100), clip)
+    z = torch.randn(32, 64, generator=torch.Generator().manual_seed(123))
+
+    def held_out_loss():
+        with torch.no_grad():
+            ws = ad.G_frozen.to_w_plus(ad.G_frozen.mapping(z))
+            f0 = clip[0].encode_images(ad.G_frozen.synthesis(ws))
+            f1 = clip[0].encode_images(ad.G_train.synthesis(ws))
+            return directional_loss(f0, f1, ad.directions[0]).item()
+
+    ad.train_step()
+    after_one = held_out_loss()
+    events = list(ad.run())
+    assert events[-1].kind == "done" and events[-1].step == 30
+    assert held_out_loss() < after_one - 0.05
+
+
+def test_events_previews_snapshots_and_final_checkpoint(clip, tmp_path):
+    ad = Adapter(tiny_generator(), recipe(), clip, out_dir=tmp_path / "run", base_name="tiny")
+    events = list(ad.run())
+    steps = [e for e in events if e.kind == "step"]
+    assert [e.step for e in steps] == [1, 2, 3, 4]
+    assert all(math.isfinite(e.loss) and e.eta is not None and e.sec_per_step > 0 for e in steps)
+    assert steps[-1].eta == 0
+    src, adapted = steps[1].preview
+    assert src.shape == adapted.shape == (2, 3, 32, 32)
+    assert [p.name for p in ad.snapshots()] == ["step_00002.safetensors", "step_00004.safetensors"]
+    done = events[-1]
+    assert done.kind == "done" and done.checkpoint.endswith("final.safetensors")
+    G, info = load_generator(done.checkpoint)
+    assert info["meta"]["recipe"]["target"] == "sketch" and info["meta"]["step"] == 4
+    assert info["meta"]["source_model"] == "tiny"
+    assert all(torch.equal(a, b) for a, b in zip(G.state_dict().values(), ad.G_train.state_dict().values()))
+
+
+def test_deterministic_for_a_seed(clip):
+    a = Adapter(tiny_generator(), recipe(k=4, seed=7), clip)
+    b = Adapter(tiny_generator(), recipe(k=4, seed=7), clip)
+    list(a.run()), list(b.run())
+    assert all(torch.equal(x, y) for x, y in zip(a.G_train.state_dict().values(), b.G_train.state_dict().values()))
+    c = Adapter(tiny_generator(), recipe(k=4, seed=8), clip)
+    list(c.run())
+    assert not all(torch.equal(x, y) for x, y in zip(a.G_train.state_dict().values(), c.G_train.state_dict().values()))
+
+
+def test_cancel_stops_within_a_step_and_saves(clip, tmp_path):
+    ad = Adapter(tiny_generator(), recipe(iterations=50), clip, out_dir=tmp_path)
+    seen = []
+    for ev in ad.run():
+        seen.append(ev)
+        if ev.kind == "step" and ev.step == 3:
+            ad.cancel()
+    assert seen[-1].kind == "cancelled" and seen[-1].step == 3 and len(seen) == 4
+    G, info = load_generator(seen[-1].checkpoint)
+    assert info["meta"]["step"] == 3
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_weights(clip, tmp_path):
+    ad = Adapter(tiny_generator(), recipe(iterations=10), clip, out_dir=tmp_path)
+    events = []
+    for ev in ad.run():
+        events.append(ev)
+        if ev.kind == "step" and ev.step == 2:
+            good = snapshot(ad.G_train)
+            with torch.no_grad():
+                ad.directions[0].fill_(float("nan"))  # poison the target
+    err = events[-1]
+    assert err.kind == "error" and "nan" in err.message.lower() and err.step == 2
+    assert all(torch.equal(v, good[k]) for k, v in ad.G_train.state_dict().items())
+    G, _ = load_generator(err.checkpoint)
+    assert all(torch.isfinite(p).all() for p in G.parameters())
+
+
+def test_resume_continues_exactly(clip, tmp_path):
+    full = Adapter(tiny_generator(), recipe(iterations=4, k=4), clip)
+    list(full.run())
+    part = Adapter(tiny_generator(), recipe(iterations=4, k=4), clip, out_dir=tmp_path)
+    for ev in part.run():
+        if ev.step == 2:
+            part.cancel()
+    resumed = Adapter.resume(tmp_path, tiny_generator(), clip)
+    assert resumed.step == 2
+    list(resumed.run())
+    for (k, x), y in zip(full.G_train.state_dict().items(), resumed.G_train.state_dict().values()):
+        assert torch.allclose(x, y, atol=1e-6), k
+
+
+def test_absurd_recipes_are_refused(clip):
+    for bad, msg in [(dict(iterations=0), "iterations"), (dict(lr=-1.0), "learning rate"), (dict(k=99), "k must"),
+                     (dict(target=""), "target text is empty"), (dict(lr=float("nan")), "learning rate")]:
+        with pytest.raises(ValueError, match=msg):
+            Adapter(tiny_generator(), recipe(**bad), clip)

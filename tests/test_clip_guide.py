@@ -1,0 +1,70 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nada_core.clip_guide import (IMAGENET_TEMPLATES, ClipLoadError, PromptError, check_prompts, directional_loss,
+                                  global_loss, load_clip, preprocess, text_direction)
+
+
+def test_templates_are_the_79_of_the_paper():
+    assert len(IMAGENET_TEMPLATES) == 79
+    assert "a bad photo of a {}." in IMAGENET_TEMPLATES and "a photo of many {}." not in IMAGENET_TEMPLATES
+
+
+def test_directional_loss_by_hand():
+    f0 = torch.tensor([[2.0, 0.0, 0.0], [0.0, 3.0, 0.0]])
+    f1 = torch.tensor([[0.0, 5.0, 0.0], [0.0, 3.0, 4.0]])
+    d = torch.tensor([0.0, 1.0, 0.0])
+    # sample 1: unit(f1)-unit(f0) = (-1, 1, 0) -> cos with d = 1/sqrt2
+    # sample 2: (0, .6, .8) - (0, 1, 0) = (0, -.4, .8) -> cos = -.4/sqrt(.8)
+    expected = ((1 - 1 / math.sqrt(2)) + (1 + 0.4 / math.sqrt(0.8))) / 2
+    assert directional_loss(f0, f1, d).item() == pytest.approx(expected, rel=1e-6)
+    # raw-embedding scale does not matter; only directions do
+    assert directional_loss(7 * f0, 0.1 * f1, d).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_global_loss_by_hand():
+    feats = torch.tensor([[1.0, 1.0], [3.0, 0.0]])
+    text = torch.tensor([1.0, 0.0])
+    assert global_loss(feats, text).item() == pytest.approx(((1 - 1 / math.sqrt(2)) + 0.0) / 2, rel=1e-6)
+
+
+def test_preprocess_matches_clip_normalisation():
+    img = torch.zeros(1, 3, 32, 32)  # mid-grey in [-1, 1]
+    out = preprocess(img, 16, (0.5, 0.25, 0.0), (0.5, 0.25, 1.0))
+    assert out.shape == (1, 3, 16, 16)
+    assert torch.allclose(out[0, :, 0, 0], torch.tensor([0.0, 1.0, 0.5]))
+    x = torch.randn(1, 3, 40, 64, requires_grad=True)
+    preprocess(x, 24, (0, 0, 0), (1, 1, 1)).sum().backward()  # differentiable, non-square ok
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_text_direction_is_unit_and_antisymmetric():
+    m = load_clip("tiny")
+    d = text_direction(m.model, m.tokenizer, "photo", "sketch")
+    assert d.shape == (32,) and d.norm().item() == pytest.approx(1.0, abs=1e-5)
+    assert torch.allclose(text_direction(m.model, m.tokenizer, "sketch", "photo"), -d, atol=1e-5)
+    assert torch.allclose(m.text_direction("photo", "sketch"), d, atol=1e-6)  # cached member path agrees
+
+
+def test_prompt_errors_and_truncation_warning():
+    m = load_clip("tiny")
+    with pytest.raises(PromptError, match="target text is empty"):
+        check_prompts("photo", "   ")
+    with pytest.raises(PromptError, match="source text is empty"):
+        check_prompts("", "sketch")
+    with pytest.raises(PromptError, match="no direction"):
+        check_prompts("Photo", "photo")
+    assert check_prompts("photo", "sketch", m.tokenizer) == []
+    (w,) = check_prompts("photo", "sketch " * 80, m.tokenizer)
+    assert "truncated" in w
+
+
+def test_unknown_and_missing_clip_models(tmp_path, monkeypatch):
+    monkeypatch.setenv("NADA_WEIGHTS_DIR", str(tmp_path))
+    with pytest.raises(ClipLoadError, match="unknown CLIP model"):
+        load_clip("ViT-X-99")
+    with pytest.raises(ClipLoadError, match=r"weights download clip-ViT-B-32"):
+        load_clip("ViT-B-32")
