@@ -1,0 +1,243 @@
+"""Command line: ``python -m nada_core weights|adapt|sample|invert ...`` (``--help`` on each)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def parse_seeds(text: str, limit: int = 256) -> list[int]:
+    """'1-8', '1,3,5' or '0-3,10' -> list of seeds; refuses negative, reversed or huge lists."""
+    seeds: list[int] = []
+    try:
+        for part in filter(None, (p.strip() for p in str(text).split(","))):
+            if "-" in part[1:]:
+                a, b = (int(x) for x in part.split("-", 1))
+                if b < a:
+                    raise ValueError(f"range {part} runs backwards")
+                seeds.extend(range(a, b + 1))
+            else:
+                seeds.append(int(part))
+    except ValueError as e:
+        raise ValueError(f"seeds must look like '1-8' or '1,3,5' ({e})") from None
+    if not seeds:
+        raise ValueError("no seeds given")
+    if any(s < 0 or s >= 2 ** 32 for s in seeds):
+        raise ValueError("seeds must be between 0 and 4294967295")
+    if len(seeds) > limit:
+        raise ValueError(f"{len(seeds)} seeds asked for; at most {limit} at once")
+    return seeds
+
+
+def _bar(done: int, total: int | None, extra: str = "") -> str:
+    if not total:
+        return f"\r{done >> 20} MiB {extra}"
+    n = int(30 * done / total)
+    return f"\r[{'#' * n}{'.' * (30 - n)}] {100 * done / total:5.1f}% {extra}"
+
+
+def _fmt_time(s: float | None) -> str:
+    if s is None:
+        return "?"
+    s = int(s)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+# ---------------------------------------------------------------------------- weights
+def cmd_weights(args) -> int:
+    from . import weights
+
+    manifest = weights.load_manifest()
+    if args.action == "list":
+        print(f"weights folder: {weights.weights_dir()}")
+        for row in weights.status_rows(manifest):
+            size = f"{row['bytes'] / 2 ** 20:8.1f} MiB" if row["present"] else "   missing  "
+            print(f"{row['name']:18} {row['kind']:10} {size}  {row['path']}")
+        return 0
+    if args.action == "verify":
+        bad = 0
+        for a in manifest.values():
+            if a.present or args.name:
+                state = weights.verify(a)
+                bad += state.endswith("mismatch")
+                print(f"{a.name:18} {state}")
+        return 1 if bad else 0
+    names = [args.name] if args.name else []
+    if not names:
+        print("name an asset to download (see `python -m nada_core weights list`)", file=sys.stderr)
+        return 2
+    for name in names:
+        asset = weights.get_asset(name, manifest)
+        print(f"{name}: {asset.url} -> {asset.path}")
+        path = weights.download(asset, progress=lambda d, t: print(_bar(d, t), end="", file=sys.stderr, flush=True))
+        print(f"\n{name}: {weights.verify(asset)} ({path})")
+    return 0
+
+
+# ---------------------------------------------------------------------------- adapt
+def cmd_adapt(args) -> int:
+    from .adapt import Adapter, Recipe
+    from .clip_guide import load_ensemble
+    from .images import from_pil, grid, to_pil
+    from .library import default_device, load_base, new_run_dir
+
+    device = args.device or default_device()
+    G, base_name = load_base(args.base, device)
+    clip_names = [c.strip() for c in args.clip.split(",") if c.strip()]
+    clip_weights = [float(w) for w in args.clip_weights.split(",")] if args.clip_weights else [1.0] * len(clip_names)
+    style_images = [from_pil(_open_image(p)) for p in args.style_images] if args.style_images else None
+    recipe = Recipe(source=args.source, target=args.target or "", iterations=args.iters, batch=args.batch,
+                    lr=args.lr, preset=args.preset, k=args.k, clip_models=clip_names, clip_weights=clip_weights,
+                    mixing=args.mixing, seed=args.seed, preview_every=args.preview_every,
+                    snapshot_every=args.snapshot_every, style_images=[str(p) for p in args.style_images or []])
+    clip = load_ensemble(clip_names, clip_weights, device)
+    if args.resume:
+        ad = Adapter.resume(args.resume, G, clip, device, style_images=style_images)
+        out = Path(args.resume)
+    else:
+        out = Path(args.out) if args.out else new_run_dir(args.source, args.target or "style")
+        ad = Adapter(G, recipe, clip, device, out, base_name, style_images=style_images)
+    print(f"adapting {base_name} on {device}: '{recipe.source}' -> '{recipe.target or 'style images'}', "
+          f"{ad.recipe.iterations} steps, output {out}", file=sys.stderr)
+    last = None
+    for ev in ad.run():
+        if ev.kind == "warning":
+            print(f"\nwarning: {ev.message}", file=sys.stderr)
+        elif ev.kind == "step":
+            print(_bar(ev.step, ev.total, f"step {ev.step}/{ev.total} loss {ev.loss:.4f} "
+                                          f"{ev.sec_per_step:.2f}s/it ETA {_fmt_time(ev.eta)}"),
+                  end="", file=sys.stderr, flush=True)
+        last = ev
+    print(file=sys.stderr)
+    if last is not None and last.preview is not None:
+        src, adapted = last.preview
+        grid([to_pil(src), to_pil(adapted)]).save(out / "thumb.png")
+    if last is None or last.kind == "error":
+        print(f"error: {last.message if last else 'nothing ran'}", file=sys.stderr)
+        return 1
+    print(f"{last.message}: {last.checkpoint}")
+    return 0
+
+
+def _open_image(path):
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return ImageOps.exif_transpose(im).convert("RGB")
+    except (OSError, UnidentifiedImageError) as e:
+        raise ValueError(f"{path}: not a readable image ({e})") from None
+
+
+# ---------------------------------------------------------------------------- sample
+def cmd_sample(args) -> int:
+    import torch
+
+    from .checkpoints import load_generator
+    from .images import grid, to_pil
+    from .library import default_device, load_base
+    from .stylegan2 import seeds_to_z
+
+    device = args.device or default_device()
+    seeds = parse_seeds(args.seeds)
+    G, info = load_generator(args.model, device)
+    base = args.base or info.get("meta", {}).get("source_model")
+    if not base:
+        raise ValueError(f"{args.model} does not say which base it was adapted from; pass --base")
+    G_src, _ = load_base(base, device)
+    if G_src.config != G.config:
+        raise ValueError(f"the base {base} ({G_src.config['size']} px) does not match the model ({G.config['size']} px)")
+    with torch.no_grad():
+        z = seeds_to_z(seeds, G.style_dim, device)
+        w_avg = G_src.mean_latent()
+        w = G_src.truncate(G_src.mapping(z), w_avg, args.truncation)
+        rows = [to_pil(G_src.synthesis(w, args.noise)), to_pil(G.synthesis(w, args.noise))]
+    out = Path(args.out or Path(args.model).with_name("samples.png"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    grid(rows).save(out)
+    print(f"wrote {out} (top: {base}, bottom: {args.model}; seeds {args.seeds})")
+    return 0
+
+
+# ---------------------------------------------------------------------------- invert
+def cmd_invert(args) -> int:
+    from .selfie import stylize_photo
+
+    result = stylize_photo(args.photo, [args.model] if args.model else [], base=args.base, steps=args.steps,
+                           device=args.device, encoder=args.encoder)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, img in result.images().items():
+        img.save(out / f"{name}.png")
+        print(out / f"{name}.png")
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m nada_core", description="NADA Studio engine")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    w = sub.add_parser("weights", help="list, download or verify pretrained files")
+    w.add_argument("action", choices=["list", "download", "verify"])
+    w.add_argument("name", nargs="?")
+    w.set_defaults(fn=cmd_weights)
+
+    a = sub.add_parser("adapt", help="adapt a generator to a text (or image) target")
+    a.add_argument("--base", default="ffhq", help="'ffhq' (256 px on CPU, 1024 on GPU), a manifest name, a file, or 'tiny'")
+    a.add_argument("--source", default="photo")
+    a.add_argument("--target", default="")
+    a.add_argument("--style-images", nargs="*", help="image-guided target instead of --target")
+    a.add_argument("--iters", type=int, default=300)
+    a.add_argument("--batch", type=int, default=2)
+    a.add_argument("--lr", type=float, default=0.002)
+    a.add_argument("--preset", default="auto", choices=["auto", "all", "texture", "shape"])
+    a.add_argument("--k", type=int, default=None, help="W+ slots trained per step (auto preset)")
+    a.add_argument("--mixing", type=float, default=0.0)
+    a.add_argument("--clip", default="ViT-B-32,ViT-B-16", help="comma-separated open_clip names, or 'tiny'")
+    a.add_argument("--clip-weights", default=None)
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--preview-every", type=int, default=50)
+    a.add_argument("--snapshot-every", type=int, default=50)
+    a.add_argument("--out", default=None, help="run folder (default: library/<source>-to-<target>)")
+    a.add_argument("--resume", default=None, help="continue the run in this folder")
+    a.add_argument("--device", default=None)
+    a.set_defaults(fn=cmd_adapt)
+
+    s = sub.add_parser("sample", help="PNG grid: source row above adapted row, same latents")
+    s.add_argument("--model", required=True)
+    s.add_argument("--base", default=None, help="source generator (default: the one recorded in the model)")
+    s.add_argument("--seeds", default="0-7")
+    s.add_argument("--truncation", type=float, default=0.7)
+    s.add_argument("--noise", default="const", choices=["const", "random", "none"])
+    s.add_argument("--out", default=None)
+    s.add_argument("--device", default=None)
+    s.set_defaults(fn=cmd_sample)
+
+    v = sub.add_parser("invert", help="align a face photo, invert it, stylise it and paste it back")
+    v.add_argument("photo")
+    v.add_argument("--model", default=None, help="adapted model to stylise with")
+    v.add_argument("--base", default="ffhq")
+    v.add_argument("--encoder", default="auto", choices=["auto", "e4e", "none"])
+    v.add_argument("--steps", type=int, default=200, help="optimisation steps (0: encoder only)")
+    v.add_argument("--out", default="out")
+    v.add_argument("--device", default=None)
+    v.set_defaults(fn=cmd_invert)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except (ValueError, RuntimeError, OSError) as e:  # user-facing errors: one clear line, no trace
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
