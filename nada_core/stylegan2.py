@@ -323,21 +323,30 @@ class Generator(nn.Module):
             return buf.to(like.dtype)
         return torch.randn(batch, 1, *buf.shape[2:], device=like.device, dtype=like.dtype)
 
-    def synthesis(self, ws: torch.Tensor, noise_mode: str = "const") -> torch.Tensor:
-        """W+ (B, n_latent, D) or w (B, D) -> image (B, 3, size, size), roughly in [-1, 1]."""
+    def noise_buffers(self) -> list[torch.Tensor]:
+        """The stored per-layer noise maps, in layer order (what noise_mode='const' uses)."""
+        return [getattr(self.noises, f"noise_{i}") for i in range(self.num_layers)]
+
+    def synthesis(self, ws: torch.Tensor, noise_mode: str = "const", noises: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """W+ (B, n_latent, D) or w (B, D) -> image (B, 3, size, size), roughly in [-1, 1].
+        ``noises`` (one map per layer) overrides ``noise_mode``; the projector optimises them."""
+        if noises is not None:
+            return self._synthesis(self.to_w_plus(ws), lambda i, b, x: noises[i].to(x.dtype))
         if noise_mode not in NOISE_MODES:
             raise ValueError(f"noise_mode must be one of {NOISE_MODES}, got {noise_mode!r}")
-        ws = self.to_w_plus(ws)
+        return self._synthesis(self.to_w_plus(ws), lambda i, b, x: self._noise(i, b, noise_mode, x))
+
+    def _synthesis(self, ws: torch.Tensor, noise) -> torch.Tensor:
         if ws.shape[1] != self.n_latent:
             raise ValueError(f"expected {self.n_latent} W+ slots, got {ws.shape[1]}")
         b = ws.shape[0]
         x = self.input(b)
-        x = self.conv1(x, ws[:, 0], self._noise(0, b, noise_mode, x))
+        x = self.conv1(x, ws[:, 0], noise(0, b, x))
         skip = self.to_rgb1(x, ws[:, 1])
         i = 1
         for j, to_rgb in enumerate(self.to_rgbs):
-            x = self.convs[2 * j](x, ws[:, i], self._noise(i, b, noise_mode, x))
-            x = self.convs[2 * j + 1](x, ws[:, i + 1], self._noise(i + 1, b, noise_mode, x))
+            x = self.convs[2 * j](x, ws[:, i], noise(i, b, x))
+            x = self.convs[2 * j + 1](x, ws[:, i + 1], noise(i + 1, b, x))
             skip = to_rgb(x, ws[:, i + 2], skip)
             i += 2
         return skip

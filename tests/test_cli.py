@@ -44,3 +44,21 @@ def test_module_entry_point_lists_weights(tmp_path):
                        text=True, env={"NADA_WEIGHTS_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "ffhq-256" in r.stdout and "missing" in r.stdout and "dlib-landmarks" in r.stdout
+
+
+def test_invert_writes_crop_reconstruction_stylised_and_pasted(tmp_path, capsys):
+    from skimage import data
+
+    from nada_core.checkpoints import save_generator
+    from nada_core.tiny import tiny_generator
+
+    Image.fromarray(data.astronaut()).save(tmp_path / "photo.jpg")
+    model = save_generator(tiny_generator(seed=4), tmp_path / "style" / "final.safetensors")
+    assert main(["invert", str(tmp_path / "photo.jpg"), "--base", "tiny", "--model", str(model),
+                 "--steps", "5", "--out", str(tmp_path / "out")]) == 0
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == ["aligned.png", "landmarks.png", "pasted_style.png", "reconstruction.png", "stylised_style.png"]
+    assert Image.open(tmp_path / "out" / "pasted_style.png").size == (512, 512)
+    (tmp_path / "empty.png").write_bytes(b"")
+    assert main(["invert", str(tmp_path / "empty.png"), "--base", "tiny", "--out", str(tmp_path / "o2")]) == 1
+    assert "could not read the image" in capsys.readouterr().err

@@ -1,0 +1,187 @@
+"""Face detection, 68 landmarks (dlib) and FFHQ alignment, plus pasting a stylised face back.
+
+Alignment follows the recipe NVIDIA used to build FFHQ (and e4e / StyleGAN-NADA use for inversion):
+an oriented square from the eyes and mouth, shrink, crop, reflect-pad with blur, then a QUAD
+transform. The quad is returned in the coordinates of the input photo so the result can be
+warped back into it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter, ImageOps
+
+from . import weights
+
+DETECT_MAX_SIDE = 1280      # larger photos are downscaled for detection only
+MIN_FACE_PX = 40
+MIN_SCORE = 0.25            # weaker detections are ignored when a confident one exists
+
+
+class FaceError(ValueError):
+    """No usable face; the message tells the user what to try."""
+
+
+@dataclass
+class Faces:
+    landmarks: list[np.ndarray]     # one (68, 2) float array per face, largest first
+    boxes: list[tuple[int, int, int, int]]
+
+    @property
+    def count(self) -> int:
+        return len(self.landmarks)
+
+
+@lru_cache(maxsize=1)
+def _models():
+    import dlib
+
+    path = weights.require("dlib-landmarks")
+    return dlib.get_frontal_face_detector(), dlib.shape_predictor(str(path))
+
+
+def load_photo(photo) -> Image.Image:
+    """Any upload (path, PIL, numpy) -> RGB PIL with EXIF orientation applied; RGBA/greyscale ok."""
+    if isinstance(photo, np.ndarray):
+        img = Image.fromarray(photo.astype(np.uint8) if photo.dtype != np.uint8 else photo)
+    elif isinstance(photo, Image.Image):
+        img = photo
+    else:
+        try:
+            img = Image.open(photo)
+            img.load()
+        except (OSError, ValueError) as e:
+            raise FaceError(f"could not read the image ({e}); upload a JPEG or PNG photo") from None
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("RGBA", "LA", "P"):
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(bg, rgba)
+    return img.convert("RGB")
+
+
+def detect(img: Image.Image) -> Faces:
+    """All faces with 68 landmarks each, largest first. Detection runs on a downscaled copy of huge
+    photos (and an upsampled pyramid level for small ones); landmarks on the full-resolution photo."""
+    import dlib
+
+    detector, predictor = _models()
+    arr = np.asarray(img)
+    scale = min(1.0, DETECT_MAX_SIDE / max(img.size))
+    small = np.asarray(img.resize((round(img.width * scale), round(img.height * scale)), Image.LANCZOS)) if scale < 1 else arr
+    upsample = 1 if max(small.shape[:2]) <= 1024 else 0
+    rects, scores, _ = detector.run(small, upsample, 0.0)
+    found = [(r, s) for r, s in zip(rects, scores)]
+    if any(s >= MIN_SCORE for _, s in found):
+        found = [(r, s) for r, s in found if s >= MIN_SCORE]
+    boxes = [tuple(int(round(v / scale)) for v in (r.left(), r.top(), r.right(), r.bottom())) for r, _ in found]
+    boxes.sort(key=lambda b: (b[2] - b[0]) * (b[3] - b[1]), reverse=True)
+    lms = []
+    for b in boxes:
+        shape = predictor(arr, dlib.rectangle(*b))
+        lms.append(np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float64))
+    return Faces(lms, boxes)
+
+
+def landmarks(img, all_faces: bool = False):
+    """(68, 2) landmarks of the largest face, or a list for every face with ``all_faces``."""
+    faces = detect(load_photo(img))
+    if not faces.count:
+        raise FaceError(f"no face found; try a frontal, well-lit photo with the face at least {MIN_FACE_PX * 2} px wide")
+    return faces.landmarks if all_faces else faces.landmarks[0]
+
+
+def ffhq_quad(lm: np.ndarray) -> np.ndarray:
+    """The oriented crop square (4, 2) of the FFHQ recipe: upper-left, lower-left, lower-right, upper-right."""
+    eye_left, eye_right = lm[36:42].mean(0), lm[42:48].mean(0)
+    eye_avg, eye_to_eye = (eye_left + eye_right) / 2, eye_right - eye_left
+    mouth_avg = (lm[48] + lm[54]) / 2
+    eye_to_mouth = mouth_avg - eye_avg
+    x = eye_to_eye - np.flipud(eye_to_mouth) * [-1, 1]
+    x /= np.hypot(*x)
+    x *= max(np.hypot(*eye_to_eye) * 2.0, np.hypot(*eye_to_mouth) * 1.8)
+    y = np.flipud(x) * [-1, 1]
+    c = eye_avg + eye_to_mouth * 0.1
+    return np.stack([c - x - y, c - x + y, c + x + y, c + x - y])
+
+
+def align_face(img, output_size: int = 1024, transform_size: int = 4096, lm: np.ndarray | None = None,
+               enable_padding: bool = True) -> tuple[Image.Image, np.ndarray]:
+    """FFHQ-aligned square crop of the largest face, and its quad in the input photo's coordinates."""
+    img = load_photo(img)
+    lm = landmarks(img) if lm is None else lm
+    quad = ffhq_quad(lm)
+    original_quad = quad.copy()
+    qsize = np.hypot(*(quad[3] - quad[0]))
+
+    shrink = int(np.floor(qsize / output_size * 0.5))
+    if shrink > 1:
+        img = img.resize((int(np.rint(img.width / shrink)), int(np.rint(img.height / shrink))), Image.LANCZOS)
+        quad, qsize = quad / shrink, qsize / shrink
+
+    border = max(int(np.rint(qsize * 0.1)), 3)
+    crop = (int(np.floor(quad[:, 0].min())), int(np.floor(quad[:, 1].min())),
+            int(np.ceil(quad[:, 0].max())), int(np.ceil(quad[:, 1].max())))
+    crop = (max(crop[0] - border, 0), max(crop[1] - border, 0), min(crop[2] + border, img.width), min(crop[3] + border, img.height))
+    if crop[2] - crop[0] < img.width or crop[3] - crop[1] < img.height:
+        img = img.crop(crop)
+        quad = quad - crop[0:2]
+
+    pad = (int(np.floor(quad[:, 0].min())), int(np.floor(quad[:, 1].min())),
+           int(np.ceil(quad[:, 0].max())), int(np.ceil(quad[:, 1].max())))
+    pad = (max(-pad[0] + border, 0), max(-pad[1] + border, 0), max(pad[2] - img.width + border, 0), max(pad[3] - img.height + border, 0))
+    if enable_padding and max(pad) > border - 4:
+        pad = np.maximum(pad, int(np.rint(qsize * 0.3)))
+        a = np.pad(np.float32(img), ((pad[1], pad[3]), (pad[0], pad[2]), (0, 0)), "reflect")
+        h, w, _ = a.shape
+        yy, xx, _ = np.ogrid[:h, :w, :1]
+        mask = np.maximum(1.0 - np.minimum(np.float32(xx) / pad[0], np.float32(w - 1 - xx) / pad[2]),
+                          1.0 - np.minimum(np.float32(yy) / pad[1], np.float32(h - 1 - yy) / pad[3]))
+        blurred = np.float32(Image.fromarray(np.uint8(np.clip(np.rint(a), 0, 255))).filter(ImageFilter.GaussianBlur(qsize * 0.02)))
+        a += (blurred - a) * np.clip(mask * 3.0 + 1.0, 0.0, 1.0)
+        a += (np.median(a, axis=(0, 1)) - a) * np.clip(mask, 0.0, 1.0)
+        img = Image.fromarray(np.uint8(np.clip(np.rint(a), 0, 255)), "RGB")
+        quad = quad + pad[:2]
+
+    img = img.transform((transform_size, transform_size), Image.QUAD, (quad + 0.5).flatten(), Image.BILINEAR)
+    if output_size < transform_size:
+        img = img.resize((output_size, output_size), Image.LANCZOS)
+    return img, original_quad
+
+
+def aligned_points(points: np.ndarray, quad: np.ndarray, size: int) -> np.ndarray:
+    """Map photo coordinates into the aligned image's pixel coordinates (the quad is a square, so affine)."""
+    m = np.stack([quad[3] - quad[0], quad[1] - quad[0]], axis=1)   # columns: aligned x axis, y axis
+    return (np.linalg.solve(m, (points - quad[0]).T).T) * size
+
+
+def face_mask(size: int, feather: float = 0.06) -> Image.Image:
+    """Soft elliptical mask over the face area of an FFHQ-aligned image (white = face)."""
+    mask = Image.new("L", (size, size), 0)
+    ImageDraw.Draw(mask).ellipse([size * 0.14, size * 0.12, size * 0.86, size * 0.95], fill=255)
+    return mask.filter(ImageFilter.GaussianBlur(size * feather))
+
+
+def paste_back(original, stylised: Image.Image, quad: np.ndarray, feather: float = 0.06) -> Image.Image:
+    """Warp ``stylised`` (an aligned crop) back onto ``original`` through ``quad``, blended with a
+    feathered face mask; pixels outside the face region are left exactly as they were."""
+    original = load_photo(original)
+    s = stylised.width
+    m = np.stack([quad[3] - quad[0], quad[1] - quad[0]], axis=1)
+    a = np.linalg.inv(m) * s                                   # photo (x, y) -> aligned (u, v)
+    off = -a @ quad[0]
+    coeffs = (a[0, 0], a[0, 1], off[0], a[1, 0], a[1, 1], off[1])
+    warped = stylised.convert("RGB").transform(original.size, Image.AFFINE, coeffs, Image.BICUBIC)
+    mask = face_mask(s, feather).transform(original.size, Image.AFFINE, coeffs, Image.BILINEAR)
+    return Image.composite(warped, original, mask)
+
+
+def draw_landmarks(img: Image.Image, lm: np.ndarray, radius: float | None = None) -> Image.Image:
+    out = img.convert("RGB").copy()
+    d = ImageDraw.Draw(out)
+    r = radius or max(1.5, img.width / 256)
+    for x, y in lm:
+        d.ellipse([x - r, y - r, x + r, y + r], fill=(0, 255, 0))
+    return out

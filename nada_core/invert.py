@@ -1,0 +1,226 @@
+"""GAN inversion: the e4e encoder (one forward pass, FFHQ only) and an optimisation projector that
+works with any generator (and can refine the encoder's answer).
+
+The encoder mirrors the layout of ``e4e_ffhq_encode.pt`` (Tov et al. 2021): an IR-SE-50 backbone,
+a feature pyramid, and 18 map-to-style blocks predicting W+ offsets from a single base code.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .stylegan2 import EqualLinear, Generator
+
+
+# ------------------------------------------------------------------ IR-SE-50 backbone
+class SEModule(nn.Module):
+    def __init__(self, channels: int, reduction: int = 16):
+        super().__init__()
+        self.fc1 = nn.Conv2d(channels, channels // reduction, 1, bias=False)
+        self.fc2 = nn.Conv2d(channels // reduction, channels, 1, bias=False)
+
+    def forward(self, x):
+        s = F.adaptive_avg_pool2d(x, 1)
+        return x * torch.sigmoid(self.fc2(F.relu(self.fc1(s))))
+
+
+class BottleneckIRSE(nn.Module):
+    def __init__(self, in_channel: int, depth: int, stride: int):
+        super().__init__()
+        if in_channel == depth:
+            self.shortcut_layer = nn.MaxPool2d(1, stride)
+        else:
+            self.shortcut_layer = nn.Sequential(nn.Conv2d(in_channel, depth, 1, stride, bias=False), nn.BatchNorm2d(depth))
+        self.res_layer = nn.Sequential(
+            nn.BatchNorm2d(in_channel), nn.Conv2d(in_channel, depth, 3, 1, 1, bias=False), nn.PReLU(depth),
+            nn.Conv2d(depth, depth, 3, stride, 1, bias=False), nn.BatchNorm2d(depth), SEModule(depth, 16))
+
+    def forward(self, x):
+        return self.shortcut_layer(x) + self.res_layer(x)
+
+
+def ir_se_50_units() -> list[BottleneckIRSE]:
+    units = []
+    for in_c, depth, n in [(64, 64, 3), (64, 128, 4), (128, 256, 14), (256, 512, 3)]:
+        units.append(BottleneckIRSE(in_c, depth, 2))
+        units += [BottleneckIRSE(depth, depth, 1) for _ in range(n - 1)]
+    return units
+
+
+class GradualStyleBlock(nn.Module):
+    """Strided convs down to 1x1, then an equalised linear layer: one W offset."""
+
+    def __init__(self, in_c: int, out_c: int, spatial: int):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(in_c, out_c, 3, 2, 1), nn.LeakyReLU()]
+        for _ in range(int(math.log2(spatial)) - 1):
+            layers += [nn.Conv2d(out_c, out_c, 3, 2, 1), nn.LeakyReLU()]
+        self.convs = nn.Sequential(*layers)
+        self.linear = EqualLinear(out_c, out_c)
+        self.out_c = out_c
+
+    def forward(self, x):
+        return self.linear(self.convs(x).view(-1, self.out_c))
+
+
+class E4EEncoder(nn.Module):
+    """Image (B, 3, 256, 256) in [-1, 1] -> W+ (B, n_styles, 512) = latent_avg + predicted codes."""
+
+    def __init__(self, n_styles: int = 18, style_dim: int = 512):
+        super().__init__()
+        self.input_layer = nn.Sequential(nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.PReLU(64))
+        self.body = nn.Sequential(*ir_se_50_units())
+        self.styles = nn.ModuleList(
+            GradualStyleBlock(512, style_dim, 16 if i < 3 else 32 if i < 7 else 64) for i in range(n_styles))
+        self.latlayer1 = nn.Conv2d(256, 512, 1)
+        self.latlayer2 = nn.Conv2d(128, 512, 1)
+        self.n_styles = n_styles
+        self.register_buffer("latent_avg", torch.zeros(n_styles, style_dim), persistent=False)
+
+    @staticmethod
+    def _upsample_add(x, y):
+        return F.interpolate(x, size=y.shape[-2:], mode="bilinear", align_corners=True) + y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.input_layer(x)
+        for i, unit in enumerate(self.body):
+            x = unit(x)
+            if i == 6:
+                c1 = x
+            elif i == 20:
+                c2 = x
+        c3 = x
+        w = self.styles[0](c3).unsqueeze(1).repeat(1, self.n_styles, 1)
+        features = c3
+        for i in range(1, self.n_styles):
+            if i == 3:
+                features = p2 = self._upsample_add(c3, self.latlayer1(c2))
+            elif i == 7:
+                features = self._upsample_add(p2, self.latlayer2(c1))
+            w[:, i] = w[:, i] + self.styles[i](features)
+        return w + self.latent_avg.to(w)
+
+
+def load_e4e(path: str | Path, device: str | torch.device = "cpu") -> E4EEncoder:
+    """Build the encoder from an e4e checkpoint (``state_dict`` with ``encoder.*`` keys, ``latent_avg``)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    sd = ckpt.get("state_dict", ckpt)
+    enc_sd = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
+    n_styles = 1 + max(int(k.split(".")[1]) for k in enc_sd if k.startswith("styles."))
+    enc = E4EEncoder(n_styles)
+    enc.load_state_dict(enc_sd, strict=True)
+    avg = ckpt.get("latent_avg")
+    if avg is None:
+        raise ValueError(f"{path}: no latent_avg in the e4e checkpoint")
+    enc.latent_avg = avg.reshape(-1, avg.shape[-1]).expand(n_styles, -1).clone()
+    return enc.to(device).eval().requires_grad_(False)
+
+
+def encoder_input(aligned: torch.Tensor) -> torch.Tensor:
+    """Aligned face (B, 3, H, W) in [-1, 1] -> the encoder's 256x256 input."""
+    return F.interpolate(aligned, size=(256, 256), mode="bilinear", align_corners=False, antialias=True) \
+        if aligned.shape[-1] != 256 else aligned
+
+
+# ------------------------------------------------------------------ optimisation projector
+def _noise_regularisation(noises: list[torch.Tensor]) -> torch.Tensor:
+    """StyleGAN2 projector's penalty on spatial autocorrelation of the noise maps, over a pyramid."""
+    loss = 0.0
+    for n in noises:
+        while True:
+            loss = loss + (n * torch.roll(n, 1, dims=3)).mean().pow(2) + (n * torch.roll(n, 1, dims=2)).mean().pow(2)
+            if n.shape[2] <= 8:
+                break
+            n = F.avg_pool2d(n, 2)
+    return loss
+
+
+def reconstruction_loss(img: torch.Tensor, target: torch.Tensor, clip=None, clip_target=None,
+                        clip_weight: float = 0.5) -> torch.Tensor:
+    """Multi-scale pixel loss (256 down to 32 px), plus a CLIP image-embedding loss when a CLIP member
+    is given: the perceptual term used when LPIPS/VGG weights are not available."""
+    loss, x, y = 0.0, img, target
+    if x.shape[-1] > 256:
+        x, y = F.interpolate(x, size=256, mode="area"), F.interpolate(y, size=256, mode="area")
+    while True:
+        loss = loss + F.mse_loss(x, y)
+        if x.shape[-1] <= 32:
+            break
+        x, y = F.avg_pool2d(x, 2), F.avg_pool2d(y, 2)
+    if clip is not None:
+        loss = loss + clip_weight * (1 - F.cosine_similarity(clip.encode_images(img), clip_target, dim=-1)).mean()
+    return loss
+
+
+def project(G: Generator, target: torch.Tensor, steps: int = 200, w_init: torch.Tensor | None = None,
+            lr: float = 0.05, noise_weight: float = 1e5, clip=None,
+            progress: Callable[[int, int, float], None] | None = None, optimize_noise: bool = True,
+            seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """Optimise W+ (and the noise maps) so that G reproduces ``target`` (1, 3, S, S) in [-1, 1].
+    Starts from ``w_init`` (e.g. the encoder's answer) or the mean latent.
+    Returns (W+, image, noise maps): render other models of the same latent space with those maps."""
+    device = target.device
+    if target.shape[-1] != G.size:
+        target = F.interpolate(target, size=(G.size, G.size), mode="area" if target.shape[-1] > G.size else "bilinear")
+    with torch.no_grad():
+        w_avg = G.mean_latent(4096)
+        w_std = (G.mapping(torch.randn(4096, G.style_dim, generator=torch.Generator().manual_seed(seed)).to(device))
+                 - w_avg).pow(2).sum(1).mean().sqrt().item()
+        start = G.to_w_plus(w_init.to(device) if w_init is not None else w_avg.to(device))
+        clip_target = clip.encode_images(target) if clip is not None else None
+    w = start.detach().clone().requires_grad_(True)
+    gen = torch.Generator().manual_seed(seed)
+    noises = [torch.randn(b.shape, generator=gen).to(device).requires_grad_(optimize_noise) for b in G.noise_buffers()]
+    params = [w] + (noises if optimize_noise else [])
+    opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999))
+    G.requires_grad_(False)
+    loss_value = float("nan")
+    for step in range(steps):
+        t = step / max(1, steps)
+        ramp = min(1.0, (1 - t) / 0.25)
+        ramp = 0.5 - 0.5 * math.cos(ramp * math.pi)
+        ramp *= min(1.0, t / 0.05)
+        for g in opt.param_groups:
+            g["lr"] = lr * ramp
+        noise_strength = 0.05 * w_std * max(0.0, 1 - t / 0.75) ** 2
+        w_noisy = w + torch.randn(w.shape, generator=gen).to(device) * noise_strength
+        img = G.synthesis(w_noisy, noises=noises)
+        loss = reconstruction_loss(img, target, clip, clip_target)
+        if optimize_noise:
+            loss = loss + noise_weight * _noise_regularisation(noises)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            for n in noises:  # keep each noise map zero-mean, unit-variance
+                n.sub_(n.mean()).div_(n.square().mean().sqrt() + 1e-8)
+        loss_value = float(loss.detach())
+        if progress:
+            progress(step + 1, steps, loss_value)
+    with torch.no_grad():
+        w_final, noises = w.detach(), [n.detach() for n in noises]
+        return w_final, G.synthesis(w_final, noises=noises), noises
+
+
+def invert(aligned: torch.Tensor, G: Generator, encoder: E4EEncoder | None = None, steps: int = 200,
+           clip=None, progress: Callable[[int, int, float], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Aligned face (1, 3, S, S) in [-1, 1] -> (W+, reconstruction): the encoder's answer, refined by
+    ``steps`` of optimisation (or optimisation from the mean latent when there is no encoder)."""
+    w_init = None
+    if encoder is not None:
+        with torch.no_grad():
+            w_init = encoder(encoder_input(aligned.to(next(encoder.parameters()).device))).to(aligned.device)
+        if w_init.shape[1] != G.n_latent:
+            raise ValueError(f"the encoder predicts {w_init.shape[1]} W+ slots, the generator uses {G.n_latent}")
+        if steps <= 0:
+            with torch.no_grad():
+                return w_init, G.synthesis(w_init)
+    if steps <= 0:
+        raise ValueError("no encoder and no optimisation steps: nothing would invert the face")
+    w, img, _ = project(G, aligned, steps=steps, w_init=w_init, clip=clip, progress=progress)
+    return w, img

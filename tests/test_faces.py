@@ -1,0 +1,140 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data
+
+from nada_core.align import FaceError, align_face, aligned_points, detect, landmarks, load_photo, paste_back
+from nada_core.images import from_pil
+from nada_core.invert import E4EEncoder, invert, load_e4e, project
+from nada_core.selfie import invert_face, prepare_face, render
+from nada_core.tiny import tiny_generator
+
+
+@pytest.fixture(scope="module")
+def astronaut():
+    return Image.fromarray(data.astronaut())  # Eileen Collins, a real photograph shipped with scikit-image
+
+
+def test_landmarks_fall_on_the_face(astronaut):
+    faces = detect(astronaut)
+    assert faces.count == 1  # the weak detection on the suit patch is ignored
+    left, top, right, bottom = faces.boxes[0]
+    lm = faces.landmarks[0]
+    assert lm.shape == (68, 2)
+    assert (lm[:, 0] > left - 15).all() and (lm[:, 0] < right + 15).all()
+    assert (lm[:, 1] > top - 15).all() and (lm[:, 1] < bottom + 25).all()
+    eye_l, eye_r, nose, mouth = lm[36:42].mean(0), lm[42:48].mean(0), lm[30], lm[48:60].mean(0)
+    assert eye_l[0] < nose[0] < eye_r[0] and max(eye_l[1], eye_r[1]) < nose[1] < mouth[1]
+
+
+def test_alignment_puts_eyes_and_mouth_where_ffhq_does(astronaut):
+    size = 256
+    aligned, quad = align_face(astronaut, output_size=size, transform_size=1024)
+    assert aligned.size == (size, size)
+    lm = landmarks(aligned)  # detect again on the aligned crop
+    eyes = np.stack([lm[36:42].mean(0), lm[42:48].mean(0)])
+    mouth = (lm[48] + lm[54]) / 2
+    # FFHQ geometry: eyes level and symmetric about the centre, a quarter of the width apart when the
+    # eye distance sets the crop scale, the mouth centred below. Tolerance: 2.5% of the image (6.4 px).
+    tol = 0.025 * size
+    assert abs(eyes[0, 1] - eyes[1, 1]) < tol
+    assert abs(eyes.mean(0)[0] - size / 2) < tol and abs(mouth[0] - size / 2) < tol
+    assert abs((eyes[1, 0] - eyes[0, 0]) - size / 4) < tol
+    assert 0.40 * size < eyes.mean(0)[1] < 0.52 * size and 0.62 * size < mouth[1] < 0.75 * size
+    # and exactly where the quad says they should be
+    orig = landmarks(astronaut)
+    expected = aligned_points(np.stack([orig[36:42].mean(0), orig[42:48].mean(0)]), quad, size)
+    assert np.abs(expected - eyes).max() < tol
+
+
+def test_paste_back_changes_only_the_face_region(astronaut):
+    aligned, quad = align_face(astronaut, output_size=256, transform_size=1024)
+    stylised = Image.fromarray(255 - np.asarray(aligned))  # an obviously different face
+    out = paste_back(astronaut, stylised, quad)
+    assert out.size == astronaut.size
+    diff = np.abs(np.asarray(out, dtype=int) - np.asarray(astronaut, dtype=int)).sum(-1)
+    ys, xs = np.nonzero(diff)
+    assert len(xs) > 5000  # the face really changed
+    lo, hi = quad.min(0), quad.max(0)
+    assert xs.min() >= lo[0] - 2 and xs.max() <= hi[0] + 2 and ys.min() >= lo[1] - 2 and ys.max() <= hi[1] + 2
+    face = landmarks(astronaut)
+    cx, cy = face[30].astype(int)
+    assert diff[cy, cx] > 100  # the nose tip was replaced
+
+
+def test_bad_inputs_give_clear_errors(tmp_path):
+    with pytest.raises(FaceError, match="no face found"):
+        landmarks(Image.new("RGB", (300, 300), (120, 90, 60)))
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    with pytest.raises(FaceError, match="could not read"):
+        load_photo(tmp_path / "broken.jpg")
+
+
+def test_exif_rotation_rgba_greyscale_and_huge_photos(astronaut, tmp_path):
+    rotated = astronaut.rotate(90, expand=True)  # stored sideways, EXIF says "rotate back"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    rotated.save(tmp_path / "r.jpg", exif=exif.tobytes(), quality=95)
+    assert load_photo(tmp_path / "r.jpg").size == astronaut.size
+    assert detect(load_photo(tmp_path / "r.jpg")).count == 1
+    assert detect(load_photo(astronaut.convert("L"))).count == 1
+    assert detect(load_photo(astronaut.convert("RGBA"))).count == 1
+    huge = astronaut.resize((3072, 3072), Image.BICUBIC)
+    lm_big, lm = landmarks(huge), landmarks(astronaut)
+    assert np.abs(lm_big / 6 - lm).mean() < 3  # same landmarks, in full-resolution coordinates
+
+
+# ------------------------------------------------------------------ encoder and projector
+def test_e4e_checkpoint_with_the_real_layout_loads_strictly(tmp_path):
+    enc = E4EEncoder()
+    sd = enc.state_dict()
+    for key in ["input_layer.0.weight", "input_layer.2.weight", "body.3.shortcut_layer.0.weight",
+                "body.23.res_layer.5.fc2.weight", "styles.0.convs.6.weight", "styles.17.convs.10.weight",
+                "styles.17.linear.weight", "latlayer1.weight", "latlayer2.bias"]:
+        assert key in sd, key
+    assert len([k for k in sd if k.startswith("body.") and k.endswith("res_layer.1.weight")]) == 24  # IR-SE-50
+    avg = torch.randn(18, 512)
+    ckpt = {"state_dict": {**{f"encoder.{k}": v for k, v in sd.items()}, "decoder.style.1.weight": torch.zeros(1)},
+            "latent_avg": avg, "opts": {"encoder_type": "Encoder4Editing"}}
+    torch.save(ckpt, tmp_path / "e4e_ffhq_encode.pt")
+    loaded = load_e4e(tmp_path / "e4e_ffhq_encode.pt")
+    x = torch.rand(1, 3, 256, 256) * 2 - 1
+    with torch.no_grad():
+        w = loaded(x)
+        enc.eval()
+        raw = enc(x)  # same weights, latent_avg zero
+    assert w.shape == (1, 18, 512)
+    assert torch.allclose(w - raw, avg[None], atol=1e-4)
+    torch.save({"state_dict": ckpt["state_dict"]}, tmp_path / "no_avg.pt")
+    with pytest.raises(ValueError, match="latent_avg"):
+        load_e4e(tmp_path / "no_avg.pt")
+
+
+def test_projector_recovers_a_generated_face():
+    G = tiny_generator()
+    w_true = G.to_w_plus(G.mapping(torch.randn(1, G.style_dim, generator=torch.Generator().manual_seed(5))))
+    with torch.no_grad():
+        target = G.synthesis(w_true)
+        start_err = (G.synthesis(G.mean_latent()) - target).pow(2).mean().item()
+    seen = []
+    w, recon, noises = project(G, target, steps=120, progress=lambda s, n, l: seen.append(l))
+    err = (recon - target).pow(2).mean().item()
+    assert len(seen) == 120 and seen[-1] < seen[0]
+    assert err < 0.25 * start_err, (err, start_err)
+    assert w.shape == (1, G.n_latent, G.style_dim) and len(noises) == G.num_layers
+    w2, recon2 = invert(target, G, steps=40)
+    assert (recon2 - target).pow(2).mean().item() < start_err
+
+
+def test_selfie_pipeline_on_a_real_photo(astronaut):
+    G = tiny_generator()
+    face = prepare_face(astronaut, output_size=G.size)
+    assert face.faces_found == 1 and face.aligned.size == (32, 32)
+    inv = invert_face(face, G, steps=10)
+    assert inv.method == "optimisation" and inv.reconstruction.size == (32, 32)
+    other = tiny_generator(seed=9)
+    styl = render(other, inv)
+    assert styl.size == (32, 32) and np.asarray(styl).std() > 1
+    pasted = paste_back(face.photo, styl, face.quad)
+    assert pasted.size == astronaut.size
