@@ -5,28 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-
-def parse_seeds(text: str, limit: int = 256) -> list[int]:
-    """'1-8', '1,3,5' or '0-3,10' -> list of seeds; refuses negative, reversed or huge lists."""
-    seeds: list[int] = []
-    try:
-        for part in filter(None, (p.strip() for p in str(text).split(","))):
-            if "-" in part[1:]:
-                a, b = (int(x) for x in part.split("-", 1))
-                if b < a:
-                    raise ValueError(f"range {part} runs backwards")
-                seeds.extend(range(a, b + 1))
-            else:
-                seeds.append(int(part))
-    except ValueError as e:
-        raise ValueError(f"seeds must look like '1-8' or '1,3,5' ({e})") from None
-    if not seeds:
-        raise ValueError("no seeds given")
-    if any(s < 0 or s >= 2 ** 32 for s in seeds):
-        raise ValueError("seeds must be between 0 and 4294967295")
-    if len(seeds) > limit:
-        raise ValueError(f"{len(seeds)} seeds asked for; at most {limit} at once")
-    return seeds
+from .sampling import parse_seeds
 
 
 def _bar(done: int, total: int | None, extra: str = "") -> str:
@@ -131,12 +110,10 @@ def _open_image(path):
 
 # ---------------------------------------------------------------------------- sample
 def cmd_sample(args) -> int:
-    import torch
-
     from .checkpoints import load_generator
-    from .images import grid, to_pil
+    from .images import grid
     from .library import default_device, load_base
-    from .stylegan2 import seeds_to_z
+    from .sampling import latents_for_seeds, render
 
     device = args.device or default_device()
     seeds = parse_seeds(args.seeds)
@@ -147,11 +124,7 @@ def cmd_sample(args) -> int:
     G_src, _ = load_base(base, device)
     if G_src.config != G.config:
         raise ValueError(f"the base {base} ({G_src.config['size']} px) does not match the model ({G.config['size']} px)")
-    with torch.no_grad():
-        z = seeds_to_z(seeds, G.style_dim, device)
-        w_avg = G_src.mean_latent()
-        w = G_src.truncate(G_src.mapping(z), w_avg, args.truncation)
-        rows = [to_pil(G_src.synthesis(w, args.noise)), to_pil(G.synthesis(w, args.noise))]
+    rows = render([G_src, G], latents_for_seeds(G_src, seeds, args.truncation), args.noise)
     out = Path(args.out or Path(args.model).with_name("samples.png"))
     out.parent.mkdir(parents=True, exist_ok=True)
     grid(rows).save(out)

@@ -327,16 +327,19 @@ class Generator(nn.Module):
         """The stored per-layer noise maps, in layer order (what noise_mode='const' uses)."""
         return [getattr(self.noises, f"noise_{i}") for i in range(self.num_layers)]
 
-    def synthesis(self, ws: torch.Tensor, noise_mode: str = "const", noises: list[torch.Tensor] | None = None) -> torch.Tensor:
+    def synthesis(self, ws: torch.Tensor, noise_mode: str = "const", noises: list[torch.Tensor] | None = None,
+                  max_resolution: int | None = None) -> torch.Tensor:
         """W+ (B, n_latent, D) or w (B, D) -> image (B, 3, size, size), roughly in [-1, 1].
-        ``noises`` (one map per layer) overrides ``noise_mode``; the projector optimises them."""
+        ``noises`` (one map per layer) overrides ``noise_mode``; the projector optimises them.
+        ``max_resolution`` stops early and returns the RGB skip image at that size: a cheap, faithful
+        low-resolution preview (the skip architecture builds the image coarse to fine)."""
         if noises is not None:
-            return self._synthesis(self.to_w_plus(ws), lambda i, b, x: noises[i].to(x.dtype))
+            return self._synthesis(self.to_w_plus(ws), lambda i, b, x: noises[i].to(x.dtype), max_resolution)
         if noise_mode not in NOISE_MODES:
             raise ValueError(f"noise_mode must be one of {NOISE_MODES}, got {noise_mode!r}")
-        return self._synthesis(self.to_w_plus(ws), lambda i, b, x: self._noise(i, b, noise_mode, x))
+        return self._synthesis(self.to_w_plus(ws), lambda i, b, x: self._noise(i, b, noise_mode, x), max_resolution)
 
-    def _synthesis(self, ws: torch.Tensor, noise) -> torch.Tensor:
+    def _synthesis(self, ws: torch.Tensor, noise, max_resolution: int | None = None) -> torch.Tensor:
         if ws.shape[1] != self.n_latent:
             raise ValueError(f"expected {self.n_latent} W+ slots, got {ws.shape[1]}")
         b = ws.shape[0]
@@ -349,6 +352,8 @@ class Generator(nn.Module):
             x = self.convs[2 * j + 1](x, ws[:, i + 1], noise(i + 1, b, x))
             skip = to_rgb(x, ws[:, i + 2], skip)
             i += 2
+            if max_resolution is not None and skip.shape[-1] >= max_resolution:
+                break
         return skip
 
     def forward(self, z: torch.Tensor, truncation_psi: float = 1.0, noise_mode: str = "const",

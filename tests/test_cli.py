@@ -4,7 +4,8 @@ import sys
 import pytest
 from PIL import Image
 
-from nada_core.__main__ import main, parse_seeds
+from nada_core.__main__ import main
+from nada_core.sampling import parse_seeds
 from tests.conftest import ROOT
 
 

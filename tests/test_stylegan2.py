@@ -122,3 +122,15 @@ def test_full_size_layout_matches_config_f():
     assert sd["noises.noise_16"].shape == (1, 1, 1024, 1024)
     assert "to_rgb1.upsample.kernel" not in sd
     assert channel_table(1)[256] == 64 and channel_table(2)[256] == 128
+
+
+def test_low_resolution_preview_is_the_early_skip_image():
+    G = tiny_generator(size=64)
+    ws = G.to_w_plus(G.mapping(seeds_to_z([3], G.style_dim)))
+    small = G.synthesis(ws, max_resolution=16)
+    full = G.synthesis(ws)
+    assert small.shape == (1, 3, 16, 16) and full.shape == (1, 3, 64, 64)
+    # the preview is what the full image is built on: coarse colours agree far better than a random image's
+    down = torch.nn.functional.avg_pool2d(full, 4)
+    other = torch.nn.functional.avg_pool2d(G.synthesis(G.to_w_plus(G.mapping(seeds_to_z([99], G.style_dim)))), 4)
+    assert (down - small).abs().mean() < (other - small).abs().mean()

@@ -1,0 +1,97 @@
+"""Rendering the shared latent space: the same latents through the source and adapted generators,
+edited latents, and interpolation frames (between seeds or across domains)."""
+from __future__ import annotations
+
+import torch
+from PIL import Image
+
+from .editing import Direction, apply_edits, blend_generators
+from .images import to_pil
+from .stylegan2 import Generator, seeds_to_z
+
+
+def parse_seeds(text: str, limit: int = 256) -> list[int]:
+    """'1-8', '1,3,5' or '0-3,10' -> list of seeds; refuses negative, reversed or huge lists."""
+    seeds: list[int] = []
+    try:
+        for part in filter(None, (p.strip() for p in str(text).split(","))):
+            if "-" in part[1:]:
+                a, b = (int(x) for x in part.split("-", 1))
+                if b < a:
+                    raise ValueError(f"range {part} runs backwards")
+                seeds.extend(range(a, b + 1))
+            else:
+                seeds.append(int(part))
+    except ValueError as e:
+        raise ValueError(f"seeds must look like '1-8' or '1,3,5' ({e})") from None
+    if not seeds:
+        raise ValueError("no seeds given")
+    if any(s < 0 or s >= 2 ** 32 for s in seeds):
+        raise ValueError("seeds must be between 0 and 4294967295")
+    if len(seeds) > limit:
+        raise ValueError(f"{len(seeds)} seeds asked for; at most {limit} at once")
+    return seeds
+
+
+def w_avg_of(G: Generator) -> torch.Tensor:
+    """Truncation centre, computed once per generator object (adapted models share their base's)."""
+    if getattr(G, "_nada_w_avg", None) is None:
+        G._nada_w_avg = G.mean_latent(4096)
+    return G._nada_w_avg
+
+
+@torch.no_grad()
+def latents_for_seeds(G: Generator, seeds, truncation: float = 0.7) -> torch.Tensor:
+    """W+ (N, L, D) for integer seeds, truncated towards the mean (the paper's sampling: psi 0.7)."""
+    z = seeds_to_z(seeds, G.style_dim, G.input.input.device)
+    return G.to_w_plus(G.truncate(G.mapping(z), w_avg_of(G), truncation))
+
+
+@torch.no_grad()
+def edited_latent(G: Generator, seed: int, truncation: float, edits: list[tuple[Direction, float, tuple | None]],
+                  mix_seed: int | None = None, crossover: int = 0) -> torch.Tensor:
+    """One seed's W+, style-mixed with ``mix_seed`` from ``crossover`` on, then moved along directions."""
+    w = latents_for_seeds(G, [seed], truncation)
+    if mix_seed is not None and 0 < crossover < G.n_latent:
+        w = G.mix(w, latents_for_seeds(G, [mix_seed], truncation), crossover)
+    return apply_edits(w, edits)
+
+
+@torch.no_grad()
+def render(generators: list[Generator], w_plus: torch.Tensor, noise_mode: str = "const",
+           max_resolution: int | None = None, noises=None) -> list[list[Image.Image]]:
+    """For each generator, the images of ``w_plus`` (one row per generator)."""
+    rows = []
+    for G in generators:
+        w = w_plus.to(G.input.input.device)
+        img = G.synthesis(w, noise_mode, noises=noises, max_resolution=max_resolution)
+        rows.append(to_pil(img))
+    return rows
+
+
+@torch.no_grad()
+def interpolation_frames(G_src: Generator, G_adapted: Generator, seed_a: int, seed_b: int, frames: int = 24,
+                         mode: str = "seeds", truncation: float = 0.7) -> list[Image.Image]:
+    """'seeds': walk from seed A to seed B through the adapted model; 'domains': morph seed A's image
+    from the source to the adapted domain by blending weights (theta = (1-a) src + a tgt)."""
+    if not 2 <= frames <= 240:
+        raise ValueError("frames must be between 2 and 240")
+    ts = torch.linspace(0, 1, frames).tolist()
+    if mode == "seeds":
+        wa, wb = latents_for_seeds(G_src, [seed_a], truncation), latents_for_seeds(G_src, [seed_b], truncation)
+        return [to_pil(G_adapted.synthesis(torch.lerp(wa, wb, t)))[0] for t in ts]
+    if mode == "domains":
+        w = latents_for_seeds(G_src, [seed_a], truncation)
+        work = blend_generators(G_src, G_adapted, 0.0)
+        out = []
+        for t in ts:
+            blend_generators(G_src, G_adapted, t, out=work)
+            out.append(to_pil(work.synthesis(w))[0])
+        return out
+    raise ValueError("mode must be 'seeds' or 'domains'")
+
+
+def save_gif(frames: list[Image.Image], path, fps: int = 12) -> None:
+    """Ping-pong GIF so the loop has no jump."""
+    seq = frames + frames[-2:0:-1]
+    seq[0].save(path, save_all=True, append_images=seq[1:], duration=int(1000 / fps), loop=0)

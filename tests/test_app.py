@@ -1,0 +1,130 @@
+"""Handler-level tests through gradio_client against the app launched on the tiny models."""
+import threading
+
+import pytest
+from gradio_client import Client, handle_file
+from PIL import Image
+from skimage import data
+
+from tests.app_server import launch_tiny
+
+TRAIN_ARGS = ["tiny", "Style", "Photo", "Sketch", [], 4, 2, 0.002, 0, 1, 0.0, ["tiny"], 1.0, 1.0, 0, 2]
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory, request):
+    lib = tmp_path_factory.mktemp("library")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("NADA_LIBRARY_DIR", str(lib))
+    demo, studio, url = launch_tiny()
+    yield Client(url, verbose=False), studio, url
+    demo.close()
+    mp.undo()
+
+
+def train(client, *overrides):
+    args = list(TRAIN_ARGS)
+    for i, v in overrides:
+        args[i] = v
+    job = client.submit(*args, api_name="/train")
+    outs = list(job)
+    job.result()  # raises the handler's message if it failed
+    return outs
+
+
+def run_selfie(client, photo, path):
+    job = client.submit(handle_file(str(photo)), None, "tiny", [path], 10, True, *([0.0] * 12), *(["all layers"] * 12),
+                        api_name="/selfie")
+    outs = list(job)
+    job.result()
+    return outs
+
+
+def test_adaptation_streams_progress_and_lands_in_the_library(app):
+    client, studio, _ = app
+    outs = train(client)
+    steps = [o[0] for o in outs if o[0].startswith("**Training**")]
+    assert len(steps) == 4 and "step 1/4" in steps[0] and "step 4/4" in steps[-1] and "left" in steps[-1]
+    final = outs[-1]
+    assert final[0].startswith("**Finished.**")
+    assert Image.open(final[1]).size == (4 * 32 + 3 * 4, 2 * 32 + 4)  # 4 preview seeds: source row over adapted row
+    assert sorted(p.rsplit(".", 1)[1] for p in final[4]) == ["pt", "safetensors"]
+    assert any("photo-to-sketch" in item["caption"] for item in final[6])  # the run folder is gr.State, not sent to clients
+    assert any(e.name.startswith("photo-to-sketch") and e.finished for e in studio.library())
+
+
+def test_bad_prompts_get_a_clear_message(app):
+    client, _, _ = app
+    with pytest.raises(Exception, match="no direction"):
+        train(client, (2, "dog"), (3, "Dog"))
+    with pytest.raises(Exception, match="target text is empty"):
+        train(client, (3, "  "))
+
+
+def test_sample_blend_and_interpolate(app):
+    client, studio, _ = app
+    if not studio.library():
+        train(client)
+    path = str(studio.library()[0].path)
+    grid = client.predict(path, "0-2", 0.7, "const", 1.0, None, 0.5, api_name="/sample")
+    assert Image.open(grid).size == (3 * 32 + 2 * 4, 2 * 32 + 4)
+    half = Image.open(client.predict(path, "0-2", 0.7, "const", 0.0, None, 0.5, api_name="/sample"))
+    top, bottom = half.crop((0, 0, 104, 32)), half.crop((0, 36, 104, 68))
+    assert list(top.getdata()) == list(bottom.getdata())  # strength 0 = the source weights exactly
+    gif, _ = client.predict(path, 1.0, None, 0.5, 0, 1, 5, "domains", 0.7, api_name="/interpolate")
+    assert Image.open(gif).n_frames == 8  # 5 frames, ping-pong
+    with pytest.raises(Exception, match="seeds must look like"):
+        client.predict(path, "x-y", 0.7, "const", 1.0, None, 0.5, api_name="/sample")
+
+
+def test_edit_renders_source_and_adapted_side_by_side(app):
+    client, studio, _ = app
+    if not studio.library():
+        train(client)
+    path = str(studio.library()[0].path)
+    sliders = [0.0] * 12
+    ranges = ["all layers"] * 12
+    plain = client.predict("tiny", [path], 3, 0.7, 1, 0, *sliders, *ranges, api_name="/edit")
+    assert [item["caption"] for item in plain][0] == "source (tiny)" and len(plain) == 2
+    assert Image.open(plain[0]["image"]).size == (32, 32)
+    moved = client.predict("tiny", [path], 3, 0.7, 1, 0, 3.0, *sliders[1:], *ranges, api_name="/edit")
+    assert list(Image.open(moved[0]["image"]).getdata()) != list(Image.open(plain[0]["image"]).getdata())
+
+
+def test_selfie_flow(app, tmp_path):
+    client, studio, _ = app
+    if not studio.library():
+        train(client)
+    path = str(studio.library()[0].path)
+    Image.fromarray(data.astronaut()).save(tmp_path / "me.jpg")
+    outs = run_selfie(client, tmp_path / "me.jpg", path)
+    status, aligned, recon, stylised, pasted = outs[-1]
+    assert "Inverted with optimisation" in status
+    assert Image.open(aligned).size == (32, 32) and Image.open(recon).size == (32, 32)
+    assert len(stylised) == 1 and Image.open(pasted[0]["image"]).size == (512, 512)
+    (tmp_path / "bad.jpg").write_bytes(b"not an image at all")
+    with pytest.raises(Exception, match="could not read the image"):
+        run_selfie(client, tmp_path / "bad.jpg", path)
+    Image.new("RGB", (200, 200), (90, 120, 150)).save(tmp_path / "wall.png")
+    with pytest.raises(Exception, match="no face found"):
+        run_selfie(client, tmp_path / "wall.png", path)
+
+
+def test_two_clients_train_in_order_and_nothing_is_lost(app):
+    _, studio, url = app
+    before = {e.name for e in studio.library()}
+    results = {}
+
+    def run(name, target):
+        results[name] = train(Client(url, verbose=False), (3, target), (5, 6))
+
+    threads = [threading.Thread(target=run, args=("a", "Cartoon")), threading.Thread(target=run, args=("b", "Statue"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert all(r[-1][0].startswith("**Finished.**") for r in results.values())
+    new = {e.name for e in studio.library()} - before
+    assert {n.split("-to-")[1].split("-")[0] for n in new} == {"cartoon", "statue"}
+    # one training at a time: the runs did not overlap
+    assert studio.training is None
