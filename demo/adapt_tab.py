@@ -163,7 +163,7 @@ def build(studio: Studio):
                     downloads = [ev.checkpoint, str(pt)]
                 n_snap = len(adapter.snapshots())
                 verdict = {"done": "Finished", "cancelled": "Stopped", "error": "Stopped by an error"}[ev.kind]
-                text = f"**{verdict}.** {ev.message}" + (f" Saved to the library as **{out.name}**." if ev.checkpoint else "")
+                text = f"**{verdict}.** {ev.message}." + (f" Saved to the library as **{out.name}**." if ev.checkpoint else "")
                 if ev.kind == "error":
                     gr.Warning(ev.message)
                 yield (text, last_grid, pd.DataFrame(losses), heatmap(slots, G.n_latent) if slots else None, downloads,

@@ -16,13 +16,13 @@ def build_demo(studio: Studio) -> gr.Blocks:
     with gr.Blocks(title="NADA Studio") as demo:
         gr.Markdown("# NADA Studio\nText-driven domain adaptation of StyleGAN2 (StyleGAN-NADA). One latent code, "
                     "the same face in every domain.")
-        with gr.Tab("Adapt"):
+        with gr.Tab("Adapt") as t1:
             library = adapt_tab.build(studio)
-        with gr.Tab("Sample"):
+        with gr.Tab("Sample") as t2:
             sample_models, _ = sample_tab.build(studio)
-        with gr.Tab("Edit"):
+        with gr.Tab("Edit") as t3:
             edit_base, edit_models, edit_controls, edit_on_base = edit_tab.build(studio)
-        with gr.Tab("Selfie"):
+        with gr.Tab("Selfie") as t4:
             selfie_base, selfie_models, selfie_controls = selfie_tab.build(studio)
 
         def on_load(edit_base_name, selfie_base_name):
@@ -39,6 +39,8 @@ def build_demo(studio: Studio) -> gr.Blocks:
         for controls in (edit_controls, selfie_controls):
             outputs += [*controls.sliders, *controls.rows()]
         demo.load(on_load, [edit_base, selfie_base], outputs, api_visibility="private")
+        for tab in (t1, t2, t3, t4):  # models trained meanwhile show up when a tab is opened
+            tab.select(on_load, [edit_base, selfie_base], outputs, api_visibility="private", show_progress="hidden")
         selfie_base.change(lambda b: _configure(studio, selfie_controls, b), selfie_base,
                            [*selfie_controls.sliders, *selfie_controls.rows()], api_visibility="private")
     return demo

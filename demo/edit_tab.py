@@ -76,8 +76,9 @@ def build(studio: Studio):
         mix_seed = gr.Number(1, label="Style-mixing seed", precision=0)
         crossover = gr.Slider(0, 18, value=0, step=1, label="Mix from W+ slot (0 = off)")
     controls = DirectionControls()
+    render_btn = gr.Button("Render", variant="primary")
     gallery = gr.Gallery(format="png", label="Source and adapted models, same edited latent", columns=4, height=320,
-                         elem_id="edit-gallery", allow_preview=False)
+                         elem_id="edit-gallery", allow_preview=False, object_fit="contain")
 
     def render_edit(base_name, paths, seed_value, psi, mseed, cross, *values, preview=False):
         if not base_name:
@@ -108,6 +109,5 @@ def build(studio: Studio):
     for comp in (models, seed, truncation, mix_seed, crossover, *controls.ranges):
         comp.change(full, inputs, gallery, trigger_mode="always_last", api_visibility="private")
     controls.reset.click(lambda: [gr.update(value=0)] * N_SLOTS, None, controls.sliders, api_visibility="private")
-    render_btn = gr.Button("Render", variant="primary")
     render_btn.click(full, inputs, gallery, api_name="edit")
     return base, models, controls, on_base
