@@ -63,7 +63,10 @@ def build(studio: Studio):
         enc, why = encoder_for(base_name, G, studio.device) if encoder_on else (None, None)
         if why:
             note += why + ". "
-        inv = invert_face(face, G, enc, int(n_steps),
+        perceptual, how = studio.perceptual() if int(n_steps) > 0 else ({}, "")
+        if how:
+            note += f"Reconstruction loss: {how}. "
+        inv = invert_face(face, G, enc, int(n_steps), perceptual=perceptual,
                           progress=lambda s, n, loss: progress(s / n, desc=f"inverting: step {s}/{n}, loss {loss:.4f}"))
         state = {"face": face, "inv": inv, "base": base_name, "paths": list(paths or [])}
         gal, pas = outputs_for(state, values)

@@ -11,7 +11,7 @@ from nada_core import weights
 from nada_core.checkpoints import load_generator
 from nada_core.clip_guide import DEFAULT_MODELS, load_clip
 from nada_core.editing import Direction, check_compatible, ganspace, load_direction_file
-from nada_core.library import default_device, library_dir, list_library, load_base
+from nada_core.library import LibraryEntry, default_device, library_dir, list_library, load_base
 from nada_core.stylegan2 import Generator
 
 FACE_DIRECTIONS = ["dir-age", "dir-smile", "dir-pose", "dir-gender", "dir-hair_length", "dir-beard"]
@@ -88,11 +88,27 @@ class Studio:
                 members.append(type(m)(m.name, m.model, m.tokenizer, w, m._text_cache))
         return members
 
+    def perceptual(self) -> tuple[dict, str]:
+        """Reconstruction loss for selfie inversion (LPIPS when downloaded), loaded once."""
+        from nada_core.selfie import perceptual_for
+
+        with self._lock:
+            if not hasattr(self, "_perceptual"):
+                self._perceptual = perceptual_for(self.device)
+            return self._perceptual
+
     def clip_names(self) -> list[str]:
         return ["tiny"] if self.tiny else list(DEFAULT_MODELS)
 
     def library(self):
-        return list_library(self.library_root)
+        """Trained runs, plus the ready StyleGAN-NADA styles that are downloaded."""
+        entries = list_library(self.library_root)
+        if not self.tiny:
+            for a in weights.load_manifest().values():
+                if a.kind == "style" and a.present:
+                    entries.append(LibraryEntry(a.name, a.path, a.extra.get("base", "ffhq-1024"),
+                                                {"source": "photo", "target": a.label}, None, True))
+        return entries
 
     # ------------------------------------------------------------------ what is missing
     def missing(self, kinds: tuple[str, ...]) -> list:

@@ -141,9 +141,13 @@ def _noise_regularisation(noises: list[torch.Tensor]) -> torch.Tensor:
 
 
 def reconstruction_loss(img: torch.Tensor, target: torch.Tensor, clip=None, clip_target=None,
-                        clip_weight: float = 0.5) -> torch.Tensor:
-    """Multi-scale pixel loss (256 down to 32 px), plus a CLIP image-embedding loss when a CLIP member
-    is given: the perceptual term used when LPIPS/VGG weights are not available."""
+                        clip_weight: float = 0.5, lpips=None) -> torch.Tensor:
+    """LPIPS (VGG16) plus a light pixel term when LPIPS is given; otherwise a multi-scale pixel loss
+    (256 down to 32 px) plus, when a CLIP member is given, a CLIP image-embedding loss."""
+    if lpips is not None:
+        from .perceptual import lpips_loss
+
+        return lpips_loss(lpips, img, target) + 0.1 * F.mse_loss(F.avg_pool2d(img, 4), F.avg_pool2d(target, 4))
     loss, x, y = 0.0, img, target
     if x.shape[-1] > 256:
         x, y = F.interpolate(x, size=256, mode="area"), F.interpolate(y, size=256, mode="area")
@@ -158,7 +162,7 @@ def reconstruction_loss(img: torch.Tensor, target: torch.Tensor, clip=None, clip
 
 
 def project(G: Generator, target: torch.Tensor, steps: int = 200, w_init: torch.Tensor | None = None,
-            lr: float = 0.05, noise_weight: float = 1e5, clip=None,
+            lr: float = 0.05, noise_weight: float = 1e5, clip=None, lpips=None,
             progress: Callable[[int, int, float], None] | None = None, optimize_noise: bool = True,
             seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """Optimise W+ (and the noise maps) so that G reproduces ``target`` (1, 3, S, S) in [-1, 1].
@@ -190,7 +194,7 @@ def project(G: Generator, target: torch.Tensor, steps: int = 200, w_init: torch.
         noise_strength = 0.05 * w_std * max(0.0, 1 - t / 0.75) ** 2
         w_noisy = w + torch.randn(w.shape, generator=gen).to(device) * noise_strength
         img = G.synthesis(w_noisy, noises=noises)
-        loss = reconstruction_loss(img, target, clip, clip_target)
+        loss = reconstruction_loss(img, target, clip, clip_target, lpips=lpips)
         if optimize_noise:
             loss = loss + noise_weight * _noise_regularisation(noises)
         opt.zero_grad(set_to_none=True)
@@ -208,7 +212,7 @@ def project(G: Generator, target: torch.Tensor, steps: int = 200, w_init: torch.
 
 
 def invert(aligned: torch.Tensor, G: Generator, encoder: E4EEncoder | None = None, steps: int = 200,
-           clip=None, progress: Callable[[int, int, float], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+           clip=None, progress: Callable[[int, int, float], None] | None = None, lpips=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Aligned face (1, 3, S, S) in [-1, 1] -> (W+, reconstruction): the encoder's answer, refined by
     ``steps`` of optimisation (or optimisation from the mean latent when there is no encoder)."""
     w_init = None
@@ -222,5 +226,5 @@ def invert(aligned: torch.Tensor, G: Generator, encoder: E4EEncoder | None = Non
                 return w_init, G.synthesis(w_init)
     if steps <= 0:
         raise ValueError("no encoder and no optimisation steps: nothing would invert the face")
-    w, img, _ = project(G, aligned, steps=steps, w_init=w_init, clip=clip, progress=progress)
+    w, img, _ = project(G, aligned, steps=steps, w_init=w_init, clip=clip, progress=progress, lpips=lpips)
     return w, img

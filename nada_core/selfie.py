@@ -71,8 +71,22 @@ def encoder_for(base_name: str, G: Generator, device="cpu"):
     return load_e4e(asset.path, device), None
 
 
+def perceptual_for(device="cpu") -> tuple[dict, str]:
+    """The best reconstruction loss available offline: LPIPS, else CLIP embeddings + pixels, else pixels."""
+    from .clip_guide import ClipLoadError, load_clip
+    from .perceptual import load_lpips
+
+    lp = load_lpips(device)
+    if lp is not None:
+        return {"lpips": lp}, "LPIPS (VGG16)"
+    try:
+        return {"clip": load_clip("ViT-B-32", device)}, "multi-scale pixels + CLIP (LPIPS/VGG16 weights not downloaded)"
+    except ClipLoadError:
+        return {}, "multi-scale pixels only (neither LPIPS/VGG16 nor CLIP weights are downloaded)"
+
+
 def invert_face(face: AlignedFace, G: Generator, encoder=None, steps: int = 200,
-                progress: Callable[[int, int, float], None] | None = None) -> Inversion:
+                progress: Callable[[int, int, float], None] | None = None, perceptual: dict | None = None) -> Inversion:
     device = G.input.input.device
     target = from_pil(face.aligned, G.size).to(device)
     w_init, method = None, "optimisation"
@@ -86,7 +100,7 @@ def invert_face(face: AlignedFace, G: Generator, encoder=None, steps: int = 200,
         method = "e4e + optimisation"
     if steps <= 0:
         raise ValueError("choose at least one optimisation step: no encoder fits this model")
-    w, img, noises = project(G, target, steps=steps, w_init=w_init, progress=progress)
+    w, img, noises = project(G, target, steps=steps, w_init=w_init, progress=progress, **(perceptual or {}))
     return Inversion(w, noises, to_pil(img)[0], method)
 
 
@@ -115,7 +129,10 @@ def stylize_photo(photo, models: list, base: str = "ffhq", steps: int = 200, dev
         enc, why = encoder_for(base_name, G, device)
         if why:
             notes.append(why)
-    inv = invert_face(face, G, enc, steps, progress)
+    perceptual, how = perceptual_for(device) if steps > 0 else ({}, "")
+    if how:
+        notes.append(f"reconstruction loss: {how}")
+    inv = invert_face(face, G, enc, steps, progress, perceptual)
     result = SelfieResult(face, inv, notes=notes)
     for path in models:
         Gm, info = load_generator(path, device)

@@ -128,3 +128,20 @@ def test_two_clients_train_in_order_and_nothing_is_lost(app):
     assert {n.split("-to-")[1].split("-")[0] for n in new} == {"cartoon", "statue"}
     # one training at a time: the runs did not overlap
     assert studio.training is None
+
+
+def test_every_tab_says_what_is_missing_when_nothing_is_downloaded(tmp_path, monkeypatch):
+    from demo.app import build_demo
+    from demo.state import Studio
+
+    monkeypatch.setenv("NADA_WEIGHTS_DIR", str(tmp_path / "weights"))
+    monkeypatch.setenv("NADA_LIBRARY_DIR", str(tmp_path / "lib"))
+    demo = build_demo(Studio(device="cpu"))
+    texts = [c["props"].get("value") or "" for c in demo.config["components"] if c["type"] == "markdown"]
+    missing = [t for t in texts if t.startswith("**Missing for")]
+    assert len(missing) == 4  # one panel per tab
+    assert all("weights download ffhq-256" in t for t in missing)
+    assert "e4e" in missing[3] and "dlib" not in missing[3]  # the landmark file ships with a pip package
+    buttons = [c["props"].get("value") for c in demo.config["components"] if c["type"] == "button"]
+    assert buttons.count("Download") == 4
+    assert not any("Untrained tiny models" in t for t in texts)  # the banner is only for --tiny
