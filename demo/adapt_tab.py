@@ -61,8 +61,11 @@ def build(studio: Studio):
         target = gr.Textbox("Sketch", label="Target (the new domain)", max_length=300)
     gr.Examples(EXAMPLES, [source, target], label="Examples")
     with gr.Accordion("Advanced", open=False):
-        style_files = gr.File(label="Style images (optional: image-guided target instead of text)",
-                              file_count="multiple", file_types=["image"])
+        with gr.Row():
+            style_files = gr.File(label="Style images (optional: image-guided target instead of text)",
+                                  file_count="multiple", file_types=["image"])
+            source_files = gr.File(label="Source images (optional, with style images; default: samples of the base)",
+                                   file_count="multiple", file_types=["image"])
         with gr.Row():
             iterations = gr.Slider(1, 2000, value=300, step=1, label="Iterations")
             batch = gr.Slider(1, 8, value=2, step=1, label="Batch")
@@ -111,7 +114,7 @@ def build(studio: Studio):
     preset.change(apply_preset, preset, [k, mixing, iterations], api_visibility="private")
 
     @friendly
-    def train(base_name, preset_name, src, tgt, style_paths, iters, bsz, lr_value, k_value, sel_iters, mix,
+    def train(base_name, preset_name, src, tgt, style_paths, source_paths, iters, bsz, lr_value, k_value, sel_iters, mix,
               models, weight1, weight2, seed_value, every, request: gr.Request, progress=gr.Progress()):
         G = studio.base(base_name)
         names = list(models or [])
@@ -126,14 +129,17 @@ def build(studio: Studio):
         if k_slots and k_slots > G.n_latent:
             k_slots = G.n_latent
         style_images = [from_pil(_open(p)) for p in (style_paths or [])]
+        source_images = [from_pil(_open(p)) for p in (source_paths or [])] if style_images else []
         recipe = Recipe(source=src or "", target=tgt or "", iterations=int(iters), batch=int(bsz), lr=float(lr_value),
                         k=k_slots, auto_layer_iters=int(sel_iters), clip_models=names, clip_weights=model_weights,
                         mixing=float(mix), seed=int(seed_value or 0), preview_every=int(every),
-                        snapshot_every=max(1, int(iters) // 10), style_images=[Path(p).name for p in style_paths or []])
+                        snapshot_every=max(1, int(iters) // 10), style_images=[Path(p).name for p in style_paths or []],
+                        source_images=[Path(p).name for p in source_paths or []] if style_images else [])
         recipe.validate(G.n_latent)
         clip = studio.clip(names, model_weights)
         out = new_run_dir(src or "style", tgt or "images", studio.library_root)
-        adapter = Adapter(G, recipe, clip, studio.device, out, base_name, style_images=style_images or None)
+        adapter = Adapter(G, recipe, clip, studio.device, out, base_name, style_images=style_images or None,
+                          source_images=source_images or None)
         run_id = studio.start_training(adapter, request.session_hash if request else "")
         losses, slots, last_grid = [], [], None
         try:
@@ -211,7 +217,7 @@ def build(studio: Studio):
 
     for comp in (base, batch, clip_models, iterations):
         comp.change(refresh_estimate, [base, batch, clip_models, iterations], estimate, api_visibility="private")
-    start.click(train, [base, preset, source, target, style_files, iterations, batch, lr, k, layer_iters, mixing,
+    start.click(train, [base, preset, source, target, style_files, source_files, iterations, batch, lr, k, layer_iters, mixing,
                         clip_models, w1, w2, seed, preview_every],
                 [status, preview, loss_plot, heat, files, snapshot, run_dir, library],
                 api_name="train", concurrency_limit=1, concurrency_id="training")

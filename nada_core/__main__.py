@@ -65,17 +65,21 @@ def cmd_adapt(args) -> int:
     clip_names = [c.strip() for c in args.clip.split(",") if c.strip()]
     clip_weights = [float(w) for w in args.clip_weights.split(",")] if args.clip_weights else [1.0] * len(clip_names)
     style_images = [from_pil(_open_image(p)) for p in args.style_images] if args.style_images else None
+    source_images = [from_pil(_open_image(p)) for p in args.source_images] if args.source_images else None
+    if source_images and not style_images:
+        raise ValueError("--source-images only make sense together with --style-images")
     recipe = Recipe(source=args.source, target=args.target or "", iterations=args.iters, batch=args.batch,
                     lr=args.lr, preset=args.preset, k=args.k, clip_models=clip_names, clip_weights=clip_weights,
                     mixing=args.mixing, seed=args.seed, preview_every=args.preview_every,
-                    snapshot_every=args.snapshot_every, style_images=[str(p) for p in args.style_images or []])
+                    snapshot_every=args.snapshot_every, style_images=[str(p) for p in args.style_images or []],
+                    source_images=[str(p) for p in args.source_images or []])
     clip = load_ensemble(clip_names, clip_weights, device)
     if args.resume:
-        ad = Adapter.resume(args.resume, G, clip, device, style_images=style_images)
+        ad = Adapter.resume(args.resume, G, clip, device, style_images=style_images, source_images=source_images)
         out = Path(args.resume)
     else:
         out = Path(args.out) if args.out else new_run_dir(args.source, args.target or "style")
-        ad = Adapter(G, recipe, clip, device, out, base_name, style_images=style_images)
+        ad = Adapter(G, recipe, clip, device, out, base_name, style_images=style_images, source_images=source_images)
     print(f"adapting {base_name} on {device}: '{recipe.source}' -> '{recipe.target or 'style images'}', "
           f"{ad.recipe.iterations} steps, output {out}", file=sys.stderr)
     last = None
@@ -162,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--source", default="photo")
     a.add_argument("--target", default="")
     a.add_argument("--style-images", nargs="*", help="image-guided target instead of --target")
+    a.add_argument("--source-images", nargs="*", help="with --style-images: images of the source domain "
+                                                       "(default: 16 samples of the base generator)")
     a.add_argument("--iters", type=int, default=300)
     a.add_argument("--batch", type=int, default=2)
     a.add_argument("--lr", type=float, default=0.002)

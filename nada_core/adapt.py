@@ -6,6 +6,7 @@ under no_grad, and frozen layers get no weight gradients.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -51,6 +52,7 @@ class Recipe:
     snapshot_every: int = 50
     truncation: float = 0.7
     train_noise: str = "random"     # per-layer noise while training; "random" as the official code
+    amp: str = "auto"               # bf16 autocast: "auto" = on CUDA only, "bf16" = always, "off"
 
     def validate(self, n_latent: int) -> list[str]:
         """Raise ValueError for settings that cannot work; return warnings for odd ones."""
@@ -63,6 +65,7 @@ class Recipe:
             (0 <= self.mixing <= 1, "mixing probability must be in [0, 1]"),
             (0 <= self.truncation <= 1, "truncation must be in [0, 1]"),
             (self.train_noise in ("random", "const", "none"), "train_noise must be random, const or none"),
+            (self.amp in ("auto", "bf16", "off"), "amp must be auto, bf16 or off"),
             (self.auto_layer_iters >= 0 and self.auto_layer_batch >= 1, "layer-selection settings must be positive"),
             (len(self.clip_models) == len(self.clip_weights) and any(w > 0 for w in self.clip_weights),
              "give one weight per CLIP model, at least one above zero"),
@@ -194,9 +197,19 @@ class Adapter:
         """
         seed = int(torch.randint(0, 2 ** 62, (), generator=self.rng))
         devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
+        with torch.random.fork_rng(devices=devices), self._autocast():
             torch.manual_seed(seed)
             return self._train_step()
+
+    def _autocast(self):
+        """bf16 autocast for both generators and CLIP (on CUDA by default): the frozen and trained images
+        go through the same precision, so their CLIP-space difference carries no rounding bias."""
+        mode = self.recipe.amp
+        if mode == "auto":
+            mode = "bf16" if self.device.type == "cuda" else "off"
+        if mode == "off":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     def _train_step(self) -> tuple[dict, list[int], dict]:
         r, t = self.recipe, {}

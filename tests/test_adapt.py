@@ -130,3 +130,34 @@ def test_absurd_recipes_are_refused(clip):
                      (dict(target=""), "target text is empty"), (dict(lr=float("nan")), "learning rate")]:
         with pytest.raises(ValueError, match=msg):
             Adapter(tiny_generator(), recipe(**bad), clip)
+
+
+def test_bf16_autocast_path_trains_and_tracks_float32(clip):
+    # the code path CUDA uses by default ("auto"), exercised here with CPU autocast
+    full = Adapter(tiny_generator(), recipe(k=4), clip)
+    half = Adapter(tiny_generator(), recipe(k=4, amp="bf16"), clip)
+    a = [e.loss for e in full.run() if e.kind == "step"]
+    b = [e.loss for e in half.run() if e.kind == "step"]
+    assert all(math.isfinite(x) for x in b)
+    assert max(abs(x - y) for x, y in zip(a, b)) < 0.1
+    assert all(p.dtype == torch.float32 for p in half.G_train.parameters())  # weights stay float32
+    assert not all(torch.equal(x, y) for x, y in zip(half.G_train.parameters(), half.G_frozen.parameters()))
+
+
+def test_image_guided_target_direction(clip):
+    import torch.nn.functional as F
+
+    m = clip[0]
+    style = [torch.rand(1, 3, 32, 32) * 2 - 1 for _ in range(3)]
+    source = [torch.rand(1, 3, 32, 32) * 2 - 1 for _ in range(2)]
+    ad = Adapter(tiny_generator(), recipe(style_images=["a.png", "b.png", "c.png"], target=""), clip,
+                 style_images=style, source_images=source)
+    with torch.no_grad():
+        e_style = F.normalize(m.encode_images(torch.cat(style)), dim=-1).mean(0)
+        e_source = F.normalize(m.encode_images(torch.cat(source)), dim=-1).mean(0)
+    expected = F.normalize(e_style - e_source, dim=-1)
+    assert torch.allclose(ad.directions[0], expected, atol=1e-5)
+    # without source images, 16 samples of the frozen generator stand for the source domain
+    ad2 = Adapter(tiny_generator(), recipe(style_images=["a.png"], target=""), clip, style_images=style[:1])
+    assert not torch.allclose(ad2.directions[0], expected, atol=1e-3)
+    assert [e.kind for e in ad.run()][-1] == "done"

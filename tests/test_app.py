@@ -8,7 +8,7 @@ from skimage import data
 
 from tests.app_server import launch_tiny
 
-TRAIN_ARGS = ["tiny", "Style", "Photo", "Sketch", [], 4, 2, 0.002, 0, 1, 0.0, ["tiny"], 1.0, 1.0, 0, 2]
+TRAIN_ARGS = ["tiny", "Style", "Photo", "Sketch", [], [], 4, 2, 0.002, 0, 1, 0.0, ["tiny"], 1.0, 1.0, 0, 2]
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +116,7 @@ def test_two_clients_train_in_order_and_nothing_is_lost(app):
     results = {}
 
     def run(name, target):
-        results[name] = train(Client(url, verbose=False), (3, target), (5, 6))
+        results[name] = train(Client(url, verbose=False), (3, target), (6, 6))
 
     threads = [threading.Thread(target=run, args=("a", "Cartoon")), threading.Thread(target=run, args=("b", "Statue"))]
     for t in threads:
