@@ -85,6 +85,7 @@ def build(studio: Studio):
     with gr.Row():
         start = gr.Button("Start", variant="primary")
         stop = gr.Button("Stop", variant="stop")
+        retry = gr.Button("Retry saving", visible=False)
     status = gr.Markdown("Ready.", elem_id="adapt-status")
     with gr.Row():
         preview = gr.Image(format="png", label="Preview: source (top) and adapted (bottom), same latents", type="pil",
@@ -141,7 +142,7 @@ def build(studio: Studio):
         adapter = Adapter(G, recipe, clip, studio.device, out, base_name, style_images=style_images or None,
                           source_images=source_images or None)
         run_id = studio.start_training(adapter, request.session_hash if request else "")
-        losses, slots, last_grid = [], [], None
+        losses, slots, last_grid, ended = [], [], None, False
         try:
             for ev in adapter.run():
                 if ev.kind == "warning":
@@ -160,6 +161,7 @@ def build(studio: Studio):
                            str(out), gr.update())
                     continue
                 # done, cancelled or error: the model lands in the library either way
+                ended = True
                 if ev.preview is not None:
                     last_grid = preview_grid(ev.preview)
                     last_grid.save(out / "thumb.png")
@@ -172,11 +174,24 @@ def build(studio: Studio):
                 text = f"**{verdict}.** {ev.message}." + (f" Saved to the library as **{out.name}**." if ev.checkpoint else "")
                 if ev.kind == "error":
                     gr.Warning(ev.message)
+                if ev.checkpoint is None:  # disk full or similar: keep the trained model in memory for a retry
+                    studio.unsaved[request.session_hash if request else ""] = adapter
                 yield (text, last_grid, pd.DataFrame(losses), heatmap(slots, G.n_latent) if slots else None, downloads,
                        gr.update(maximum=max(1, n_snap), value=n_snap, interactive=n_snap > 0), str(out),
                        library_items(studio))
         finally:
+            if not ended and adapter.step > 0:  # the browser went away mid-run: keep what was learned
+                adapter._save_final_or_none()
             studio.finish_training(run_id)
+
+    @friendly
+    def retry_saving(request: gr.Request):
+        adapter = studio.unsaved.get(request.session_hash if request else "")
+        if adapter is None:
+            return "Nothing is waiting to be saved.", gr.update(visible=False), gr.update()
+        path = adapter.save(adapter.out_dir / "final.safetensors")  # raises a clear message if it fails again
+        studio.unsaved.pop(request.session_hash if request else "", None)
+        return f"**Saved** to the library: {path.parent.name}.", gr.update(visible=False), library_items(studio)
 
     @friendly
     def stop_training(request: gr.Request):
@@ -222,6 +237,9 @@ def build(studio: Studio):
                 [status, preview, loss_plot, heat, files, snapshot, run_dir, library],
                 api_name="train", concurrency_limit=1, concurrency_id="training")
     stop.click(stop_training, None, status, api_name="stop")
+    retry.click(retry_saving, None, [status, retry, library], api_visibility="private")
+    status.change(lambda text: gr.update(visible="saving failed" in (text or "")), status, retry,
+                  api_visibility="private", show_progress="hidden")
     snapshot.release(show_snapshot, [snapshot, run_dir], snapshot_preview, api_name="snapshot")
     keep.click(keep_snapshot, [snapshot, run_dir], library, api_visibility="private")
     return library

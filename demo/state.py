@@ -31,6 +31,7 @@ class Studio:
         self._directions: dict[str, list[Direction]] = {}
         self.training: dict | None = None          # {"run_id", "adapter", "session"} of the running job
         self.seconds_per_step: dict[tuple, float] = {}
+        self.unsaved: dict[str, object] = {}        # session -> trained adapter whose save failed
 
     # ------------------------------------------------------------------ models
     @property

@@ -275,22 +275,26 @@ class Adapter:
 
     # ------------------------------------------------------------ the loop
     def run(self) -> Iterator[Event]:
+        """Train, yielding a 'step' event per iteration and one final 'done', 'cancelled' or 'error' event.
+        Every ending saves the weights of the last finished step (when the run has an output folder)."""
         total = self.recipe.iterations
         for w in self.warnings:
             yield Event("warning", self.step, total, message=w)
         sec = None
         while self.step < total:
             if self._cancel:
-                yield Event("cancelled", self.step, total, checkpoint=self._save_final_or_none(),
-                            preview=self.preview(), message=f"stopped after {self.step} of {total} steps")
+                yield self._finish("cancelled", f"stopped after {self.step} of {total} steps")
                 return
             t0 = time.perf_counter()
             try:
                 losses, slots, timings = self.train_step()
             except NonFiniteLoss as e:
-                yield Event("error", self.step, total, checkpoint=self._save_final_or_none(), preview=self.preview(),
-                            message=f"{e}; training stopped and the last good weights (step {self.step}) were kept. "
-                                    "Try a lower learning rate or different prompts.")
+                yield self._finish("error", f"{e}; training stopped and the last good weights (step {self.step}) "
+                                            "were kept. Try a lower learning rate or different prompts")
+                return
+            except (RuntimeError, MemoryError) as e:  # e.g. out of memory: keep what was learned so far
+                yield self._finish("error", f"training failed at step {self.step + 1} ({type(e).__name__}: "
+                                            f"{str(e).splitlines()[0][:200]}); the weights of step {self.step} were kept")
                 return
             self.step += 1
             dt = time.perf_counter() - t0
@@ -306,9 +310,14 @@ class Adapter:
                 except OSError as e:
                     yield Event("warning", self.step, total, message=f"could not save snapshot ({e}); training goes on")
             yield ev
+        yield self._finish("done", f"finished {total} steps")
+
+    def _finish(self, kind: str, message: str) -> Event:
         path = self._save_final_or_none()
-        yield Event("done", self.step, total, loss=self.history[-1] if self.history else None, checkpoint=path,
-                    preview=self.preview(), message=f"finished {total} steps")
+        if self.out_dir and path is None:
+            message += f"; but saving failed ({self.save_error}), the model is only in memory: free disk space and save again"
+        return Event(kind, self.step, self.recipe.iterations, loss=self.history[-1] if self.history else None,
+                     checkpoint=path, preview=self.preview(), message=message)
 
     # ------------------------------------------------------------ saving and resuming
     def meta(self) -> dict:
@@ -330,9 +339,10 @@ class Adapter:
         if not self.out_dir:
             return None
         try:
+            self.save_error = None
             return str(self.save(self.out_dir / "final.safetensors"))
         except OSError as e:
-            self.warnings.append(f"could not save the final model ({e}); it is still in memory")
+            self.save_error = str(e)
             return None
 
     def snapshots(self) -> list[Path]:

@@ -161,3 +161,32 @@ def test_image_guided_target_direction(clip):
     ad2 = Adapter(tiny_generator(), recipe(style_images=["a.png"], target=""), clip, style_images=style[:1])
     assert not torch.allclose(ad2.directions[0], expected, atol=1e-3)
     assert [e.kind for e in ad.run()][-1] == "done"
+
+
+def test_a_failing_step_or_a_full_disk_loses_nothing(clip, tmp_path, monkeypatch):
+    ad = Adapter(tiny_generator(), recipe(iterations=5), clip, out_dir=tmp_path)
+    real_step = ad.train_step
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_step()
+
+    ad.train_step = flaky
+    events = list(ad.run())
+    assert events[-1].kind == "error" and "out of memory" in events[-1].message and events[-1].step == 2
+    assert load_generator(events[-1].checkpoint)[1]["meta"]["step"] == 2
+
+    full = Adapter(tiny_generator(), recipe(iterations=2, snapshot_every=1), clip, out_dir=tmp_path / "full")
+
+    def no_space(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("nada_core.adapt.save_generator", no_space)
+    events = list(full.run())
+    warnings = [e for e in events if e.kind == "warning"]
+    assert len(warnings) == 2 and "could not save snapshot" in warnings[0].message
+    assert events[-1].kind == "done" and events[-1].checkpoint is None
+    assert "only in memory" in events[-1].message and full.step == 2  # trained anyway, and says so
