@@ -37,12 +37,12 @@ def build_demo(studio: Studio) -> gr.Blocks:
 
         outputs = [library, *sample_models, edit_models, selfie_models]
         for controls in (edit_controls, selfie_controls):
-            outputs += [*controls.sliders, *controls.rows()]
+            outputs += controls.configured()
         demo.load(on_load, [edit_base, selfie_base], outputs, api_visibility="private")
         for tab in (t1, t2, t3, t4):  # models trained meanwhile show up when a tab is opened
             tab.select(on_load, [edit_base, selfie_base], outputs, api_visibility="private", show_progress="hidden")
         selfie_base.change(lambda b: _configure(studio, selfie_controls, b), selfie_base,
-                           [*selfie_controls.sliders, *selfie_controls.rows()], api_visibility="private")
+                           selfie_controls.configured(), api_visibility="private")
     return demo
 
 
@@ -51,4 +51,4 @@ def _configure(studio: Studio, controls, base_name):
         return controls.configure(studio, base_name)
     except weights.WeightsError:  # base not downloaded yet: the missing-weights panel says so
         n = len(controls.sliders)
-        return [gr.update()] * n + [gr.update(visible=False)] * n
+        return [gr.update()] * n + [gr.update(visible=False)] * n + [gr.update(choices=[], value=None)]

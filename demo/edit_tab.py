@@ -19,9 +19,10 @@ PREVIEW_RES = 128
 
 
 class DirectionControls:
-    """A column of direction sliders with a layer-range picker each, and a reset button."""
+    """A column of direction sliders with a layer-range picker each, an optional Z-space attribute
+    (for seeds: InterFaceGAN++ boundaries move z before mapping), and a reset button."""
 
-    def __init__(self):
+    def __init__(self, z_attributes: bool = True):
         self.sliders, self.ranges = [], []
         with gr.Accordion("Directions", open=True):
             for i in range(N_SLOTS):
@@ -29,14 +30,22 @@ class DirectionControls:
                     self.sliders.append(gr.Slider(-3, 3, value=0, step=0.1, label=f"PC{i}", scale=3))
                     self.ranges.append(gr.Dropdown(list(LAYER_RANGES), value="all layers", label="layers", scale=1))
                 self.sliders[-1].row = row
+            with gr.Row(visible=z_attributes):
+                self.attribute = gr.Dropdown([], value=None, allow_custom_value=True, scale=1,
+                                             label="Attribute (InterFaceGAN++, edits z; FFHQ 1024, when downloaded)")
+                self.attribute_alpha = gr.Slider(-3, 3, value=0, step=0.1, label="Attribute strength", scale=3)
             self.reset = gr.Button("Reset sliders")
 
     @property
     def inputs(self):
-        return [*self.sliders, *self.ranges]
+        return [*self.sliders, *self.ranges, self.attribute, self.attribute_alpha]
 
     def rows(self):
         return [s.row for s in self.sliders]
+
+    def configured(self):
+        """The components :meth:`configure` updates, in order."""
+        return [*self.sliders, *self.rows(), self.attribute]
 
     def configure(self, studio: Studio, base_name: str):
         """Updates that label the sliders with this base's directions and hide unused rows."""
@@ -49,13 +58,21 @@ class DirectionControls:
             else:
                 ups.append(gr.update(value=0))
         rows = [gr.update(visible=i < len(dirs)) for i in range(N_SLOTS)]
-        return ups + rows
+        attrs = [d.name for d in studio.z_directions(base_name)]
+        return ups + rows + [gr.update(choices=attrs, value=None)]
 
     @staticmethod
     def edits(studio: Studio, base_name: str, values):
         dirs = studio.directions(base_name)
-        alphas, ranges = values[:N_SLOTS], values[N_SLOTS:]
-        return [(d, float(a), LAYER_RANGES.get(r)) for d, a, r in zip(dirs, alphas, ranges) if float(a) != 0]
+        alphas, ranges = values[:N_SLOTS], values[N_SLOTS:2 * N_SLOTS]
+        out = [(d, float(a), LAYER_RANGES.get(r)) for d, a, r in zip(dirs, alphas, ranges) if float(a) != 0]
+        attribute, strength = (list(values[2 * N_SLOTS:]) + [None, 0])[:2]
+        if attribute and float(strength or 0) != 0:
+            match = [d for d in studio.z_directions(base_name) if d.name == attribute]
+            if not match:
+                raise gr.Error(f"attribute {attribute!r} is not available for {base_name}")
+            out.append((match[0], float(strength), None))
+        return out
 
 
 def labelled_row(images: list[Image.Image], labels: list[str]) -> list[tuple[Image.Image, str]]:
@@ -102,12 +119,14 @@ def build(studio: Studio):
         return [gr.update(choices=model_choices(studio, base_name), value=[])] + controls.configure(studio, base_name)
 
     inputs = [base, models, seed, truncation, mix_seed, crossover, *controls.inputs]
-    base.change(on_base, base, [models, *controls.sliders, *controls.rows()], api_visibility="private")
+    base.change(on_base, base, [models, *controls.configured()], api_visibility="private")
     for s in controls.sliders:
         s.change(quick, inputs, gallery, trigger_mode="always_last", api_visibility="private", show_progress="hidden")
         s.release(full, inputs, gallery, api_visibility="private")
-    for comp in (models, seed, truncation, mix_seed, crossover, *controls.ranges):
+    controls.attribute_alpha.release(full, inputs, gallery, api_visibility="private")
+    for comp in (models, seed, truncation, mix_seed, crossover, controls.attribute, *controls.ranges):
         comp.change(full, inputs, gallery, trigger_mode="always_last", api_visibility="private")
-    controls.reset.click(lambda: [gr.update(value=0)] * N_SLOTS, None, controls.sliders, api_visibility="private")
+    controls.reset.click(lambda: [gr.update(value=0)] * (N_SLOTS + 1), None, [*controls.sliders, controls.attribute_alpha],
+                         api_visibility="private")
     render_btn.click(full, inputs, gallery, api_name="edit")
     return base, models, controls, on_base

@@ -38,7 +38,7 @@ def build(studio: Studio):
         recon = gr.Image(format="png", label="Reconstruction (the inverted latent through the source model)", type="pil", interactive=False)
     stylised = gr.Gallery(format="png", label="Stylised", columns=4, height=280, allow_preview=True, elem_id="selfie-gallery")
     pasted = gr.Gallery(format="png", label="Pasted back into your photo", columns=3, height=320, allow_preview=True)
-    controls = DirectionControls()
+    controls = DirectionControls(z_attributes=False)  # an inverted face has no z
     session = gr.State(None)
 
     def outputs_for(state, values):

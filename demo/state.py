@@ -136,6 +136,16 @@ class Studio:
                 self._directions[base_name] = dirs
             return self._directions[base_name]
 
+    def z_directions(self, base_name: str) -> list[Direction]:
+        """InterFaceGAN++ attribute boundaries (Z space of the FFHQ 1024 model) that are downloaded."""
+        if base_name != "ffhq-1024":
+            return []
+        out = []
+        for a in weights.load_manifest().values():
+            if a.kind == "direction" and a.extra.get("space") == "Z" and a.present:
+                out += load_direction_file(a.path, a.label, space="Z", value_range=tuple(a.extra.get("range", (-3, 3))))
+        return out
+
     # ------------------------------------------------------------------ the training slot
     def start_training(self, adapter, session: str) -> str:
         run_id = uuid.uuid4().hex[:8]

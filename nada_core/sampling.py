@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from .editing import Direction, apply_edits, blend_generators
+from .editing import Direction, apply_edits, blend_generators, edit_z
 from .images import to_pil
 from .stylegan2 import Generator, seeds_to_z
 
@@ -50,11 +50,16 @@ def latents_for_seeds(G: Generator, seeds, truncation: float = 0.7) -> torch.Ten
 @torch.no_grad()
 def edited_latent(G: Generator, seed: int, truncation: float, edits: list[tuple[Direction, float, tuple | None]],
                   mix_seed: int | None = None, crossover: int = 0) -> torch.Tensor:
-    """One seed's W+, style-mixed with ``mix_seed`` from ``crossover`` on, then moved along directions."""
-    w = latents_for_seeds(G, [seed], truncation)
+    """One seed's W+: Z-space directions move z before mapping, then truncation, style mixing with
+    ``mix_seed`` from slot ``crossover`` on, then the W / W+ directions."""
+    z = seeds_to_z([seed], G.style_dim, G.input.input.device)
+    for d, alpha, _ in edits:
+        if d.space == "Z":
+            z = edit_z(z, d, alpha)
+    w = G.to_w_plus(G.truncate(G.mapping(z), w_avg_of(G), truncation))
     if mix_seed is not None and 0 < crossover < G.n_latent:
         w = G.mix(w, latents_for_seeds(G, [mix_seed], truncation), crossover)
-    return apply_edits(w, edits)
+    return apply_edits(w, [e for e in edits if e[0].space != "Z"])
 
 
 @torch.no_grad()

@@ -34,7 +34,7 @@ def train(client, *overrides):
 
 def run_selfie(client, photo, path):
     job = client.submit(handle_file(str(photo)), None, "tiny", [path], 10, True, *([0.0] * 12), *(["all layers"] * 12),
-                        api_name="/selfie")
+                        None, 0, api_name="/selfie")
     outs = list(job)
     job.result()
     return outs
@@ -84,10 +84,10 @@ def test_edit_renders_source_and_adapted_side_by_side(app):
     path = str(studio.library()[0].path)
     sliders = [0.0] * 12
     ranges = ["all layers"] * 12
-    plain = client.predict("tiny", [path], 3, 0.7, 1, 0, *sliders, *ranges, api_name="/edit")
+    plain = client.predict("tiny", [path], 3, 0.7, 1, 0, *sliders, *ranges, None, 0, api_name="/edit")
     assert [item["caption"] for item in plain][0] == "source (tiny)" and len(plain) == 2
     assert Image.open(plain[0]["image"]).size == (32, 32)
-    moved = client.predict("tiny", [path], 3, 0.7, 1, 0, 3.0, *sliders[1:], *ranges, api_name="/edit")
+    moved = client.predict("tiny", [path], 3, 0.7, 1, 0, 3.0, *sliders[1:], *ranges, None, 0, api_name="/edit")
     assert list(Image.open(moved[0]["image"]).getdata()) != list(Image.open(plain[0]["image"]).getdata())
 
 

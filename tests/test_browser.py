@@ -59,7 +59,7 @@ def test_visit_every_tab(page, tmp_path):
 def test_train_and_watch_the_preview_and_progress(page, tmp_path):
     page.get_by_role("tab", name="Adapt").click()
     page.get_by_text("Advanced").click()
-    for label, value in [("Iterations", "40"), ("Preview every N steps", "5")]:
+    for label, value in [("Iterations", "150"), ("Preview every N steps", "5")]:
         box = page.get_by_label(f"number input for {label}")
         box.fill(value)
         box.press("Enter")
@@ -71,7 +71,7 @@ def test_train_and_watch_the_preview_and_progress(page, tmp_path):
     changed = wait_for(lambda: (s := image_src(page, "adapt-preview")) and s != first and s, what="preview change")
     wait_for(lambda: "Finished" in status.inner_text(), what="the end of training")
     assert changed != first
-    assert step_a < 40 and "40 steps" in status.inner_text()
+    assert step_a < 150 and "150 steps" in status.inner_text()
     page.screenshot(path=str(tmp_path / "trained.png"))
 
 

@@ -75,3 +75,15 @@ def test_blend_is_linear_in_the_weights():
     for (n, a), b, h in zip(A.named_parameters(), B.parameters(), H.parameters()):
         assert torch.allclose(h, 0.75 * a + 0.25 * b, rtol=1e-5, atol=1e-5), n
     assert torch.equal(blend_generators(A, B, 0.0).conv1.conv.weight, A.conv1.conv.weight)
+
+
+def test_z_space_attribute_moves_z_before_mapping():
+    from nada_core.sampling import edited_latent, latents_for_seeds
+    from nada_core.stylegan2 import seeds_to_z
+
+    G = tiny_generator()
+    d = Direction("smile", torch.randn(G.style_dim), "Z")
+    got = edited_latent(G, 5, 1.0, [(d, 2.0, None)])
+    z = seeds_to_z([5], G.style_dim) + 2.0 * d.vector
+    assert torch.allclose(got, G.to_w_plus(G.mapping(z)), atol=1e-5)
+    assert torch.allclose(edited_latent(G, 5, 0.7, []), latents_for_seeds(G, [5], 0.7))
