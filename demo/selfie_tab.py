@@ -57,7 +57,7 @@ def build(studio: Studio):
         if img is None:
             raise gr.Error("upload a photo first (JPEG or PNG with a visible face)")
         G = studio.base(base_name)
-        face = prepare_face(img, output_size=min(G.size, 1024))
+        face = prepare_face(img, output_size=max(256, min(G.size, 1024)))  # shown at >= 256 px
         note = f"{face.faces_found} faces found; using the largest. " if face.faces_found > 1 else ""
         yield (f"{note}Face aligned. Inverting...", face.overlay(), None, [], [], None)
         enc, why = encoder_for(base_name, G, studio.device) if encoder_on else (None, None)

@@ -121,7 +121,7 @@ def stylize_photo(photo, models: list, base: str = "ffhq", steps: int = 200, dev
     device = device or default_device()
     G, base_name = load_base(base, device)
     notes = []
-    face = prepare_face(photo, output_size=min(G.size, 1024))
+    face = prepare_face(photo, output_size=max(256, min(G.size, 1024)))
     if face.faces_found > 1:
         notes.append(f"{face.faces_found} faces found; used the largest")
     enc = None

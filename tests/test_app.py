@@ -100,7 +100,7 @@ def test_selfie_flow(app, tmp_path):
     outs = run_selfie(client, tmp_path / "me.jpg", path)
     status, aligned, recon, stylised, pasted = outs[-1]
     assert "Inverted with optimisation" in status
-    assert Image.open(aligned).size == (32, 32) and Image.open(recon).size == (32, 32)
+    assert Image.open(aligned).size == (256, 256) and Image.open(recon).size == (32, 32)
     assert len(stylised) == 1 and Image.open(pasted[0]["image"]).size == (512, 512)
     (tmp_path / "bad.jpg").write_bytes(b"not an image at all")
     with pytest.raises(Exception, match="could not read the image"):
