@@ -19,9 +19,9 @@ def build_demo(studio: Studio) -> gr.Blocks:
         with gr.Tab("Adapt") as t1:
             library = adapt_tab.build(studio)
         with gr.Tab("Sample") as t2:
-            sample_models, _ = sample_tab.build(studio)
+            sample_models = sample_tab.build(studio)
         with gr.Tab("Edit") as t3:
-            edit_base, edit_models, edit_controls, edit_on_base = edit_tab.build(studio)
+            edit_base, edit_models, edit_controls = edit_tab.build(studio)
         with gr.Tab("Selfie") as t4:
             selfie_base, selfie_models, selfie_controls = selfie_tab.build(studio)
 

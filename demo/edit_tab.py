@@ -4,8 +4,6 @@ generator's own coarse RGB output) and the release renders full size."""
 from __future__ import annotations
 
 import gradio as gr
-from PIL import Image
-
 from nada_core.images import grid
 from nada_core.sampling import edited_latent, render
 
@@ -75,10 +73,6 @@ class DirectionControls:
         return out
 
 
-def labelled_row(images: list[Image.Image], labels: list[str]) -> list[tuple[Image.Image, str]]:
-    return list(zip(images, labels))
-
-
 def build(studio: Studio):
     banner(studio)
     missing_panel(studio, ("generator", "direction"), "editing (a base generator; InterFaceGAN directions are optional)")
@@ -109,7 +103,7 @@ def build(studio: Studio):
             labels.append(next((e.name for e in studio.library() if str(e.path) == p), p))
         max_res = PREVIEW_RES if preview and not studio.device.startswith("cuda") and G.size > PREVIEW_RES else None
         rows = render(gens, w, max_resolution=max_res)
-        return labelled_row([r[0] for r in rows], labels)
+        return [(r[0], label) for r, label in zip(rows, labels)]
 
     full = friendly(lambda *a: render_edit(*a))
     quick = friendly(lambda *a: render_edit(*a, preview=True))
@@ -129,4 +123,4 @@ def build(studio: Studio):
     controls.reset.click(lambda: [gr.update(value=0)] * (N_SLOTS + 1), None, [*controls.sliders, controls.attribute_alpha],
                          api_visibility="private")
     render_btn.click(full, inputs, gallery, api_name="edit")
-    return base, models, controls, on_base
+    return base, models, controls

@@ -93,4 +93,4 @@ def build(studio: Studio):
     make.click(make_gif, [model, strength, other, mix, seed_a, seed_b, frames, mode, truncation], [gif, gif_file],
                api_name="interpolate")
     refresh.click(refresh_models, None, [model, other], api_name="sample_refresh")
-    return [model, other], refresh_models
+    return [model, other]

@@ -149,7 +149,7 @@ class Adapter:
         else:
             set_trainable(self.G_train, layers_for_slots(self.G_train, self._fixed_slots))
         with torch.no_grad():
-            self.w_avg = self.G_frozen.mean_latent(4096)
+            self.w_avg = self.G_frozen.w_avg()
             self.preview_z = seeds_to_z(recipe.preview_seeds, base.style_dim, self.device)
             self.directions = self._target_directions(style_images, source_images)
             self.global_texts = [m.global_text(recipe.target) for m in clip] if recipe.lambda_global or self._auto else []

@@ -172,7 +172,7 @@ def project(G: Generator, target: torch.Tensor, steps: int = 200, w_init: torch.
     if target.shape[-1] != G.size:
         target = F.interpolate(target, size=(G.size, G.size), mode="area" if target.shape[-1] > G.size else "bilinear")
     with torch.no_grad():
-        w_avg = G.mean_latent(4096)
+        w_avg = G.w_avg()
         w_std = (G.mapping(torch.randn(4096, G.style_dim, generator=torch.Generator().manual_seed(seed)).to(device))
                  - w_avg).pow(2).sum(1).mean().sqrt().item()
         start = G.to_w_plus(w_init.to(device) if w_init is not None else w_avg.to(device))
@@ -211,20 +211,29 @@ def project(G: Generator, target: torch.Tensor, steps: int = 200, w_init: torch.
         return w_final, G.synthesis(w_final, noises=noises), noises
 
 
-def invert(aligned: torch.Tensor, G: Generator, encoder: E4EEncoder | None = None, steps: int = 200,
-           clip=None, progress: Callable[[int, int, float], None] | None = None, lpips=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Aligned face (1, 3, S, S) in [-1, 1] -> (W+, reconstruction): the encoder's answer, refined by
-    ``steps`` of optimisation (or optimisation from the mean latent when there is no encoder)."""
-    w_init = None
+def invert_with_noise(aligned: torch.Tensor, G: Generator, encoder: E4EEncoder | None = None, steps: int = 200,
+                      progress: Callable[[int, int, float], None] | None = None, clip=None, lpips=None):
+    """(W+, reconstruction, noise maps or None, method): the encoder's answer, refined by ``steps`` of
+    optimisation, or optimisation from the mean latent when there is no encoder."""
+    w_init, method = None, "optimisation"
     if encoder is not None:
         with torch.no_grad():
             w_init = encoder(encoder_input(aligned.to(next(encoder.parameters()).device))).to(aligned.device)
         if w_init.shape[1] != G.n_latent:
             raise ValueError(f"the encoder predicts {w_init.shape[1]} W+ slots, the generator uses {G.n_latent}")
+        method = "e4e"
         if steps <= 0:
             with torch.no_grad():
-                return w_init, G.synthesis(w_init)
+                return w_init, G.synthesis(w_init), None, method
+        method = "e4e + optimisation"
     if steps <= 0:
-        raise ValueError("no encoder and no optimisation steps: nothing would invert the face")
-    w, img, _ = project(G, aligned, steps=steps, w_init=w_init, clip=clip, progress=progress, lpips=lpips)
+        raise ValueError("choose at least one optimisation step: no encoder fits this generator")
+    w, img, noises = project(G, aligned, steps=steps, w_init=w_init, clip=clip, lpips=lpips, progress=progress)
+    return w, img, noises, method
+
+
+def invert(aligned: torch.Tensor, G: Generator, encoder: E4EEncoder | None = None, steps: int = 200,
+           clip=None, progress: Callable[[int, int, float], None] | None = None, lpips=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Aligned face (1, 3, S, S) in [-1, 1] -> (W+, reconstruction)."""
+    w, img, _, _ = invert_with_noise(aligned, G, encoder, steps, progress, clip=clip, lpips=lpips)
     return w, img

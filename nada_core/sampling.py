@@ -33,18 +33,11 @@ def parse_seeds(text: str, limit: int = 256) -> list[int]:
     return seeds
 
 
-def w_avg_of(G: Generator) -> torch.Tensor:
-    """Truncation centre, computed once per generator object (adapted models share their base's)."""
-    if getattr(G, "_nada_w_avg", None) is None:
-        G._nada_w_avg = G.mean_latent(4096)
-    return G._nada_w_avg
-
-
 @torch.no_grad()
 def latents_for_seeds(G: Generator, seeds, truncation: float = 0.7) -> torch.Tensor:
     """W+ (N, L, D) for integer seeds, truncated towards the mean (the paper's sampling: psi 0.7)."""
     z = seeds_to_z(seeds, G.style_dim, G.input.input.device)
-    return G.to_w_plus(G.truncate(G.mapping(z), w_avg_of(G), truncation))
+    return G.to_w_plus(G.truncate(G.mapping(z), G.w_avg(), truncation))
 
 
 @torch.no_grad()
@@ -56,7 +49,7 @@ def edited_latent(G: Generator, seed: int, truncation: float, edits: list[tuple[
     for d, alpha, _ in edits:
         if d.space == "Z":
             z = edit_z(z, d, alpha)
-    w = G.to_w_plus(G.truncate(G.mapping(z), w_avg_of(G), truncation))
+    w = G.to_w_plus(G.truncate(G.mapping(z), G.w_avg(), truncation))
     if mix_seed is not None and 0 < crossover < G.n_latent:
         w = G.mix(w, latents_for_seeds(G, [mix_seed], truncation), crossover)
     return apply_edits(w, [e for e in edits if e[0].space != "Z"])

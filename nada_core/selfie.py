@@ -12,7 +12,7 @@ from PIL import Image
 from . import weights
 from .align import align_face, aligned_points, detect, draw_landmarks, load_photo, paste_back, FaceError
 from .images import from_pil, to_pil
-from .invert import load_e4e, project, encoder_input
+from .invert import invert_with_noise, load_e4e
 from .stylegan2 import Generator
 
 
@@ -87,20 +87,8 @@ def perceptual_for(device="cpu") -> tuple[dict, str]:
 
 def invert_face(face: AlignedFace, G: Generator, encoder=None, steps: int = 200,
                 progress: Callable[[int, int, float], None] | None = None, perceptual: dict | None = None) -> Inversion:
-    device = G.input.input.device
-    target = from_pil(face.aligned, G.size).to(device)
-    w_init, method = None, "optimisation"
-    if encoder is not None:
-        with torch.no_grad():
-            w_init = encoder(encoder_input(target))
-        method = "e4e"
-        if steps <= 0:
-            with torch.no_grad():
-                return Inversion(w_init, None, to_pil(G.synthesis(w_init))[0], method)
-        method = "e4e + optimisation"
-    if steps <= 0:
-        raise ValueError("choose at least one optimisation step: no encoder fits this model")
-    w, img, noises = project(G, target, steps=steps, w_init=w_init, progress=progress, **(perceptual or {}))
+    target = from_pil(face.aligned, G.size).to(G.input.input.device)
+    w, img, noises, method = invert_with_noise(target, G, encoder, steps, progress, **(perceptual or {}))
     return Inversion(w, noises, to_pil(img)[0], method)
 
 

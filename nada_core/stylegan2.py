@@ -296,6 +296,15 @@ class Generator(nn.Module):
         z = torch.randn(n, self.style_dim, generator=gen).to(self.input.input.device)
         return self.mapping(z).mean(0, keepdim=True)
 
+    def w_avg(self) -> torch.Tensor:
+        """``mean_latent(4096)``, computed once and reused until the mapping weights change."""
+        key = (self.input.input.device, tuple(p._version for p in self.style.parameters()))
+        cached = self.__dict__.get("_w_avg_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, self.mean_latent(4096))
+            self.__dict__["_w_avg_cache"] = cached
+        return cached[1]
+
     def to_w_plus(self, w: torch.Tensor) -> torch.Tensor:
         """Broadcast w (B, D) to W+ (B, n_latent, D); W+ passes through unchanged."""
         return w if w.ndim == 3 else w.unsqueeze(1).repeat(1, self.n_latent, 1)
@@ -369,7 +378,7 @@ class Generator(nn.Module):
         """Sample images from z (B, D): mapping, optional truncation, synthesis."""
         w = self.mapping(z)
         if truncation_psi != 1.0:
-            w = self.truncate(w, truncation_latent if truncation_latent is not None else self.mean_latent(), truncation_psi)
+            w = self.truncate(w, truncation_latent if truncation_latent is not None else self.w_avg(), truncation_psi)
         return self.synthesis(w, noise_mode=noise_mode)
 
 

@@ -11,7 +11,6 @@ import torch
 from .stylegan2 import Generator
 
 TINY_GENERATOR = {"size": 32, "style_dim": 64, "n_mlp": 2, "channel_multiplier": 1, "channel_max": 32}
-TINY_CLIP_NAME = "tiny-clip"
 
 
 def _init_like_training(G: Generator, gen: torch.Generator) -> None:

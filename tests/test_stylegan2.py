@@ -134,3 +134,11 @@ def test_low_resolution_preview_is_the_early_skip_image():
     down = torch.nn.functional.avg_pool2d(full, 4)
     other = torch.nn.functional.avg_pool2d(G.synthesis(G.to_w_plus(G.mapping(seeds_to_z([99], G.style_dim)))), 4)
     assert (down - small).abs().mean() < (other - small).abs().mean()
+
+
+def test_w_avg_is_cached_until_the_mapping_changes():
+    G = tiny_generator()
+    a = G.w_avg()
+    assert G.w_avg() is a and torch.allclose(a, G.mean_latent(4096))
+    G.load_state_dict(tiny_generator(seed=1).state_dict())  # new weights: the cache must not go stale
+    assert not torch.allclose(G.w_avg(), a)
