@@ -41,12 +41,13 @@ def heatmap(slot_history: list[list[int]], n_latent: int, rows: int = 40) -> Ima
     for i, slots in enumerate(recent):
         a[i, slots] = 1
     img = np.stack([40 + 215 * a, 40 + 120 * a, 60 + 20 * a], -1).astype(np.uint8)
-    return Image.fromarray(img).resize((n_latent * 16, max(1, len(recent)) * 6), Image.NEAREST)
+    return Image.fromarray(img).resize((n_latent * 24, max(1, len(recent)) * 8), Image.NEAREST)
 
 
 def preview_grid(preview) -> Image.Image:
+    """Source row over adapted row; tiles between 128 and 256 px so tiny and 1024 px models both read well."""
     src, adapted = preview
-    return grid([to_pil(src), to_pil(adapted)])
+    return grid([to_pil(src), to_pil(adapted)], tile=max(128, min(256, src.shape[-1])))
 
 
 def build(studio: Studio):
@@ -89,7 +90,7 @@ def build(studio: Studio):
     status = gr.Markdown("Ready.", elem_id="adapt-status")
     with gr.Row():
         preview = gr.Image(format="png", label="Preview: source (top) and adapted (bottom), same latents", type="pil",
-                           elem_id="adapt-preview", interactive=False)
+                           elem_id="adapt-preview", interactive=False, height=360)
         with gr.Column():
             loss_plot = gr.LinePlot(x="step", y="loss", color="model", label="Loss", height=220)
             heat = gr.Image(format="png", label="Adaptive layer freezing: W+ slots trained (columns: coarse -> fine)",
@@ -210,7 +211,7 @@ def build(studio: Studio):
         G, info = load_generator(path, studio.device)
         base_G = studio.base(json.loads((Path(folder) / "recipe.json").read_text())["base"])
         w = latents_for_seeds(base_G, info["meta"]["recipe"]["preview_seeds"], 0.7)
-        return grid(render([base_G, G], w))
+        return grid(render([base_G, G], w), tile=max(128, min(256, G.size)))
 
     @friendly
     def keep_snapshot(index, folder):

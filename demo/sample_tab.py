@@ -72,7 +72,7 @@ def build(studio: Studio):
     def generate(path, seed_text, psi, noise_mode, a, other_path, m):
         G_src, G = adapted_generator(path, a, other_path, m)
         w = latents_for_seeds(G_src, parse_seeds(seed_text, limit=16), float(psi))
-        return grid(render([G_src, G], w, noise_mode))
+        return grid(render([G_src, G], w, noise_mode), tile=max(128, min(512, G.size)))
 
     @friendly
     def make_gif(path, a, other_path, m, sa, sb, n, how, psi):

@@ -196,7 +196,7 @@ class Adapter:
         seed taken from the run's generator, so runs are reproducible and other threads' RNG is untouched.
         """
         seed = int(torch.randint(0, 2 ** 62, (), generator=self.rng))
-        devices = [self.device] if self.device.type == "cuda" else []
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), self._autocast():
             torch.manual_seed(seed)
             return self._train_step()

@@ -47,7 +47,7 @@ def test_adaptation_streams_progress_and_lands_in_the_library(app):
     assert len(steps) == 4 and "step 1/4" in steps[0] and "step 4/4" in steps[-1] and "left" in steps[-1]
     final = outs[-1]
     assert final[0].startswith("**Finished.**")
-    assert Image.open(final[1]).size == (4 * 32 + 3 * 4, 2 * 32 + 4)  # 4 preview seeds: source row over adapted row
+    assert Image.open(final[1]).size == (4 * 128 + 3 * 4, 2 * 128 + 4)  # 4 seeds, source row over adapted, 128 px tiles
     assert sorted(p.rsplit(".", 1)[1] for p in final[4]) == ["pt", "safetensors"]
     assert any("photo-to-sketch" in item["caption"] for item in final[6])  # the run folder is gr.State, not sent to clients
     assert any(e.name.startswith("photo-to-sketch") and e.finished for e in studio.library())
@@ -67,9 +67,9 @@ def test_sample_blend_and_interpolate(app):
         train(client)
     path = str(studio.library()[0].path)
     grid = client.predict(path, "0-2", 0.7, "const", 1.0, None, 0.5, api_name="/sample")
-    assert Image.open(grid).size == (3 * 32 + 2 * 4, 2 * 32 + 4)
+    assert Image.open(grid).size == (3 * 128 + 2 * 4, 2 * 128 + 4)  # tiny 32 px tiles shown at 128 px
     half = Image.open(client.predict(path, "0-2", 0.7, "const", 0.0, None, 0.5, api_name="/sample"))
-    top, bottom = half.crop((0, 0, 104, 32)), half.crop((0, 36, 104, 68))
+    top, bottom = half.crop((0, 0, 392, 128)), half.crop((0, 132, 392, 260))
     assert list(top.getdata()) == list(bottom.getdata())  # strength 0 = the source weights exactly
     gif, _ = client.predict(path, 1.0, None, 0.5, 0, 1, 5, "domains", 0.7, api_name="/interpolate")
     assert Image.open(gif).n_frames == 8  # 5 frames, ping-pong
