@@ -142,7 +142,7 @@ def build(studio: Studio):
         out = new_run_dir(src or "style", tgt or "images", studio.library_root)
         adapter = Adapter(G, recipe, clip, studio.device, out, base_name, style_images=style_images or None,
                           source_images=source_images or None)
-        run_id = studio.start_training(adapter, request.session_hash if request else "")
+        run_id = studio.start_training(adapter, _session(request))
         losses, slots, last_grid, ended = [], [], None, False
         try:
             for ev in adapter.run():
@@ -163,20 +163,22 @@ def build(studio: Studio):
                     continue
                 # done, cancelled or error: the model lands in the library either way
                 ended = True
+                downloads = []
                 if ev.preview is not None:
                     last_grid = preview_grid(ev.preview)
-                    last_grid.save(out / "thumb.png")
-                downloads = []
-                if ev.checkpoint:
-                    pt = export_rosinality(adapter.G_train, out / f"{out.name}.pt")
-                    downloads = [ev.checkpoint, str(pt)]
+                try:
+                    if ev.checkpoint:
+                        last_grid.save(out / "thumb.png")
+                        downloads = [ev.checkpoint, str(export_rosinality(adapter.G_train, out / f"{out.name}.pt"))]
+                except OSError as e:
+                    gr.Warning(f"the model is saved, but its thumbnail or .pt export failed ({e})")
                 n_snap = len(adapter.snapshots())
                 verdict = {"done": "Finished", "cancelled": "Stopped", "error": "Stopped by an error"}[ev.kind]
                 text = f"**{verdict}.** {ev.message}." + (f" Saved to the library as **{out.name}**." if ev.checkpoint else "")
                 if ev.kind == "error":
                     gr.Warning(ev.message)
-                if ev.checkpoint is None:  # disk full or similar: keep the trained model in memory for a retry
-                    studio.unsaved[request.session_hash if request else ""] = adapter
+                if adapter.save_error:  # disk full or similar: keep the trained model in memory for a retry
+                    studio.unsaved[_session(request)] = adapter
                 yield (text, last_grid, pd.DataFrame(losses), heatmap(slots, G.n_latent) if slots else None, downloads,
                        gr.update(maximum=max(1, n_snap), value=n_snap, interactive=n_snap > 0), str(out),
                        library_items(studio))
@@ -187,16 +189,16 @@ def build(studio: Studio):
 
     @friendly
     def retry_saving(request: gr.Request):
-        adapter = studio.unsaved.get(request.session_hash if request else "")
+        adapter = studio.unsaved.get(_session(request))
         if adapter is None:
             return "Nothing is waiting to be saved.", gr.update(visible=False), gr.update()
         path = adapter.save(adapter.out_dir / "final.safetensors")  # raises a clear message if it fails again
-        studio.unsaved.pop(request.session_hash if request else "", None)
+        studio.unsaved.pop(_session(request), None)
         return f"**Saved** to the library: {path.parent.name}.", gr.update(visible=False), library_items(studio)
 
     @friendly
     def stop_training(request: gr.Request):
-        if studio.cancel_training(request.session_hash if request else ""):
+        if studio.cancel_training(_session(request)):
             return "Stopping after the current step; the model so far will be saved."
         return "Nothing of yours is training right now."
 
@@ -244,6 +246,10 @@ def build(studio: Studio):
     snapshot.release(show_snapshot, [snapshot, run_dir], snapshot_preview, api_name="snapshot")
     keep.click(keep_snapshot, [snapshot, run_dir], library, api_visibility="private")
     return library
+
+
+def _session(request: gr.Request | None) -> str:
+    return request.session_hash if request else ""
 
 
 def library_items(studio: Studio):

@@ -313,6 +313,9 @@ class Adapter:
         yield self._finish("done", f"finished {total} steps")
 
     def _finish(self, kind: str, message: str) -> Event:
+        if self.step == 0:  # the base weights under a new name would pass for a trained model
+            return Event(kind, 0, self.recipe.iterations, preview=self.preview(),
+                         message=message + "; nothing was trained, so nothing was saved")
         path = self._save_final_or_none()
         if self.out_dir and path is None:
             message += f"; but saving failed ({self.save_error}), the model is only in memory: free disk space and save again"
@@ -336,10 +339,10 @@ class Adapter:
         return path
 
     def _save_final_or_none(self) -> str | None:
-        if not self.out_dir:
+        self.save_error = None
+        if not self.out_dir or self.step == 0:
             return None
         try:
-            self.save_error = None
             return str(self.save(self.out_dir / "final.safetensors"))
         except OSError as e:
             self.save_error = str(e)

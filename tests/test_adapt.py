@@ -190,3 +190,11 @@ def test_a_failing_step_or_a_full_disk_loses_nothing(clip, tmp_path, monkeypatch
     assert len(warnings) == 2 and "could not save snapshot" in warnings[0].message
     assert events[-1].kind == "done" and events[-1].checkpoint is None
     assert "only in memory" in events[-1].message and full.step == 2  # trained anyway, and says so
+
+
+def test_cancel_before_the_first_step_saves_nothing(clip, tmp_path):
+    ad = Adapter(tiny_generator(), recipe(), clip, out_dir=tmp_path)
+    ad.cancel()
+    (ev,) = list(ad.run())
+    assert ev.kind == "cancelled" and ev.checkpoint is None and "nothing was trained" in ev.message
+    assert not (tmp_path / "final.safetensors").exists()
