@@ -1,5 +1,6 @@
 """Handler-level tests through gradio_client against the app launched on the tiny models."""
 import threading
+import time
 
 import pytest
 from gradio_client import Client, handle_file
@@ -116,14 +117,22 @@ def test_two_clients_train_in_order_and_nothing_is_lost(app):
     results = {}
 
     def run(name, target):
-        results[name] = train(Client(url, verbose=False), (3, target), (6, 6))
+        client = Client(url, verbose=False)
+        args = list(TRAIN_ARGS)
+        args[3], args[6] = target, 6
+        job = client.submit(*args, api_name="/train")
+        stamped = [(time.time(), out) for out in job]
+        job.result()
+        results[name] = stamped
 
     threads = [threading.Thread(target=run, args=("a", "Cartoon")), threading.Thread(target=run, args=("b", "Statue"))]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=300)
-    assert all(r[-1][0].startswith("**Finished.**") for r in results.values())
+    assert all(r[-1][1][0].startswith("**Finished.**") for r in results.values())
+    spans = sorted((r[0][0], r[-1][0]) for r in results.values())  # (first output, last output) per client
+    assert spans[0][1] <= spans[1][0] + 0.5, spans  # the second run started only after the first finished
     new = {e.name for e in studio.library()} - before
     assert {n.split("-to-")[1].split("-")[0] for n in new} == {"cartoon", "statue"}
     # one training at a time: the runs did not overlap

@@ -1,0 +1,35 @@
+"""`python app.py --tiny` really serves the four tabs on the address it is given."""
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+
+from tests.app_server import free_port
+from tests.conftest import ROOT
+
+
+def test_app_py_serves_the_page(tmp_path):
+    port = free_port()
+    env = {**os.environ, "NADA_LIBRARY_DIR": str(tmp_path), "GRADIO_ANALYTICS_ENABLED": "False"}
+    proc = subprocess.Popen([sys.executable, "app.py", "--tiny", "--port", str(port), "--device", "cpu"], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        config = None
+        for _ in range(240):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=2) as r:
+                    config = json.load(r)
+                break
+            except OSError:
+                if proc.poll() is not None:
+                    raise AssertionError(proc.stdout.read())
+                time.sleep(0.5)
+        assert config is not None, "the app did not come up"
+        labels = {c["props"].get("label") for c in config["components"] if c["type"] == "tabitem"}
+        assert {"Adapt", "Sample", "Edit", "Selfie"} <= labels
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=30)[0]
+    assert "NADA Studio on cpu with tiny untrained models" in out
