@@ -68,3 +68,27 @@ def test_unknown_and_missing_clip_models(tmp_path, monkeypatch):
         load_clip("ViT-X-99")
     with pytest.raises(ClipLoadError, match=r"weights download clip-ViT-B-32"):
         load_clip("ViT-B-32")
+
+
+def test_real_clip_loader_reads_an_open_clip_checkpoint(tmp_path, monkeypatch):
+    """The path real users take: the manifest's file for ViT-B-32 loaded through open_clip (random weights
+    saved in the published open_clip safetensors layout stand in for the download)."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    from nada_core import weights
+
+    monkeypatch.setenv("NADA_WEIGHTS_DIR", str(tmp_path))
+    torch.manual_seed(0)
+    original = open_clip.create_model("ViT-B-32", force_quick_gelu=True).eval()
+    path = weights.get_asset("clip-ViT-B-32").path
+    path.parent.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in original.state_dict().items()}, str(path))
+    member = load_clip("ViT-B-32")
+    assert member.image_size == 224 and not any(p.requires_grad for p in member.model.parameters())
+    img = torch.rand(1, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        want = original.encode_image(preprocess(img, 224, original.visual.image_mean, original.visual.image_std))
+        got = member.encode_images(img)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert member.text_direction("photo", "sketch").shape == (512,)
