@@ -36,16 +36,15 @@ def cmd_weights(args) -> int:
     if args.action == "verify":
         bad = 0
         for a in manifest.values():
-            if a.present or args.name:
+            if (a.name in args.names) if args.names else a.present:
                 state = weights.verify(a)
                 bad += state.endswith("mismatch")
                 print(f"{a.name:18} {state}")
         return 1 if bad else 0
-    names = [args.name] if args.name else []
-    if not names:
-        print("name an asset to download (see `python -m nada_core weights list`)", file=sys.stderr)
+    if not args.names:
+        print("name the assets to download (see `python -m nada_core weights list`)", file=sys.stderr)
         return 2
-    for name in names:
+    for name in args.names:
         asset = weights.get_asset(name, manifest)
         print(f"{name}: {asset.url} -> {asset.path}")
         path = weights.download(asset, progress=lambda d, t: print(_bar(d, t), end="", file=sys.stderr, flush=True))
@@ -158,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser("weights", help="list, download or verify pretrained files")
     w.add_argument("action", choices=["list", "download", "verify"])
-    w.add_argument("name", nargs="?")
+    w.add_argument("names", nargs="*", help="assets to download or verify (default for verify: all present)")
     w.set_defaults(fn=cmd_weights)
 
     a = sub.add_parser("adapt", help="adapt a generator to a text (or image) target")

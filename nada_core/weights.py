@@ -129,6 +129,8 @@ def download(asset: Asset, progress: Progress | None = None, timeout: float = 30
     if dest.is_file() and verify(asset) in ("ok", "unverified"):
         return dest
     url = url or asset.url
+    if url and os.environ.get("HF_ENDPOINT") and url.startswith("https://huggingface.co/"):
+        url = os.environ["HF_ENDPOINT"].rstrip("/") + url[len("https://huggingface.co"):]  # a mirror, as huggingface_hub does
     if not url:
         raise WeightsError(f"{asset.name} has no download URL; place the file at {dest}.")
     dest.parent.mkdir(parents=True, exist_ok=True)

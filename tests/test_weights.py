@@ -1,5 +1,6 @@
 import hashlib
 import json
+import re
 import socket
 
 import pytest
@@ -103,3 +104,27 @@ def test_reference_direction_files_verify_against_the_manifest(tmp_path, monkeyp
         m[name].path.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(SHARED / "reference-data" / rel, m[name].path)
         assert verify(m[name]) == "ok"
+
+
+def test_hf_endpoint_mirror_is_honoured(server, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", server)
+    Files.files["/org/repo/resolve/main/model.bin"] = PAYLOAD
+    a = Asset(name="m", kind="generator", file="gen/hf.bin", url="https://huggingface.co/org/repo/resolve/main/model.bin",
+              size=len(PAYLOAD))
+    assert download(a).read_bytes() == PAYLOAD
+    assert Files.requests[-1][0] == "/org/repo/resolve/main/model.bin"
+
+
+def test_cli_downloads_and_verifies(server, tmp_path, capsys, monkeypatch):
+    from nada_core.__main__ import main
+
+    manifest = {"version": 1, "assets": {"tiny-file": {"kind": "generator", "file": "gen/model.bin", "url": server + "/model.bin",
+                                                       "sha256": hashlib.sha256(PAYLOAD).hexdigest(), "size": len(PAYLOAD)}}}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setattr(weights, "MANIFEST_PATH", tmp_path / "manifest.json")
+    assert main(["weights", "download", "tiny-file"]) == 0
+    assert main(["weights", "verify"]) == 0
+    out = capsys.readouterr().out
+    assert "tiny-file: ok (" in out  # after the download
+    assert re.search(r"^tiny-file\s+ok$", out, re.M)  # from verify
+    assert main(["weights", "download"]) == 2
