@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import gradio as gr
@@ -82,7 +83,9 @@ def build(studio: Studio):
         with gr.Row():
             seed = gr.Number(0, label="Seed", precision=0)
             preview_every = gr.Slider(1, 100, value=10, step=1, label="Preview every N steps")
-    estimate = gr.Markdown(_estimate_text(studio, studio.default_base(), 2, studio.clip_names(), 300))
+    with gr.Row():
+        estimate = gr.Markdown(_estimate_text(studio, studio.default_base(), 2, studio.clip_names(), 300))
+        measure = gr.Button("Measure one step", scale=0)
     with gr.Row():
         start = gr.Button("Start", variant="primary")
         stop = gr.Button("Stop", variant="stop")
@@ -230,9 +233,29 @@ def build(studio: Studio):
         gr.Info(f"saved iteration {step} as {dest.name}")
         return library_items(studio)
 
+    @friendly
+    def measure_step(base_name, bsz, models, weight1, weight2, iters):
+        """Time one real training step (a throwaway copy; nothing is saved) to predict the run's length."""
+        names = list(models or [])
+        if not names:
+            raise gr.Error("choose at least one CLIP model")
+        all_names = studio.clip_names()
+        weights_by_name = {all_names[0]: float(weight1), all_names[-1]: float(weight2)}
+        model_weights = [weights_by_name.get(n, 1.0) for n in names]
+        G = studio.base(base_name)
+        probe = Adapter(G, Recipe(iterations=1, batch=int(bsz), clip_models=names, clip_weights=model_weights),
+                        studio.clip(names, model_weights), studio.device)
+        probe.train_step()  # warm-up: first calls allocate and pick kernels
+        t = time.perf_counter()
+        probe.train_step()
+        studio.seconds_per_step[(base_name, int(bsz), tuple(names))] = time.perf_counter() - t
+        return _estimate_text(studio, base_name, int(bsz), names, int(iters))
+
     def refresh_estimate(base_name, bsz, models, iters):
         return _estimate_text(studio, base_name, int(bsz), list(models or []), int(iters))
 
+    measure.click(measure_step, [base, batch, clip_models, w1, w2, iterations], estimate, api_name="measure",
+                  concurrency_limit=1, concurrency_id="training")
     for comp in (base, batch, clip_models, iterations):
         comp.change(refresh_estimate, [base, batch, clip_models, iterations], estimate, api_visibility="private")
     start.click(train, [base, preset, source, target, style_files, source_files, iterations, batch, lr, k, layer_iters, mixing,
@@ -273,6 +296,6 @@ def _estimate_text(studio: Studio, base_name: str, batch: int, models: list[str]
     sec = studio.seconds_per_step.get((base_name, batch, tuple(models)))
     where = "GPU" if studio.device.startswith("cuda") else studio.device.upper()
     if sec is None:
-        return (f"Running on **{where}**. The time per step is measured on the first step and the "
-                "estimate appears in the status line.")
+        return (f"Running on **{where}**. Press *Measure one step* for an estimate of the run's length "
+                "(it is also measured on the first training step).")
     return f"Running on **{where}**: measured {sec:.2f} s/step here, so {iterations} steps take about {_fmt(sec * iterations)}."

@@ -55,6 +55,13 @@ def test_adaptation_streams_progress_and_lands_in_the_library(app):
     assert any(e.name.startswith("photo-to-sketch") and e.finished for e in studio.library())
 
 
+def test_measured_step_gives_an_estimate(app):
+    client, studio, _ = app
+    text = client.predict("tiny", 2, ["tiny"], 1.0, 1.0, 300, api_name="/measure")
+    sec = studio.seconds_per_step[("tiny", 2, ("tiny",))]
+    assert sec > 0 and f"measured {sec:.2f} s/step" in text and "300 steps" in text
+
+
 def test_bad_prompts_get_a_clear_message(app):
     client, _, _ = app
     with pytest.raises(Exception, match="no direction"):
