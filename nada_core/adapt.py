@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from torch import nn
 
 from .checkpoints import atomic_write, save_generator
 from .clip_guide import ClipMember, check_prompts, directional_loss, embedding_norm_loss, global_loss
@@ -129,13 +128,9 @@ class Adapter:
             self.warnings += check_prompts(recipe.source, recipe.target, clip[0].tokenizer)
         self.out_dir = Path(out_dir) if out_dir else None
         self.G_frozen = base.to(self.device).eval().requires_grad_(False)
-        mapping = base.style
-        base.style = nn.Identity()  # copy the synthesis network only; the mapping is shared
-        try:
-            self.G_train = copy.deepcopy(base)
-        finally:
-            base.style = mapping
-        self.G_train.style = mapping
+        # copy the synthesis network only: the memo makes the copy share the (frozen) mapping network,
+        # without touching ``base``, which other threads may be sampling from
+        self.G_train = copy.deepcopy(base, memo={id(base.style): base.style})
         self.L = base.n_latent
         self.k = recipe.k or self.L
         params = [p for n, p in self.G_train.named_parameters() if not n.startswith("style.")]
