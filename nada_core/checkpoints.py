@@ -254,6 +254,16 @@ def sniff(path: str | os.PathLike) -> str:
     return "unknown"
 
 
+_LEGACY_TORCH_MAGIC = pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2)
+
+
+def _is_legacy_torch_file(path: Path) -> bool:
+    """Pre-1.6 ``torch.save`` files begin with torch's magic number pickled on its own. Compared as
+    bytes: unpickling anything from an untrusted file to find out would already run its code."""
+    with open(path, "rb") as f:
+        return f.read(len(_LEGACY_TORCH_MAGIC)) == _LEGACY_TORCH_MAGIC
+
+
 def load_generator(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Generator, dict]:
     """Load a generator from any supported file. Returns ``(G in eval mode, info)``; ``info`` holds
     ``format``, ``config`` and, for our files, the ``meta`` (source model, recipe) they were saved with."""
@@ -267,7 +277,7 @@ def load_generator(path: str | os.PathLike, device: str | torch.device = "cpu") 
             G = Generator(**header["config"])
             G.load_state_dict(tensors, strict=True)
             G, info = G.eval(), {"format": "nada-safetensors", "config": header["config"], "meta": header.get("meta", {})}
-        elif kind == "torch-zip":
+        elif kind == "torch-zip" or (kind == "pickle" and _is_legacy_torch_file(path)):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
             sd = ckpt.get("g_ema", ckpt) if isinstance(ckpt, dict) else None
             if not isinstance(sd, dict):

@@ -164,3 +164,11 @@ def test_pickle_without_g_ema_is_refused(tmp_path):
         pickle.dump({"D": 1}, f)
     with pytest.raises(CheckpointError, match="G_ema"):
         load_generator(tmp_path / "x.pkl")
+
+
+def test_legacy_torch_serialization_is_a_rosinality_file_not_a_pickle(tmp_path):
+    G = tiny_generator(seed=6)
+    torch.save({"g_ema": G.state_dict()}, tmp_path / "old.pt", _use_new_zipfile_serialization=False)
+    assert open(tmp_path / "old.pt", "rb").read(2) == b"\x80\x02"
+    G2, info = load_generator(tmp_path / "old.pt")
+    assert info["format"] == "rosinality-pt" and torch.equal(images(G), images(G2))
