@@ -11,6 +11,7 @@ Recognised by content, not by extension:
 """
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import os
@@ -278,7 +279,9 @@ def load_generator(path: str | os.PathLike, device: str | torch.device = "cpu") 
             G.load_state_dict(tensors, strict=True)
             G, info = G.eval(), {"format": "nada-safetensors", "config": header["config"], "meta": header.get("meta", {})}
         elif kind == "torch-zip" or (kind == "pickle" and _is_legacy_torch_file(path)):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            # rosinality training checkpoints carry their argparse.Namespace: allow that one harmless class
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                ckpt = torch.load(path, map_location="cpu", weights_only=True)
             sd = ckpt.get("g_ema", ckpt) if isinstance(ckpt, dict) else None
             if not isinstance(sd, dict):
                 raise CheckpointError(path, "torch file without a 'g_ema' state dict")

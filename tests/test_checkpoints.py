@@ -1,3 +1,4 @@
+import argparse
 import collections
 import pickle
 import sys
@@ -38,7 +39,8 @@ def test_rosinality_export_loads_strictly(tmp_path):
     assert info["format"] == "rosinality-pt" and info["config"]["size"] == 64
     assert torch.equal(images(G), images(G2))
     # the rosinality training-checkpoint layout (g_ema next to g, d, optimisers) loads too
-    torch.save({"g_ema": G.state_dict(), "g": G.state_dict(), "d": {}, "args": None}, tmp_path / "full.pt")
+    torch.save({"g_ema": G.state_dict(), "g": G.state_dict(), "d": {}, "args": argparse.Namespace(size=64, iter=800000)},
+               tmp_path / "full.pt")
     assert torch.equal(images(load_generator(tmp_path / "full.pt")[0]), images(G))
 
 
