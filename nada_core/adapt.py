@@ -213,7 +213,8 @@ class Adapter:
         if self._auto:
             t0 = clock()
             w_sel = self._sample_ws(r.auto_layer_batch)
-            slots = select_slots(self.G_train, w_sel, self._global_loss, self.k, r.auto_layer_iters)
+            slots = select_slots(self.G_train, w_sel, self._global_loss, self.k, r.auto_layer_iters,
+                                 noise_mode=r.train_noise)
             set_trainable(self.G_train, layers_for_slots(self.G_train, slots))
             _sync(self.device)
             t["selection"] = clock() - t0

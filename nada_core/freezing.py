@@ -18,7 +18,7 @@ PRESETS = ("auto", "all", "texture", "shape")
 
 
 def select_slots(G_train: Generator, w_plus: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor],
-                 k: int, iters: int, lr: float = 0.01) -> list[int]:
+                 k: int, iters: int, lr: float = 0.01, noise_mode: str = "const") -> list[int]:
     """Top-``k`` W+ slots by mean |W+ - W+0| after ``iters`` SGD steps on ``loss_fn(G_train(W+))``,
     largest change first. With k >= n_latent every slot is chosen and no pass is run."""
     L = w_plus.shape[1]
@@ -28,7 +28,7 @@ def select_slots(G_train: Generator, w_plus: torch.Tensor, loss_fn: Callable[[to
     w = w0.clone().requires_grad_(True)
     opt = torch.optim.SGD([w], lr=lr)
     for _ in range(iters):
-        loss = loss_fn(G_train.synthesis(w))
+        loss = loss_fn(G_train.synthesis(w, noise_mode))
         (grad,) = torch.autograd.grad(loss, [w])  # gradients for W+ only, none for the weights
         w.grad = grad
         opt.step()
