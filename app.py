@@ -14,16 +14,25 @@ def main(argv=None):
     ap.add_argument("--tiny", action="store_true", help="serve on tiny untrained test models (offline try-out)")
     args = ap.parse_args(argv)
 
+    import torch
+
     from demo.app import CSS, build_demo
     from demo.state import Studio
     from nada_core.weights import weights_dir
 
+    if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: PyTorch sees no CUDA GPU here (try --device cpu)")
+    if args.device == "mps" and not torch.backends.mps.is_available():
+        ap.error("--device mps: Apple's Metal backend is not available here (try --device cpu)")
     studio = Studio(device=args.device, tiny=args.tiny)
     demo = build_demo(studio)
     demo.queue(default_concurrency_limit=2)
     print(f"NADA Studio on {studio.device}{' with tiny untrained models' if args.tiny else ''}")
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, css=CSS, show_error=True,
-                allowed_paths=[str(studio.library_root), str(weights_dir())])
+    try:
+        demo.launch(server_name=args.host, server_port=args.port, share=args.share, css=CSS, show_error=True,
+                    allowed_paths=[str(studio.library_root), str(weights_dir())])
+    except OSError as e:
+        ap.exit(1, f"error: cannot serve on {args.host}:{args.port} ({e}); is another copy running? Try --port.\n")
 
 
 if __name__ == "__main__":

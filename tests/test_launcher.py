@@ -33,3 +33,18 @@ def test_app_py_serves_the_page(tmp_path):
         proc.terminate()
         out = proc.communicate(timeout=30)[0]
     assert "NADA Studio on cpu with tiny untrained models" in out
+
+
+def test_app_py_refuses_a_missing_gpu_and_a_busy_port():
+    import socket
+
+    r = subprocess.run([sys.executable, "app.py", "--device", "cuda:3"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert r.returncode == 2 and "no CUDA GPU" in r.stderr and "Traceback" not in r.stderr
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = subprocess.run([sys.executable, "app.py", "--tiny", "--port", str(port)], cwd=ROOT, capture_output=True,
+                           text=True, timeout=120)
+    assert r.returncode == 1 and f"cannot serve on 127.0.0.1:{port}" in r.stderr
