@@ -138,3 +138,12 @@ def test_selfie_pipeline_on_a_real_photo(astronaut):
     assert styl.size == (32, 32) and np.asarray(styl).std() > 1
     pasted = paste_back(face.photo, styl, face.quad)
     assert pasted.size == astronaut.size
+
+
+def test_several_faces_use_the_largest_and_report_the_count(astronaut):
+    canvas = Image.new("RGB", (900, 512), "white")
+    canvas.paste(astronaut.resize((300, 300)), (0, 100))
+    canvas.paste(astronaut, (350, 0))  # the larger copy, on the right
+    face = prepare_face(canvas, output_size=64)
+    assert face.faces_found == 2
+    assert face.quad[:, 0].min() > 350  # the crop comes from the larger face
