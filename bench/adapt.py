@@ -23,7 +23,7 @@ def random_clip(name, device):
     import open_clip
 
     model = open_clip.create_model(name, pretrained=None, force_quick_gelu=True, device=device,
-                                   precision="fp16" if device.type == "cuda" else "fp32")
+                                   precision="bf16" if device.type == "cuda" else "fp32")
     return ClipMember(name, model.eval().requires_grad_(False), open_clip.get_tokenizer(name))
 
 

@@ -142,7 +142,8 @@ class ClipLoadError(RuntimeError):
 
 def load_clip(name: str, device: str | torch.device = "cpu", weight: float = 1.0) -> ClipMember:
     """Load an OpenAI CLIP model by open_clip name from the weights folder (see weights/manifest.json).
-    On CUDA the model runs in half precision; it is frozen and in eval mode everywhere."""
+    On CUDA it runs in bfloat16 (half precision, the same format as the trainer's autocast); it is frozen
+    and in eval mode everywhere."""
     import open_clip
 
     if name == "tiny":
@@ -158,7 +159,7 @@ def load_clip(name: str, device: str | torch.device = "cpu", weight: float = 1.0
     except weights.WeightsError as e:
         raise ClipLoadError(str(e)) from None
     model = open_clip.create_model(name, pretrained=str(path), force_quick_gelu=True, device=device,
-                                   precision="fp16" if torch.device(device).type == "cuda" else "fp32")
+                                   precision="bf16" if torch.device(device).type == "cuda" else "fp32")
     model.eval().requires_grad_(False)
     return ClipMember(name, model, open_clip.get_tokenizer(name), weight)
 

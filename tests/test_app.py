@@ -162,3 +162,34 @@ def test_every_tab_says_what_is_missing_when_nothing_is_downloaded(tmp_path, mon
     buttons = [c["props"].get("value") for c in demo.config["components"] if c["type"] == "button"]
     assert buttons.count("Download") == 4
     assert not any("Untrained tiny models" in t for t in texts)  # the banner is only for --tiny
+
+
+def test_download_button_fetches_a_missing_file(tmp_path, monkeypatch):
+    import hashlib
+    import json
+
+    from demo.app import build_demo
+    from demo.state import Studio
+    from nada_core import weights
+    from tests.http_server import Files, serve
+
+    payload = b"weights" * 1000
+    Files.files, Files.cut_after, Files.requests = {"/ffhq.pkl": payload}, {}, []
+    srv, base = serve()
+    manifest = {"version": 1, "assets": {"ffhq-256": {"kind": "generator", "file": "generators/ffhq.pkl", "url": base + "/ffhq.pkl",
+                                                      "sha256": hashlib.sha256(payload).hexdigest(), "size": len(payload),
+                                                      "label": "FFHQ 256"}}}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setattr(weights, "MANIFEST_PATH", tmp_path / "manifest.json")
+    monkeypatch.setenv("NADA_WEIGHTS_DIR", str(tmp_path / "w"))
+    monkeypatch.setenv("NADA_LIBRARY_DIR", str(tmp_path / "lib"))
+    try:
+        demo = build_demo(Studio(device="cpu"))
+        download = next(f.fn for f in demo.fns.values() if getattr(f.fn, "__name__", "") == "download")
+        seen = []
+        remaining = download("ffhq-256", progress=lambda frac, desc="": seen.append(frac))
+        assert (tmp_path / "w" / "generators" / "ffhq.pkl").read_bytes() == payload
+        assert seen and seen[-1] == 1.0
+        assert remaining == ""  # nothing is missing any more, so the panel's text empties
+    finally:
+        srv.shutdown()
