@@ -193,3 +193,20 @@ def test_download_button_fetches_a_missing_file(tmp_path, monkeypatch):
         assert remaining == ""  # nothing is missing any more, so the panel's text empties
     finally:
         srv.shutdown()
+
+
+def test_blend_two_adapted_models(app):
+    client, studio, _ = app
+    while len(studio.library()) < 2:
+        train(client, (3, f"Statue {len(studio.library())}"))
+    a, b = (str(e.path) for e in studio.library()[:2])
+
+    def adapted_row(other, mix):
+        img = np.asarray(Image.open(client.predict(a, "0-1", 0.7, "const", 1.0, other, mix, api_name="/sample")))
+        return img[132:260]
+
+    only_b = np.asarray(Image.open(client.predict(b, "0-1", 0.7, "const", 1.0, None, 0.5, api_name="/sample")))[132:260]
+    only_a = np.asarray(Image.open(client.predict(a, "0-1", 0.7, "const", 1.0, None, 0.5, api_name="/sample")))[132:260]
+    assert np.array_equal(adapted_row(b, 1.0), only_b) and np.array_equal(adapted_row(b, 0.0), only_a)
+    half = adapted_row(b, 0.5).astype(int)
+    assert not np.array_equal(half, only_a) and not np.array_equal(half, only_b)
