@@ -18,7 +18,6 @@ def main(argv=None):
 
     from demo.app import CSS, build_demo
     from demo.state import Studio
-    from nada_core.weights import weights_dir
 
     if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error(f"--device {args.device}: PyTorch sees no CUDA GPU here (try --device cpu)")
@@ -29,8 +28,9 @@ def main(argv=None):
     demo.queue(default_concurrency_limit=2)
     print(f"NADA Studio on {studio.device}{' with tiny untrained models' if args.tiny else ''}")
     try:
+        # only the model library (thumbnails, downloads) is served as files; never the weights folder
         demo.launch(server_name=args.host, server_port=args.port, share=args.share, css=CSS, show_error=True,
-                    allowed_paths=[str(studio.library_root), str(weights_dir())])
+                    allowed_paths=[str(studio.library_root)])
     except OSError as e:
         ap.exit(1, f"error: cannot serve on {args.host}:{args.port} ({e}); is another copy running? Try --port.\n")
 
