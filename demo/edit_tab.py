@@ -4,7 +4,7 @@ generator's own coarse RGB output) and the release renders full size."""
 from __future__ import annotations
 
 import gradio as gr
-from nada_core.images import grid
+from nada_core import weights
 from nada_core.sampling import edited_latent, render
 
 from .sample_tab import model_choices
@@ -105,8 +105,18 @@ def build(studio: Studio):
         rows = render(gens, w, max_resolution=max_res)
         return [(r[0], label) for r, label in zip(rows, labels)]
 
+    def automatic(preview):
+        """Renders fired by value changes (also on page load): silent while the base is not downloaded,
+        since the panel above already says what is missing; the Render button reports it."""
+        def handler(*a):
+            try:
+                return render_edit(*a, preview=preview)
+            except weights.WeightsError:
+                return gr.update()
+        return friendly(handler)
+
     full = friendly(lambda *a: render_edit(*a))
-    quick = friendly(lambda *a: render_edit(*a, preview=True))
+    auto_full, quick = automatic(False), automatic(True)
 
     @friendly
     def on_base(base_name):
@@ -116,10 +126,10 @@ def build(studio: Studio):
     base.change(on_base, base, [models, *controls.configured()], api_visibility="private")
     for s in controls.sliders:
         s.change(quick, inputs, gallery, trigger_mode="always_last", api_visibility="private", show_progress="hidden")
-        s.release(full, inputs, gallery, api_visibility="private")
-    controls.attribute_alpha.release(full, inputs, gallery, api_visibility="private")
+        s.release(auto_full, inputs, gallery, api_visibility="private")
+    controls.attribute_alpha.release(auto_full, inputs, gallery, api_visibility="private")
     for comp in (models, seed, truncation, mix_seed, crossover, controls.attribute, *controls.ranges):
-        comp.change(full, inputs, gallery, trigger_mode="always_last", api_visibility="private")
+        comp.change(auto_full, inputs, gallery, trigger_mode="always_last", api_visibility="private")
     controls.reset.click(lambda: [gr.update(value=0)] * (N_SLOTS + 1), None, [*controls.sliders, controls.attribute_alpha],
                          api_visibility="private")
     render_btn.click(full, inputs, gallery, api_name="edit")

@@ -2,7 +2,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from nada_core.clip_guide import (IMAGENET_TEMPLATES, ClipLoadError, PromptError, check_prompts, directional_loss,
                                   global_loss, load_clip, preprocess, text_direction)

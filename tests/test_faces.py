@@ -5,7 +5,6 @@ from PIL import Image
 from skimage import data
 
 from nada_core.align import FaceError, align_face, aligned_points, detect, landmarks, load_photo, paste_back
-from nada_core.images import from_pil
 from nada_core.invert import E4EEncoder, invert, load_e4e, project
 from nada_core.selfie import invert_face, prepare_face, render
 from nada_core.tiny import tiny_generator

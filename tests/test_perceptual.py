@@ -1,8 +1,4 @@
-import io
-import zipfile
-from pathlib import Path
 
-import pytest
 import torch
 import torchvision
 
