@@ -58,14 +58,32 @@ def banner(studio: Studio) -> None:
         gr.Markdown(TINY_BANNER, elem_classes=["tiny-banner"])
 
 
+GROUPED = {"direction": "Latent directions (optional)"}   # many small files: one line, one button
+
+
 def missing_text(studio: Studio, kinds: tuple[str, ...], why: str) -> str:
     missing = studio.missing(kinds)
     if not missing:
         return ""
     lines = [f"**Missing for {why}:**"]
     for a in missing:
-        lines.append(f"- {a.label or a.name} (`{a.name}`): {a.how_to_get()}")
+        if a.kind not in GROUPED:
+            lines.append(f"- {a.label or a.name} (`{a.name}`): {a.how_to_get()}")
+    for kind, label in GROUPED.items():
+        n = sum(a.kind == kind for a in missing)
+        if n:
+            lines.append(f"- {label}: {n} files, `python -m nada_core weights download --kind {kind}` "
+                         "or the button below")
     return "\n".join(lines)
+
+
+def _download_choices(missing) -> list[tuple[str, str]]:
+    choices = [(a.label or a.name, a.name) for a in missing if a.url and a.kind not in GROUPED]
+    for kind, label in GROUPED.items():
+        n = sum(a.kind == kind and bool(a.url) for a in missing)
+        if n:
+            choices.append((f"{label}: all {n} files", f"kind:{kind}"))
+    return choices
 
 
 def missing_panel(studio: Studio, kinds: tuple[str, ...], why: str):
@@ -74,17 +92,22 @@ def missing_panel(studio: Studio, kinds: tuple[str, ...], why: str):
     with gr.Group(visible=bool(missing)) as group:
         info = gr.Markdown(missing_text(studio, kinds, why))
         with gr.Row():
-            pick = gr.Dropdown([(a.label or a.name, a.name) for a in missing if a.url],
-                               value=next((a.name for a in missing if a.url), None), label="Download", scale=3)
+            choices = _download_choices(missing)
+            pick = gr.Dropdown(choices, value=choices[0][1] if choices else None, label="Download", scale=3)
             go = gr.Button("Download", scale=1)
 
     @friendly
     def download(name, progress=gr.Progress()):
         if not name:
             raise gr.Error("choose what to download")
-        asset = weights.get_asset(name)
-        weights.download(asset, progress=lambda d, t: progress((d / t) if t else 0, desc=f"{name}: {d >> 20} MiB"))
-        gr.Info(f"{asset.label or name} downloaded to {asset.path}")
+        if name.startswith("kind:"):
+            assets = [a for a in studio.missing((name[5:],)) if a.url]
+        else:
+            assets = [weights.get_asset(name)]
+        for i, asset in enumerate(assets):
+            weights.download(asset, progress=lambda d, t, a=asset: progress(
+                (d / t) if t else 0, desc=f"{a.name} ({i + 1}/{len(assets)}): {d >> 20} MiB"))
+        gr.Info(f"downloaded {len(assets)} file(s) to {weights.weights_dir()}")
         return missing_text(studio, kinds, why)
 
     go.click(download, pick, info, api_visibility="private")

@@ -41,10 +41,11 @@ def cmd_weights(args) -> int:
                 bad += state.endswith("mismatch")
                 print(f"{a.name:18} {state}")
         return 1 if bad else 0
-    if not args.names:
-        print("name the assets to download (see `python -m nada_core weights list`)", file=sys.stderr)
+    names = list(args.names) + [a.name for a in manifest.values() if args.kind and a.kind == args.kind and a.url]
+    if not names:
+        print("name the assets to download, or --kind KIND (see `python -m nada_core weights list`)", file=sys.stderr)
         return 2
-    for name in args.names:
+    for name in names:
         asset = weights.get_asset(name, manifest)
         print(f"{name}: {asset.url} -> {asset.path}")
         path = weights.download(asset, progress=lambda d, t: print(_bar(d, t), end="", file=sys.stderr, flush=True))
@@ -158,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser("weights", help="list, download or verify pretrained files")
     w.add_argument("action", choices=["list", "download", "verify"])
     w.add_argument("names", nargs="*", help="assets to download or verify (default for verify: all present)")
+    w.add_argument("--kind", default=None, help="with download: every asset of this kind (e.g. direction)")
     w.set_defaults(fn=cmd_weights)
 
     a = sub.add_parser("adapt", help="adapt a generator to a text (or image) target")

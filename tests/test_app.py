@@ -159,6 +159,7 @@ def test_every_tab_says_what_is_missing_when_nothing_is_downloaded(tmp_path, mon
     assert len(missing) == 4  # one panel per tab
     assert all("weights download ffhq-256" in t for t in missing)
     assert "e4e" in missing[3] and "dlib" not in missing[3]  # the landmark file ships with a pip package
+    assert "weights download --kind direction" in missing[2] and "zdir-Smiling" not in missing[2]  # grouped
     buttons = [c["props"].get("value") for c in demo.config["components"] if c["type"] == "button"]
     assert buttons.count("Download") == 4
     assert not any("Untrained tiny models" in t for t in texts)  # the banner is only for --tiny

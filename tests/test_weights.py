@@ -128,3 +128,6 @@ def test_cli_downloads_and_verifies(server, tmp_path, capsys, monkeypatch):
     assert "tiny-file: ok (" in out  # after the download
     assert re.search(r"^tiny-file\s+ok$", out, re.M)  # from verify
     assert main(["weights", "download"]) == 2
+    (tmp_path / "w" / "gen" / "model.bin").unlink()
+    assert main(["weights", "download", "--kind", "generator"]) == 0  # every asset of a kind
+    assert (tmp_path / "w" / "gen" / "model.bin").read_bytes() == PAYLOAD
