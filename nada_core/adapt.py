@@ -20,7 +20,7 @@ import torch
 from .checkpoints import atomic_write, save_generator
 from .clip_guide import ClipMember, check_prompts, directional_loss, embedding_norm_loss, global_loss
 from .freezing import PRESETS, layers_for_slots, preset_slots, select_slots, set_trainable, synthesis_layers
-from .stylegan2 import Generator, seeds_to_z
+from .stylegan2 import Generator, grouped_kernels, seeds_to_z
 
 
 @dataclass
@@ -192,7 +192,9 @@ class Adapter:
         """
         seed = int(torch.randint(0, 2 ** 62, (), generator=self.rng))
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), self._autocast():
+        # grouped_kernels: G_frozen (no grad) must compute exactly as G_train does, or their image
+        # difference, which drives the loss, would pick up rounding differences between formulations
+        with torch.random.fork_rng(devices=devices), self._autocast(), grouped_kernels():
             torch.manual_seed(seed)
             return self._train_step()
 
@@ -234,7 +236,7 @@ class Adapter:
         total, losses = 0.0, {}
         for m, f0, d in zip(self.clip, feats_frozen, self.directions):
             f1 = m.encode_images(img_train)
-            if torch.equal(f1, f0):  # identical generators (step 0): dI would be 0/0
+            if torch.allclose(f1, f0, rtol=0, atol=1e-6):  # identical generators (step 0): dI would be 0/0
                 f1 = m.encode_images(img_train + 1e-6)
             loss = r.lambda_direction * directional_loss(f0, f1, d)
             if r.lambda_global:
