@@ -64,11 +64,11 @@ def main():
             torch.cuda.synchronize()
 
     fwd_bwd()
-    fb = min((lambda t: (fwd_bwd(), time.perf_counter() - t)[1])(time.perf_counter()) for _ in range(3))
+    fb = statistics.median((lambda t: (fwd_bwd(), time.perf_counter() - t)[1])(time.perf_counter()) for _ in range(args.iters))
     print(f"device {device}, {args.size} px (channel multiplier {cm}), batch 2, CLIP {args.clip}, k={args.k or G.n_latent}")
     for k, v in med.items():
         print(f"  {k:24} {v:8.3f} s")
-    print(f"  generator fwd+bwd (ref)  {fb:8.3f} s")
+    print(f"  generator fwd+bwd (ref)  {fb:8.3f} s   (median of {args.iters}, as the iteration figures)")
     print(f"iteration / generator fwd+bwd = {med['total'] / fb:.2f}x (goal <= 3x)")
     print(f"300 iterations: {300 * med['total'] / 60:.1f} min")
 
