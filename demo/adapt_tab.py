@@ -122,12 +122,7 @@ def build(studio: Studio):
     def train(base_name, preset_name, src, tgt, style_paths, source_paths, iters, bsz, lr_value, k_value, sel_iters, mix,
               models, weight1, weight2, seed_value, every, request: gr.Request, progress=gr.Progress()):
         G = studio.base(base_name)
-        names = list(models or [])
-        if not names:
-            raise gr.Error("choose at least one CLIP model")
-        all_names = studio.clip_names()
-        weights_by_name = {all_names[0]: float(weight1), all_names[-1]: float(weight2)}
-        model_weights = [weights_by_name.get(n, 1.0) for n in names]
+        names, model_weights = _clip_choice(studio, models, weight1, weight2)
         k_slots = int(k_value) or None
         if preset_name == "Shape":
             k_slots = round(G.n_latent * 2 / 3)
@@ -236,12 +231,7 @@ def build(studio: Studio):
     @friendly
     def measure_step(base_name, bsz, models, weight1, weight2, iters):
         """Time one real training step (a throwaway copy; nothing is saved) to predict the run's length."""
-        names = list(models or [])
-        if not names:
-            raise gr.Error("choose at least one CLIP model")
-        all_names = studio.clip_names()
-        weights_by_name = {all_names[0]: float(weight1), all_names[-1]: float(weight2)}
-        model_weights = [weights_by_name.get(n, 1.0) for n in names]
+        names, model_weights = _clip_choice(studio, models, weight1, weight2)
         G = studio.base(base_name)
         probe = Adapter(G, Recipe(iterations=1, batch=int(bsz), clip_models=names, clip_weights=model_weights),
                         studio.clip(names, model_weights), studio.device)
@@ -269,6 +259,16 @@ def build(studio: Studio):
     snapshot.release(show_snapshot, [snapshot, run_dir], snapshot_preview, api_name="snapshot")
     keep.click(keep_snapshot, [snapshot, run_dir], library, api_visibility="private")
     return library
+
+
+def _clip_choice(studio: Studio, models, weight1, weight2) -> tuple[list[str], list[float]]:
+    """The ticked CLIP models and their weights (the two weight boxes belong to the first and last model)."""
+    names = list(models or [])
+    if not names:
+        raise gr.Error("choose at least one CLIP model")
+    all_names = studio.clip_names()
+    by_name = {all_names[0]: float(weight1), all_names[-1]: float(weight2)}
+    return names, [by_name.get(n, 1.0) for n in names]
 
 
 def _session(request: gr.Request | None) -> str:
