@@ -98,9 +98,10 @@ def build(studio: Studio):
         w = edited_latent(G, int(seed_value or 0), float(psi), DirectionControls.edits(studio, base_name, values),
                           int(mseed or 0), int(cross or 0))
         gens, labels = [G], [f"source ({base_name})"]
+        names = studio.model_names() if paths else {}
         for p in paths or []:
             gens.append(studio.model(p))
-            labels.append(next((e.name for e in studio.library() if str(e.path) == p), p))
+            labels.append(names.get(p, p))
         max_res = PREVIEW_RES if preview and not studio.device.startswith("cuda") and G.size > PREVIEW_RES else None
         rows = render(gens, w, max_resolution=max_res)
         return [(r[0], label) for r, label in zip(rows, labels)]

@@ -46,7 +46,8 @@ def build(studio: Studio):
         w = apply_edits(inv.w_plus, DirectionControls.edits(studio, base_name, values))
         edited = type(inv)(w, inv.noises, inv.reconstruction, inv.method)
         gens = [studio.model(p) for p in paths]
-        names = [next((e.name for e in studio.library() if str(e.path) == p), p) for p in paths]
+        known = studio.model_names() if paths else {}
+        names = [known.get(p, p) for p in paths]
         rows = render(gens, edited.w_plus, noises=edited.noises) if gens else []
         faces = [r[0] for r in rows]
         return list(zip(faces, names)), [(paste_back(face.photo, f, face.quad), n) for f, n in zip(faces, names)]

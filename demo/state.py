@@ -101,6 +101,10 @@ class Studio:
     def clip_names(self) -> list[str]:
         return ["tiny"] if self.tiny else list(DEFAULT_MODELS)
 
+    def model_names(self) -> dict[str, str]:
+        """Library path -> model name, from one scan of the library (for labelling a render)."""
+        return {str(e.path): e.name for e in self.library()}
+
     def library(self):
         """Trained runs, plus the ready StyleGAN-NADA styles that are downloaded."""
         entries = list_library(self.library_root)

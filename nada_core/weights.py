@@ -8,6 +8,7 @@ its URL and where to put it by hand.
 from __future__ import annotations
 
 import errno
+import functools
 import http.client
 import hashlib
 import importlib.util
@@ -71,7 +72,14 @@ class Asset:
 
 
 def load_manifest(path: Path | None = None) -> dict[str, Asset]:
-    data = json.loads(Path(path or MANIFEST_PATH).read_text())
+    """The manifest's assets, parsed once per file version (callers look assets up often)."""
+    path = Path(path or MANIFEST_PATH)
+    return dict(_parse_manifest(path, path.stat().st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=4)
+def _parse_manifest(path: Path, mtime_ns: int) -> dict[str, Asset]:
+    data = json.loads(path.read_text())
     known = {"kind", "file", "url", "sha256", "size", "label", "license"}
     return {name: Asset(name=name, **{k: v for k, v in entry.items() if k in known},
                         extra={k: v for k, v in entry.items() if k not in known})
