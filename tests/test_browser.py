@@ -62,7 +62,9 @@ def test_train_and_watch_the_preview_and_progress(page, tmp_path):
     for label, value in [("Iterations", "150"), ("Preview every N steps", "5")]:
         box = page.get_by_label(f"number input for {label}")
         box.fill(value)
-        box.press("Enter")
+        box.press("Tab")
+        # the click must not race the value into Gradio's state: wait until the slider shows it
+        wait_for(lambda: page.get_by_label(f"range slider for {label}").input_value() == value, 30, f"{label} = {value}")
     page.get_by_role("button", name="Start").click()
     status = page.locator("#adapt-status")
     first = wait_for(lambda: "step" in status.inner_text() and image_src(page, "adapt-preview"), what="first preview")
