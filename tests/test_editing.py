@@ -6,9 +6,7 @@ from nada_core.editing import (Direction, DirectionError, apply_edits, blend_gen
                                edit_z, ganspace, load_direction_file)
 from nada_core.stylegan2 import seeds_to_z
 from nada_core.tiny import tiny_generator
-from tests.conftest import SHARED
-
-REF = SHARED / "reference-data"
+from tests.conftest import DATA as REF
 
 
 def test_real_interfacegan_and_e4e_files_load():

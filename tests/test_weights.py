@@ -95,14 +95,14 @@ def test_manifest_is_complete_and_require_explains(tmp_path, monkeypatch):
 
 def test_reference_direction_files_verify_against_the_manifest(tmp_path, monkeypatch):
     import shutil
-    from tests.conftest import SHARED
+    from tests.conftest import DATA
     monkeypatch.setenv("NADA_WEIGHTS_DIR", str(tmp_path))
     m = load_manifest()
     src = {"dir-age": "nada_interfacegan_boundaries/age.pt", "dir-pose": "e4e_directions/pose.pt",
            "dir-ffhq-pca": "e4e_directions/ffhq_pca.pt"}
     for name, rel in src.items():
         m[name].path.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(SHARED / "reference-data" / rel, m[name].path)
+        shutil.copy(DATA / rel, m[name].path)
         assert verify(m[name]) == "ok"
 
 
