@@ -115,3 +115,30 @@ def blend_generators(G_src: Generator, G_tgt: Generator, alpha: float, out: Gene
     for name, p in out.named_parameters():
         p.copy_(torch.lerp(src[name], tgt[name], alpha))
     return out
+
+
+@torch.no_grad()
+def combine_styles(G_base: Generator, styles: list[tuple[Generator, float]], out: Generator | None = None) -> Generator:
+    """Domain arithmetic: theta = theta_base + sum_i a_i (theta_i - theta_base), over every floating
+    tensor of the state dict (weights and buffers), written into ``out`` (a copy of G_base if None).
+    Weights may be negative (subtract a style) or above 1 (exaggerate it); every style must share the
+    base's architecture, and only styles adapted from that same base make sense."""
+    import copy
+
+    for i, (G, _) in enumerate(styles):
+        if G.config != G_base.config:
+            raise ValueError(f"style {i + 1} has a different architecture from the base ({G.config} vs "
+                             f"{G_base.config}); combine only styles adapted from this base")
+    out = out if out is not None else copy.deepcopy(G_base)
+    base = {k: v.detach() for k, v in G_base.state_dict().items()}
+    others = [(G.state_dict(), float(a)) for G, a in styles]
+    for name, t in out.state_dict().items():
+        if not t.is_floating_point():
+            continue
+        b = base[name].to(t.device)
+        acc = b.clone()
+        for sd, a in others:
+            if a != 0:
+                acc.add_(sd[name].to(t.device) - b, alpha=a)
+        t.copy_(acc)
+    return out

@@ -85,3 +85,49 @@ def test_z_space_attribute_moves_z_before_mapping():
     z = seeds_to_z([5], G.style_dim) + 2.0 * d.vector
     assert torch.allclose(got, G.to_w_plus(G.mapping(z)), atol=1e-5)
     assert torch.allclose(edited_latent(G, 5, 0.7, []), latents_for_seeds(G, [5], 0.7))
+
+
+# ------------------------------------------------------------------ domain arithmetic
+def _style_of(base, layer, seed):
+    """The base with one layer moved, as an adapted model would differ from it."""
+    import copy
+
+    G = copy.deepcopy(base)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in G.named_parameters():
+            if name.startswith(layer + "."):
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return G
+
+
+def test_combine_styles_is_arithmetic_on_the_weights():
+    from nada_core.editing import combine_styles
+
+    base = tiny_generator()
+    A, B = _style_of(base, "convs.1", 1), _style_of(base, "convs.3", 2)
+    z = seeds_to_z([0, 1], base.style_dim)
+
+    def img(G):
+        with torch.no_grad():
+            return G.synthesis(base.mapping(z))
+
+    one = combine_styles(base, [(A, 1.0)])
+    for (n, a), c in zip(A.state_dict().items(), one.state_dict().values()):
+        assert torch.allclose(a, c, atol=1e-6), n
+    assert (img(one) - img(A)).abs().max() < 1e-5
+    zero = combine_styles(base, [(A, 0.0), (B, 0.0)])
+    assert all(torch.equal(a, b) for a, b in zip(base.state_dict().values(), zero.state_dict().values()))
+    both = combine_styles(base, [(A, 0.5), (B, -1.5)])
+    sd_base, sd_a, sd_b = base.state_dict(), A.state_dict(), B.state_dict()
+    for name, t in both.state_dict().items():
+        expected = sd_base[name] + 0.5 * (sd_a[name] - sd_base[name]) - 1.5 * (sd_b[name] - sd_base[name])
+        assert torch.allclose(t, expected, atol=1e-6), name
+    # the two styles touch different layers, so adding them carries each one's layer over exactly
+    sum_ab = combine_styles(base, [(A, 1.0), (B, 1.0)]).state_dict()
+    assert torch.allclose(sum_ab["convs.1.conv.weight"], sd_a["convs.1.conv.weight"], atol=1e-6)
+    assert torch.allclose(sum_ab["convs.3.conv.weight"], sd_b["convs.3.conv.weight"], atol=1e-6)
+    assert (img(both) - img(base)).abs().max() > 1e-2
+    assert torch.equal(base.convs[1].conv.weight, tiny_generator().convs[1].conv.weight)  # base untouched
+    with pytest.raises(ValueError, match="different architecture"):
+        combine_styles(base, [(tiny_generator(size=64), 1.0)])
