@@ -33,13 +33,27 @@ def cmd_weights(args) -> int:
             size = f"{row['bytes'] / 2 ** 20:8.1f} MiB" if row["present"] else "   missing  "
             print(f"{row['name']:18} {row['kind']:10} {size}  {row['path']}")
         return 0
+    if args.trust and not args.repair:
+        print("--trust goes with verify --repair", file=sys.stderr)
+        return 2
+    if args.action == "verify" and args.repair:
+        results = weights.repair(args.names or None, trust_unverified=args.trust, manifest=manifest,
+                                 progress=lambda n, d, t: print(_bar(d, t, n), end="", file=sys.stderr, flush=True))
+        if any(r not in ("ok", "unverified", "trusted") for _, r in results):
+            print(file=sys.stderr)  # end the progress bar's line
+        for name, result in results:
+            print(f"{name:18} {result}")
+        return 1 if any(r.startswith("failed") for _, r in results) else 0
     if args.action == "verify":
+        fix = "  (no longer matches its pin or record: `weights verify --repair NAME` fetches it again)"
+        hints = {"unverified": "  (nothing pinned or recorded, e.g. placed by hand: `weights verify --repair --trust "
+                               "NAME` records its current hash)", "size mismatch": fix, "sha256 mismatch": fix}
         bad = 0
         for a in manifest.values():
             if (a.name in args.names) if args.names else a.present:
                 state = weights.verify(a)
                 bad += state.endswith("mismatch")
-                print(f"{a.name:18} {state}")
+                print(f"{a.name:18} {state}{hints.get(state, '')}")
         return 1 if bad else 0
     names = list(args.names) + [a.name for a in manifest.values() if args.kind and a.kind == args.kind and a.url]
     if not names:
@@ -160,6 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("action", choices=["list", "download", "verify"])
     w.add_argument("names", nargs="*", help="assets to download or verify (default for verify: all present)")
     w.add_argument("--kind", default=None, help="with download: every asset of this kind (e.g. direction)")
+    w.add_argument("--repair", action="store_true", help="with verify: fetch again files that no longer match their "
+                   "pin or the record made when they were downloaded (and named missing ones)")
+    w.add_argument("--trust", action="store_true", help="with verify --repair: record the current hash of files "
+                   "that have neither pin nor record (placed by hand), so later changes are caught")
     w.set_defaults(fn=cmd_weights)
 
     a = sub.add_parser("adapt", help="adapt a generator to a text (or image) target")
