@@ -152,10 +152,11 @@ def cmd_sample(args) -> int:
 
 # ---------------------------------------------------------------------------- invert
 def cmd_invert(args) -> int:
-    from .selfie import stylize_photo
+    from .selfie import stylize_group_photo, stylize_photo
 
-    result = stylize_photo(args.photo, [args.model] if args.model else [], base=args.base, steps=args.steps,
-                           device=args.device, encoder=args.encoder)
+    pipeline = stylize_group_photo if args.all_faces else stylize_photo
+    result = pipeline(args.photo, [args.model] if args.model else [], base=args.base, steps=args.steps,
+                      device=args.device, encoder=args.encoder)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for name, img in result.images().items():
@@ -163,6 +164,53 @@ def cmd_invert(args) -> int:
         print(out / f"{name}.png")
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------------------- check-prompt
+def cmd_check_prompt(args) -> int:
+    from .clip_guide import load_ensemble
+    from .library import default_device
+    from .prompt_check import check_prompt
+
+    names = [c.strip() for c in args.clip.split(",") if c.strip()]
+    members = load_ensemble(names, device=args.device or default_device())
+    report = check_prompt(args.source, args.target, members, alternatives=not args.no_alternatives)
+    print(report.to_json() if args.json else report.table())
+    return 0
+
+
+# ---------------------------------------------------------------------------- delta
+def cmd_delta(args) -> int:
+    from .checkpoints import load_generator, save_generator
+    from .delta import SUFFIX, apply_delta, delta_info, export_delta
+    from .library import load_base
+
+    src = Path(args.file)
+    if args.action == "export":
+        G, info = load_generator(src)
+        meta = dict(info.get("meta") or {})
+        base = args.base or meta.get("source_model")
+        if not base:
+            raise ValueError(f"{src} does not say which base it was adapted from; pass --base")
+        G_base, base_name = load_base(base)
+        meta["source_model"] = base_name
+        out = Path(args.out or src.with_name(src.name.split(".")[0] + SUFFIX))
+        export_delta(G, G_base, meta, out)
+        full = sum(t.numel() * t.element_size() for t in G.state_dict().values())
+        size = out.stat().st_size
+        print(f"wrote {out}: {size / 2 ** 20:.2f} MiB, {100 * size / full:.1f}% of the full model's "
+              f"{full / 2 ** 20:.1f} MiB ({delta_info(out)['tensors']} changed tensors; base {base_name})")
+        return 0
+    meta = delta_info(src).get("meta") or {}
+    base = args.base or meta.get("source_model")
+    if not base:
+        raise ValueError(f"{src} does not say which base it was made from; pass --base")
+    G_base, _ = load_base(base)
+    G = apply_delta(src, G_base)
+    out = Path(args.out or src.with_name(src.name.split(".")[0] + ".safetensors"))
+    save_generator(G, out, meta)
+    print(f"wrote {out} (base {base} + {src.name})")
     return 0
 
 
@@ -221,7 +269,25 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--steps", type=int, default=200, help="optimisation steps (0: encoder only)")
     v.add_argument("--out", default="out")
     v.add_argument("--device", default=None)
+    v.add_argument("--all-faces", action="store_true",
+                   help="stylise every face in the photo (up to 8, largest first) and paste them all back")
     v.set_defaults(fn=cmd_invert)
+
+    c = sub.add_parser("check-prompt", help="measure a source -> target prompt on the CLIP models before training")
+    c.add_argument("--source", default="photo")
+    c.add_argument("--target", required=True)
+    c.add_argument("--clip", default="ViT-B-32,ViT-B-16", help="comma-separated open_clip names, or 'tiny'")
+    c.add_argument("--no-alternatives", action="store_true", help="skip measuring rewordings")
+    c.add_argument("--json", action="store_true", help="machine-readable output")
+    c.add_argument("--device", default=None)
+    c.set_defaults(fn=cmd_check_prompt)
+
+    d = sub.add_parser("delta", help="export a style as its difference from the base, or apply one")
+    d.add_argument("action", choices=["export", "apply"])
+    d.add_argument("file", help="export: the adapted model file; apply: the .nada.safetensors delta")
+    d.add_argument("--base", default=None, help="the base model (default: the one recorded in the file; 'tiny' allowed)")
+    d.add_argument("--out", default=None, help="export: F.nada.safetensors; apply: MODEL.safetensors")
+    d.set_defaults(fn=cmd_delta)
     return p
 
 

@@ -163,11 +163,14 @@ def reconstruction_loss(img: torch.Tensor, target: torch.Tensor, clip=None, clip
 
 def project(G: Generator, target: torch.Tensor, steps: int = 200, w_init: torch.Tensor | None = None,
             lr: float = 0.05, noise_weight: float = 1e5, clip=None, lpips=None,
-            progress: Callable[[int, int, float], None] | None = None, optimize_noise: bool = True,
-            seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    """Optimise W+ (and the noise maps) so that G reproduces ``target`` (1, 3, S, S) in [-1, 1].
-    Starts from ``w_init`` (e.g. the encoder's answer) or the mean latent.
-    Returns (W+, image, noise maps): render other models of the same latent space with those maps."""
+            progress: Callable[[int, int, float], None] | None = None, optimize_noise: bool = False,
+            seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor] | None]:
+    """Optimise W+ so that G reproduces ``target`` (1, 3, S, S) in [-1, 1], starting from ``w_init``
+    (e.g. the encoder's answer) or the mean latent. By default G renders with its own stored noise
+    (noise_mode "const") throughout. With ``optimize_noise`` the per-layer noise maps are optimised
+    too (the StyleGAN2 projector): a closer reconstruction, but the maps absorb the photo's fine
+    detail, so they belong to the reconstruction view only, never to stylised renders.
+    Returns (W+, image, optimised noise maps or None)."""
     device = target.device
     if target.shape[-1] != G.size:
         target = F.interpolate(target, size=(G.size, G.size), mode="area" if target.shape[-1] > G.size else "bilinear")
@@ -179,8 +182,9 @@ def project(G: Generator, target: torch.Tensor, steps: int = 200, w_init: torch.
         clip_target = clip.encode_images(target) if clip is not None else None
     w = start.detach().clone().requires_grad_(True)
     gen = torch.Generator().manual_seed(seed)
-    noises = [torch.randn(b.shape, generator=gen).to(device).requires_grad_(optimize_noise) for b in G.noise_buffers()]
-    params = [w] + (noises if optimize_noise else [])
+    noises = [torch.randn(b.shape, generator=gen).to(device).requires_grad_(True) for b in G.noise_buffers()] \
+        if optimize_noise else None
+    params = [w] + (noises or [])
     opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999))
     G.requires_grad_(False)
     loss_value = float("nan")
@@ -193,7 +197,7 @@ def project(G: Generator, target: torch.Tensor, steps: int = 200, w_init: torch.
             g["lr"] = lr * ramp
         noise_strength = 0.05 * w_std * max(0.0, 1 - t / 0.75) ** 2
         w_noisy = w + torch.randn(w.shape, generator=gen).to(device) * noise_strength
-        img = G.synthesis(w_noisy, noises=noises)
+        img = G.synthesis(w_noisy, noises=noises)  # noises None: the model's own (const) noise
         loss = reconstruction_loss(img, target, clip, clip_target, lpips=lpips)
         if optimize_noise:
             loss = loss + noise_weight * _noise_regularisation(noises)
@@ -201,20 +205,24 @@ def project(G: Generator, target: torch.Tensor, steps: int = 200, w_init: torch.
         loss.backward()
         opt.step()
         with torch.no_grad():
-            for n in noises:  # keep each noise map zero-mean, unit-variance
+            for n in noises or []:  # keep each noise map zero-mean, unit-variance
                 n.sub_(n.mean()).div_(n.square().mean().sqrt() + 1e-8)
         loss_value = float(loss.detach())
         if progress:
             progress(step + 1, steps, loss_value)
     with torch.no_grad():
-        w_final, noises = w.detach(), [n.detach() for n in noises]
+        w_final = w.detach()
+        noises = [n.detach() for n in noises] if noises is not None else None
         return w_final, G.synthesis(w_final, noises=noises), noises
 
 
 def invert_with_noise(aligned: torch.Tensor, G: Generator, encoder: E4EEncoder | None = None, steps: int = 200,
-                      progress: Callable[[int, int, float], None] | None = None, clip=None, lpips=None):
+                      progress: Callable[[int, int, float], None] | None = None, clip=None, lpips=None,
+                      optimize_noise: bool = False):
     """(W+, reconstruction, noise maps or None, method): the encoder's answer, refined by ``steps`` of
-    optimisation, or optimisation from the mean latent when there is no encoder."""
+    optimisation (of W+ only unless ``optimize_noise``), or optimisation from the mean latent when
+    there is no encoder. Noise maps come back only when optimised; they serve the reconstruction view,
+    while stylised renders use each model's own noise (as StyleGAN-NADA renders inversions)."""
     w_init, method = None, "optimisation"
     if encoder is not None:
         with torch.no_grad():
@@ -228,7 +236,8 @@ def invert_with_noise(aligned: torch.Tensor, G: Generator, encoder: E4EEncoder |
         method = "e4e + optimisation"
     if steps <= 0:
         raise ValueError("choose at least one optimisation step: no encoder fits this generator")
-    w, img, noises = project(G, aligned, steps=steps, w_init=w_init, clip=clip, lpips=lpips, progress=progress)
+    w, img, noises = project(G, aligned, steps=steps, w_init=w_init, clip=clip, lpips=lpips, progress=progress,
+                             optimize_noise=optimize_noise)
     return w, img, noises, method
 
 

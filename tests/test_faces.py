@@ -6,7 +6,8 @@ from skimage import data
 
 from nada_core.align import FaceError, align_face, aligned_points, detect, landmarks, load_photo, paste_back
 from nada_core.invert import E4EEncoder, invert, load_e4e, project
-from nada_core.selfie import invert_face, prepare_face, render
+from nada_core.selfie import Inversion, invert_face, paste_faces, prepare_face, prepare_faces, render
+from nada_core.images import to_pil
 from nada_core.tiny import tiny_generator
 
 
@@ -121,7 +122,9 @@ def test_projector_recovers_a_generated_face():
     err = (recon - target).pow(2).mean().item()
     assert len(seen) == 120 and seen[-1] < seen[0]
     assert err < 0.25 * start_err, (err, start_err)
-    assert w.shape == (1, G.n_latent, G.style_dim) and len(noises) == G.num_layers
+    assert w.shape == (1, G.n_latent, G.style_dim) and noises is None  # W+ only by default
+    w3, recon3, noises3 = project(G, target, steps=5, optimize_noise=True)
+    assert len(noises3) == G.num_layers and all(n.shape == b.shape for n, b in zip(noises3, G.noise_buffers()))
     w2, recon2 = invert(target, G, steps=40)
     assert (recon2 - target).pow(2).mean().item() < start_err
 
@@ -146,3 +149,104 @@ def test_several_faces_use_the_largest_and_report_the_count(astronaut):
     face = prepare_face(canvas, output_size=64)
     assert face.faces_found == 2
     assert face.quad[:, 0].min() > 350  # the crop comes from the larger face
+
+
+# ------------------------------------------------------------------ noise: W+ only by default, never in stylised renders
+def test_inversion_refines_w_plus_only_unless_noise_is_asked_for(astronaut):
+    G = tiny_generator()
+    face = prepare_face(astronaut, output_size=G.size)
+    plain = invert_face(face, G, steps=5)
+    assert plain.noises is None
+    with torch.no_grad():  # the reconstruction is the model's own rendering of the W+ (stored noise)
+        own = to_pil(G.synthesis(plain.w_plus, noise_mode="const"))[0]
+    assert np.array_equal(np.asarray(plain.reconstruction), np.asarray(own))
+    fitted = invert_face(face, G, steps=5, optimize_noise=True)
+    assert fitted.noises is not None and len(fitted.noises) == G.num_layers
+    with torch.no_grad():
+        with_maps = to_pil(G.synthesis(fitted.w_plus, noises=fitted.noises))[0]
+        without = to_pil(G.synthesis(fitted.w_plus, noise_mode="const"))[0]
+    assert np.array_equal(np.asarray(fitted.reconstruction), np.asarray(with_maps))  # the reconstruction view uses them
+    assert not np.array_equal(np.asarray(with_maps), np.asarray(without))
+
+
+def test_stylised_renders_never_take_the_optimised_noise():
+    G, style = tiny_generator(), tiny_generator(seed=9)
+    w = G.to_w_plus(G.mapping(torch.randn(1, G.style_dim, generator=torch.Generator().manual_seed(2))))
+    g = torch.Generator().manual_seed(3)
+    maps = [torch.randn(b.shape, generator=g) for b in G.noise_buffers()]
+    blank = Image.new("RGB", (G.size, G.size))
+    with_maps, without_maps = Inversion(w, maps, blank, "optimisation"), Inversion(w, None, blank, "optimisation")
+    with torch.no_grad():
+        own = to_pil(style.synthesis(w, noise_mode="const"))[0]
+        leaked = to_pil(style.synthesis(w, noises=maps))[0]
+    assert not np.array_equal(np.asarray(own), np.asarray(leaked))  # the maps would change the picture
+    assert np.array_equal(np.asarray(render(style, with_maps)), np.asarray(own))
+    assert np.array_equal(np.asarray(render(style, without_maps)), np.asarray(own))
+
+
+# ------------------------------------------------------------------ group photos
+@pytest.fixture(scope="module")
+def two_faces(astronaut):
+    canvas = Image.new("RGB", (1100, 560), (200, 200, 200))
+    canvas.paste(astronaut, (20, 24))
+    canvas.paste(astronaut.resize((420, 420)), (640, 70))  # a smaller copy on the right
+    return canvas
+
+
+def test_prepare_faces_aligns_every_face_largest_first(two_faces):
+    faces = prepare_faces(two_faces, output_size=64)
+    assert len(faces) == 2 and all(f.faces_found == 2 and f.aligned.size == (64, 64) for f in faces)
+    assert faces[0].quad[:, 0].max() < 600 < faces[1].quad[:, 0].min()  # left (larger) copy first
+    assert faces[0].box[2] - faces[0].box[0] > faces[1].box[2] - faces[1].box[0]
+    assert len(prepare_faces(two_faces, output_size=64, max_faces=1)) == 1
+    with pytest.raises(FaceError, match="no face found"):
+        prepare_faces(Image.new("RGB", (300, 300), (120, 90, 60)))
+
+
+def _changed_near(before, after, face, pad=10):
+    left, top, right, bottom = face.box
+    a = np.asarray(before, dtype=int)[top + pad:bottom - pad, left + pad:right - pad]
+    b = np.asarray(after, dtype=int)[top + pad:bottom - pad, left + pad:right - pad]
+    return np.abs(a - b).sum(-1).mean()
+
+
+def test_group_photo_stylises_and_pastes_every_face(two_faces):
+    faces = prepare_faces(two_faces, output_size=64)
+    G, style = tiny_generator(), tiny_generator(seed=9)
+    from nada_core.selfie import invert_faces, stylize_faces
+
+    seen = []
+    invs = invert_faces(faces, G, steps=3, progress=lambda s, n, loss: seen.append((s, n)))
+    assert seen == [(1, 6), (2, 6), (3, 6), (4, 6), (5, 6), (6, 6)]  # one count over both faces
+    imgs, pasted = stylize_faces(faces, invs, style)
+    assert len(imgs) == 2 and pasted.size == two_faces.size
+    for face in faces:
+        assert _changed_near(two_faces, pasted, face) > 30  # both faces replaced
+    diff = np.abs(np.asarray(pasted, dtype=int) - np.asarray(two_faces, dtype=int)).sum(-1)
+    far = np.ones(diff.shape, dtype=bool)
+    for face in faces:  # everything outside the faces' crop squares (plus a margin) is untouched
+        lo, hi = np.floor(face.quad.min(0)).astype(int) - 3, np.ceil(face.quad.max(0)).astype(int) + 3
+        far[max(lo[1], 0):hi[1], max(lo[0], 0):hi[0]] = False
+    assert far.sum() > 0.3 * far.size and diff[far].max() == 0
+    # pasting one face at a time gives the same photo as pasting both
+    one = paste_faces(two_faces, faces[1:], imgs[1:])
+    assert _changed_near(two_faces, one, faces[0]) == 0 and _changed_near(two_faces, one, faces[1]) > 30
+    with pytest.raises(ValueError, match="2 faces but 1"):
+        paste_faces(two_faces, faces, imgs[:1])
+
+
+def test_cli_invert_all_faces(two_faces, tmp_path):
+    from nada_core.__main__ import main
+    from nada_core.checkpoints import save_generator
+
+    two_faces.save(tmp_path / "group.png")
+    model = save_generator(tiny_generator(seed=4), tmp_path / "style" / "final.safetensors")
+    assert main(["invert", str(tmp_path / "group.png"), "--base", "tiny", "--model", str(model), "--all-faces",
+                 "--steps", "2", "--out", str(tmp_path / "out")]) == 0
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == ["face1_aligned.png", "face1_reconstruction.png", "face1_stylised_style.png",
+                     "face2_aligned.png", "face2_reconstruction.png", "face2_stylised_style.png", "pasted_style.png"]
+    pasted = Image.open(tmp_path / "out" / "pasted_style.png")
+    assert pasted.size == two_faces.size
+    faces = prepare_faces(two_faces, output_size=64)
+    assert all(_changed_near(two_faces, pasted.convert("RGB"), f) > 30 for f in faces)
