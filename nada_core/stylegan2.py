@@ -324,6 +324,10 @@ class Generator(nn.Module):
             self.convs.append(StyledConv(out_ch, out_ch, 3, style_dim, blur_kernel=blur_kernel))
             self.to_rgbs.append(ToRGB(out_ch, style_dim, blur_kernel=blur_kernel))
             in_ch = out_ch
+        # the truncation centre a checkpoint was saved with (NVIDIA's tracked ``mapping.w_avg``, a
+        # ``latent_avg``), shape (1, style_dim); None means "compute it". Non-persistent, so state dicts keep
+        # the reference layout, while ``.to()`` and deepcopy carry it along with the weights.
+        self.register_buffer("stored_w_avg", None, persistent=False)
 
     # ----------------------------------------------------------------- config
     @property
@@ -345,7 +349,10 @@ class Generator(nn.Module):
         return self.mapping(z).mean(0, keepdim=True)
 
     def w_avg(self) -> torch.Tensor:
-        """``mean_latent(4096)``, computed once and reused until the mapping weights change."""
+        """The truncation centre: the one stored with the weights when there is one (what NVIDIA's tools
+        truncate towards), else ``mean_latent(4096)``, computed once and reused until the mapping changes."""
+        if self.stored_w_avg is not None:
+            return self.stored_w_avg
         key = (self.input.input.device, tuple(p._version for p in self.style.parameters()))
         cached = self.__dict__.get("_w_avg_cache")
         if cached is None or cached[0] != key:
