@@ -1,5 +1,6 @@
 import argparse
 import collections
+import copy
 import pickle
 import sys
 import types
@@ -7,8 +8,9 @@ import types
 import pytest
 import torch
 
-from nada_core.checkpoints import CheckpointError, export_rosinality, load_generator, save_generator
-from nada_core.stylegan2 import seeds_to_z
+from nada_core.checkpoints import CheckpointError, expected_layout, export_rosinality, load_generator, save_generator
+from nada_core.editing import blend_generators
+from nada_core.stylegan2 import Generator, seeds_to_z
 from nada_core.tiny import tiny_generator
 
 
@@ -60,12 +62,12 @@ def test_corrupt_and_foreign_files_get_one_clear_error(tmp_path):
 
 
 # ---------------------------------------------------------------- NVIDIA stylegan2-ada-pytorch pickles
-def ours_to_ada(G):
+def ours_to_ada(G, w_avg=None):
     """Our state dict renamed to stylegan2-ada-pytorch's G_ema names (inverse of the loader's map)."""
     sd, ada = G.state_dict(), {}
     for i in range(G.n_mlp):
         ada[f"mapping.fc{i}.weight"], ada[f"mapping.fc{i}.bias"] = sd[f"style.{i + 1}.weight"], sd[f"style.{i + 1}.bias"]
-    ada["mapping.w_avg"] = torch.zeros(G.style_dim)
+    ada["mapping.w_avg"] = torch.zeros(G.style_dim) if w_avg is None else w_avg
     ada["synthesis.b4.const"] = sd["input.input"][0]
 
     def layer(dst, src, n):
@@ -93,9 +95,10 @@ def ours_to_ada(G):
     return ada
 
 
-def build_ada_like_pickle(G, path, marker):
+def build_ada_like_pickle(G, path, marker, w_avg=None, evil=False):
     """A pickle with the structure of an ada-pytorch network pickle: persistent objects carrying class
-    source that would create ``marker`` if anyone executed it, an EasyDict, and an os.system call."""
+    source that would create ``marker`` if anyone executed it, and an EasyDict; ``evil`` adds an
+    os.system call (which real pickles never contain, and which makes the file refused)."""
     persistence = types.ModuleType("torch_utils.persistence")
     dnnlib = types.ModuleType("dnnlib")
 
@@ -127,7 +130,7 @@ def build_ada_like_pickle(G, path, marker):
             import os
             return os.system, (f"touch {marker}",)
 
-    ada = ours_to_ada(G)
+    ada = ours_to_ada(G, w_avg)
     tree = {}
     for key, t in ada.items():
         parts = key.split(".")
@@ -145,7 +148,7 @@ def build_ada_like_pickle(G, path, marker):
     sys.modules.setdefault("torch_utils", types.ModuleType("torch_utils"))
     try:
         with open(path, "wb") as f:
-            pickle.dump({"G": None, "D": Evil(), "G_ema": build("Generator", tree),
+            pickle.dump({"G": None, "D": Evil() if evil else None, "G_ema": build("Generator", tree),
                          "training_set_kwargs": EasyDict(resolution=G.size)}, f)
     finally:
         del sys.modules["torch_utils.persistence"], sys.modules["dnnlib"]
@@ -161,6 +164,44 @@ def test_nvidia_pickle_loads_without_running_its_code(tmp_path):
     assert torch.equal(images(G), images(G2))
 
 
+def test_nvidia_w_avg_is_the_truncation_centre_and_travels_with_the_model(tmp_path):
+    """NVIDIA's tools truncate towards the file's tracked ``mapping.w_avg``, not a fresh sample mean: so do we,
+    and our save/export/copy/blend keep it."""
+    G = tiny_generator(seed=5, size=64, channel_multiplier=2, channel_max=48)
+    w_avg = torch.randn(1, G.style_dim, generator=torch.Generator().manual_seed(9))
+    build_ada_like_pickle(G, tmp_path / "ffhq.pkl", tmp_path / "pwned", w_avg=w_avg[0].clone())
+    G2, info = load_generator(tmp_path / "ffhq.pkl")
+    assert info["w_avg"] == "file" and torch.equal(G2.w_avg(), w_avg)
+    assert not torch.allclose(G2.mean_latent(), w_avg)
+    z = seeds_to_z((1, 2), G.style_dim)
+    with torch.no_grad():
+        at_centre = G2.synthesis(w_avg.expand(2, -1))
+        assert torch.equal(G2(z, truncation_psi=0.0), at_centre)
+        half = G2(z, truncation_psi=0.5)
+    assert not torch.equal(half, G(z, truncation_psi=0.5))  # G computes its centre: a different one
+    G3, info3 = load_generator(save_generator(G2, tmp_path / "m.safetensors"))
+    assert info3["w_avg"] == "file" and torch.equal(G3.w_avg(), w_avg)
+    with torch.no_grad():
+        assert torch.equal(G3(z, truncation_psi=0.5), half)
+    G4, info4 = load_generator(export_rosinality(G2, tmp_path / "m.pt"))  # as pSp/e4e's top-level latent_avg
+    assert info4["w_avg"] == "file" and torch.equal(G4.w_avg(), w_avg)
+    assert torch.equal(copy.deepcopy(G2).w_avg(), w_avg)
+    assert torch.equal(blend_generators(G2, G3, 0.5).w_avg(), w_avg)
+    # a plain model keeps computing its centre, and saving it adds nothing
+    G5, info5 = load_generator(save_generator(G, tmp_path / "plain.safetensors"))
+    assert info5["w_avg"] == "computed" and G5.stored_w_avg is None
+
+
+def test_rosinality_latent_avg_per_slot_is_used(tmp_path):
+    G = tiny_generator(seed=7)
+    w = torch.randn(1, G.style_dim, generator=torch.Generator().manual_seed(1))
+    torch.save({"g_ema": G.state_dict(), "latent_avg": w.repeat(G.n_latent, 1)}, tmp_path / "psp.pt")
+    G2, info = load_generator(tmp_path / "psp.pt")
+    assert info["w_avg"] == "file" and torch.allclose(G2.w_avg(), w)
+    torch.save({"g_ema": G.state_dict(), "latent_avg": torch.zeros(3)}, tmp_path / "odd.pt")  # wrong size: ignored
+    assert load_generator(tmp_path / "odd.pt")[1]["w_avg"] == "computed"
+
+
 def test_pickle_without_g_ema_is_refused(tmp_path):
     with open(tmp_path / "x.pkl", "wb") as f:
         pickle.dump({"D": 1}, f)
@@ -174,3 +215,10 @@ def test_legacy_torch_serialization_is_a_rosinality_file_not_a_pickle(tmp_path):
     assert open(tmp_path / "old.pt", "rb").read(2) == b"\x80\x02"
     G2, info = load_generator(tmp_path / "old.pt")
     assert info["format"] == "rosinality-pt" and torch.equal(images(G), images(G2))
+
+
+@pytest.mark.parametrize("cfg", [{"size": 8}, {"size": 32, "style_dim": 64, "n_mlp": 2, "channel_multiplier": 1, "channel_max": 32},
+                                 {"size": 128, "style_dim": 8, "n_mlp": 1, "channel_multiplier": 4, "channel_max": 1024}])
+def test_expected_layout_is_the_generators_state_dict(cfg):
+    """Files are checked against this layout before a generator is built, so it must match the real one."""
+    assert expected_layout(cfg) == {k: tuple(v.shape) for k, v in Generator(**cfg).state_dict().items()}
