@@ -1,0 +1,330 @@
+"""Hostile inputs (issue 9). Files: nothing in a generator file runs, nothing allocates much more than the
+file's size, and every refusal is a CheckpointError that names the file as the user knows it.
+
+Layout: shared helpers first, then one section per attack surface, each test in a clearly named function.
+"""
+import collections
+import json
+import operator
+import os
+import pickle
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from nada_core.checkpoints import CheckpointError, load_generator, restricted_loads, save_generator
+from nada_core.tiny import tiny_generator
+
+from tests.test_checkpoints import build_ada_like_pickle
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# ===================================================================== shared helpers
+class Reduce:
+    """Pickles as ``fn(*args)``: how an attacker makes unpickling call something."""
+
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
+
+    def __reduce__(self):
+        return self.fn, self.args
+
+
+class StorageRef:
+    """Pickles as a torch storage reference (persistent id), with whatever size it claims."""
+
+    def __init__(self, pid):
+        self.pid = pid
+
+
+class TorchPickler(pickle.Pickler):
+    def persistent_id(self, obj):
+        return obj.pid if isinstance(obj, StorageRef) else None
+
+
+def torch_pickle(obj) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    TorchPickler(buf, protocol=2).dump(obj)
+    return buf.getvalue()
+
+
+def rebuild(storage, size, stride, offset=0):
+    """A tensor record as torch writes it: ``_rebuild_tensor_v2(storage, offset, size, stride, ...)``."""
+    return Reduce(torch._utils._rebuild_tensor_v2, storage, offset, tuple(size), tuple(stride), False,
+                  collections.OrderedDict())
+
+
+LEGACY_HEAD = (pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2) + pickle.dumps(1001, protocol=2)
+               + pickle.dumps({"protocol_version": 1001, "little_endian": True,
+                               "type_sizes": {"short": 2, "int": 4, "long": 4}}, protocol=2))
+
+
+def legacy_file(obj, storages: dict | None = None) -> bytes:
+    """A pre-1.6 torch.save file: header pickles, ``obj``, the storage keys, then each storage's
+    element count and bytes (``storages``: key -> (declared count, raw bytes))."""
+    storages = storages or {}
+    out = LEGACY_HEAD + torch_pickle(obj) + pickle.dumps(list(storages), protocol=2)
+    for count, raw in storages.values():
+        out += count.to_bytes(8, "little") + raw
+    return out
+
+
+def legacy_ref(key, numel, dtype=torch.FloatStorage):
+    return StorageRef(("storage", dtype, key, "cpu", numel, None))
+
+
+def zip_file(obj, storages: dict | None = None) -> bytes:
+    """A torch.save zip holding ``obj`` (storages: key -> raw bytes)."""
+    import io
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("archive/data.pkl", torch_pickle(obj))
+        z.writestr("archive/byteorder", "little")
+        for key, raw in (storages or {}).items():
+            z.writestr(f"archive/data/{key}", raw)
+        z.writestr("archive/version", "3\n")
+    return buf.getvalue()
+
+
+def zip_ref(key, numel, dtype=torch.FloatStorage):
+    return StorageRef(("storage", dtype, key, "cpu", numel))
+
+
+def safetensors_file(header: dict, data: bytes = b"") -> bytes:
+    raw = json.dumps(header).encode()
+    return len(raw).to_bytes(8, "little") + raw + data
+
+
+def safetensors_parts(path):
+    """(header dict, data bytes) of a safetensors file, to build damaged variants from a valid one."""
+    raw = Path(path).read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    return json.loads(raw[8:8 + n]), raw[8 + n:]
+
+
+def nada_meta(config) -> dict:
+    return {"nada": json.dumps({"format": "nada-studio-generator", "version": 1, "config": config, "meta": {}})}
+
+
+def assert_refused(path, pattern=None, name="upload.bin"):
+    """The file is refused with a CheckpointError that names it by ``name`` only (no server path)."""
+    with pytest.raises(CheckpointError, match=pattern) as e:
+        load_generator(path, display_name=name)
+    message = str(e.value)
+    assert message.startswith(f"{name}: ") and e.value.path == name
+    assert str(Path(path).parent) not in message
+    return message
+
+
+PROBE = r"""
+import json, resource, sys
+from nada_core.checkpoints import CheckpointError, load_generator
+
+def peak_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+for warm in sys.argv[1].split(","):  # the same code paths once on valid files, so only the attacks are measured
+    load_generator(warm)
+try:  # a regression should fail with MemoryError, not exhaust the machine the tests run on
+    data_kb = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmData:"))
+    limit = (data_kb + 1536 * 1024) * 1024
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, resource.getrlimit(resource.RLIMIT_DATA)[1]))
+except (OSError, StopIteration, ValueError):
+    pass
+before, results = peak_mb(), {}
+for path in sys.argv[2:]:
+    try:
+        load_generator(path, display_name="upload")
+        results[path] = "loaded"
+    except CheckpointError as e:
+        results[path] = "CheckpointError: " + str(e)
+    except BaseException as e:
+        results[path] = f"{type(e).__name__}: {e}"
+print(json.dumps({"grew_mb": peak_mb() - before, "results": results}))
+"""
+
+
+def load_in_fresh_process(paths, warm_up):
+    """Load each file in a fresh interpreter; returns (peak resident growth in MB, {path: outcome})."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    run = subprocess.run([sys.executable, "-c", PROBE, ",".join(map(str, warm_up)), *map(str, paths)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    return report["grew_mb"], report["results"]
+
+
+# ===================================================================== generator files: code never runs
+def code_running_pickles(marker: Path) -> dict[str, bytes]:
+    """Every way we know for a pickle to run code, each creating ``marker`` if it ever ran."""
+    touch = f"touch {marker}"
+    create = f"open({str(marker)!r}, 'w').close()"
+    corpus = {}
+    for proto in range(6):
+        corpus[f"os_system_p{proto}.pkl"] = pickle.dumps({"G_ema": Reduce(os.system, touch)}, protocol=proto)
+        corpus[f"eval_p{proto}.pkl"] = pickle.dumps(Reduce(eval, create), protocol=proto)
+        corpus[f"exec_p{proto}.pkl"] = pickle.dumps(Reduce(exec, create), protocol=proto)
+    assert pickle.STACK_GLOBAL in corpus["os_system_p4.pkl"] and pickle.STACK_GLOBAL in corpus["os_system_p5.pkl"]
+    # hand-written text opcodes: getattr(__import__('os'), 'system')(...), INST, OBJ; also behind a PROTO 2
+    # header so that they pass the "is it a pickle" sniff
+    text = {
+        "getattr": f"c__builtin__\ngetattr\n(c__builtin__\n__import__\n(Vos\ntRVsystem\ntR(V{touch}\ntR.",
+        "inst": f"(V{touch}\nios\nsystem\n.",
+        "obj": f"(cos\nsystem\nV{touch}\no.",
+        "subprocess": f"csubprocess\ncall\n((Vsh\nV-c\nV{touch}\nltR.",
+    }
+    for name, ops in text.items():
+        corpus[f"{name}_p0.pkl"] = ops.encode()
+        corpus[f"{name}_p2header.pkl"] = b"\x80\x02" + ops.encode()
+    evil = pickle.dumps(Reduce(os.system, touch), protocol=2)
+    corpus["legacy_torch.pt"] = LEGACY_HEAD + evil
+    corpus["legacy_torch_after_storages.pt"] = legacy_file({"g_ema": {}}) + evil
+    corpus["torch_zip.pt"] = zip_file(Reduce(os.system, touch))
+    nested = LEGACY_HEAD + evil  # a storage blob that is itself a hostile torch file
+    corpus["nested_blob.pkl"] = pickle.dumps({"G_ema": Reduce(torch.storage._load_from_bytes, nested)}, protocol=4)
+    corpus["tensor_setstate.pkl"] = pickle.dumps(Reduce(getattr, torch.Tensor, "__setstate__"), protocol=2)
+    return corpus
+
+
+def test_code_running_pickles_never_run(tmp_path):
+    marker = tmp_path / "pwned"
+    for name, data in code_running_pickles(marker).items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        assert_refused(path, name=name)
+        assert not marker.exists(), name
+        if name.endswith(".pkl"):  # the unpickler itself refuses, whatever the file-type sniff said
+            with pytest.raises(CheckpointError):
+                restricted_loads(data)
+            assert not marker.exists(), name
+
+
+def test_a_real_layout_pickle_with_an_os_system_call_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    build_ada_like_pickle(tiny_generator(seed=5, size=64, channel_multiplier=2, channel_max=48),
+                          tmp_path / "ffhq.pkl", marker, evil=True)
+    assert "system" in assert_refused(tmp_path / "ffhq.pkl", name="ffhq.pkl")
+    assert not marker.exists()
+
+
+# ===================================================================== generator files: bounded memory
+def allocating_files() -> dict[str, bytes]:
+    """Small files that ask for gigabytes."""
+    float4 = torch.arange(4, dtype=torch.float32).numpy().tobytes()
+    blob = b"\0" * (256 * 1024)  # an honest storage blob, pickled once and referenced by every call below
+    blob_file = (LEGACY_HEAD + torch_pickle(legacy_ref("0", len(blob) // 4)) + pickle.dumps(["0"], protocol=2)
+                 + (len(blob) // 4).to_bytes(8, "little") + blob)
+    corpus = {
+        "bytearray_2_31.pkl": pickle.dumps(Reduce(bytearray, 2 ** 31), protocol=2),
+        "bytes_2_33.pkl": pickle.dumps(Reduce(bytes, 2 ** 33), protocol=4),
+        "str_mul.pkl": pickle.dumps(Reduce(operator.mul, "x", 2 ** 32), protocol=3),
+        "bytearray8_opcode.pkl": b"\x80\x05\x96" + (2 ** 33).to_bytes(8, "little") + b".",
+        "object_flood.pkl": b"\x80\x04(" + b"\x8f" * 2_000_000 + b"l.",  # two million empty sets
+        "class_flood.pkl": b"\x80\x02(" + b"".join(b"cm\nC%d\n" % i for i in range(300_000)) + b"l.",
+        # storages declared far larger than the bytes behind them
+        "legacy_storage_2_34.pt": legacy_file({"g_ema": {"w": rebuild(legacy_ref("0", 2 ** 34), [4], [1])}},
+                                              {"0": (4, float4)}),
+        "zip_storage_2_34.pt": zip_file({"g_ema": {"w": rebuild(zip_ref("0", 2 ** 34), [4], [1])}}, {"0": float4}),
+        "nested_blob_2_34.pkl": pickle.dumps({"G_ema": rebuild(Reduce(
+            torch.storage._load_from_bytes, LEGACY_HEAD + torch_pickle(legacy_ref("0", 2 ** 34))
+            + pickle.dumps(["0"], protocol=2) + (2 ** 34).to_bytes(8, "little") + float4), [4], [1])}, protocol=4),
+        # tensors larger than their small, honest storages (torch would grow the storage to fit)
+        "zip_huge_view.pt": zip_file({"g_ema": {"w": rebuild(zip_ref("0", 4), [2 ** 17, 2 ** 17], [1, 1])}},
+                                     {"0": float4}),
+        "zip_stride0_alias.pt": zip_file({"g_ema": {"w": rebuild(zip_ref("0", 4), [2 ** 31], [0])}}, {"0": float4}),
+        # one honest blob referenced 10,000 times: each reference would become its own storage
+        "repeated_blob.pkl": pickle.dumps({"G_ema": [Reduce(torch.storage._load_from_bytes, blob_file)
+                                                     for _ in range(10_000)]}, protocol=4),
+        "safetensors_giant_config.safetensors": safetensors_file({"__metadata__": nada_meta(
+            {"size": 1024, "style_dim": 1024, "n_mlp": 16, "channel_multiplier": 4, "channel_max": 1024})}),
+    }
+    # Tensor.__setstate__((storage, offset, size, stride)) calls set_(), which grows the storage to fit
+    setstate = (b"\x80\x02" + torch_pickle(rebuild(legacy_ref("0", 4), [4], [1]))[2:-1]
+                + torch_pickle((legacy_ref("0", 4), 0, (2 ** 32,), (1,)))[2:-1] + b"b.")
+    corpus["legacy_setstate_resize.pt"] = (LEGACY_HEAD + setstate + pickle.dumps(["0"], protocol=2)
+                                           + (4).to_bytes(8, "little") + float4)
+    return corpus
+
+
+def test_allocation_bombs_are_refused_with_little_memory(tmp_path):
+    corpus = allocating_files()
+    assert len(corpus["bytearray_2_31.pkl"]) < 64 and len(corpus["safetensors_giant_config.safetensors"]) < 400
+    paths = []
+    for name, data in corpus.items():
+        (tmp_path / name).write_bytes(data)
+        paths.append(tmp_path / name)
+    G = tiny_generator(seed=1)
+    warm = [save_generator(G, tmp_path / "warm.safetensors")]
+    build_ada_like_pickle(tiny_generator(seed=5, size=64, channel_max=48), tmp_path / "warm.pkl", tmp_path / "pwned")
+    torch.save({"g_ema": G.state_dict()}, tmp_path / "warm.pt")
+    torch.save({"g_ema": G.state_dict()}, tmp_path / "warm_legacy.pt", _use_new_zipfile_serialization=False)
+    warm += [tmp_path / "warm.pkl", tmp_path / "warm.pt", tmp_path / "warm_legacy.pt"]
+    grew_mb, results = load_in_fresh_process(paths, warm)
+    for path in paths:
+        assert results[str(path)].startswith("CheckpointError: upload: "), (path.name, results[str(path)])
+        assert str(tmp_path) not in results[str(path)]
+    assert grew_mb < 100, (grew_mb, results)
+
+
+# ===================================================================== generator files: malformed safetensors
+def test_malformed_safetensors_are_refused_quickly(tmp_path):
+    G = tiny_generator(seed=2)
+    header, data = safetensors_parts(save_generator(G, tmp_path / "good.safetensors"))
+    cfg = json.loads(header["__metadata__"]["nada"])["config"]
+    a, b = "style.1.weight", "style.2.weight"  # same shape
+
+    def variant(**changes):
+        h = json.loads(json.dumps(header))
+        for key, value in changes.items():
+            h[key] = value
+        return h
+
+    def entry(key, **fields):
+        return {**header[key], **fields}
+
+    cases = {
+        "header_beyond_file": (10 ** 9).to_bytes(8, "little") + b'{"a": 1}',
+        "header_not_json": (5).to_bytes(8, "little") + b"{abc}",
+        "huge_shape": safetensors_file(variant(**{a: entry(a, shape=[2 ** 40, 2 ** 40])}), data),
+        "overlapping": safetensors_file(variant(**{b: entry(b, data_offsets=header[a]["data_offsets"])}), data),
+        "outside_data": safetensors_file(variant(**{a: entry(a, data_offsets=[len(data), len(data) + 4 * 64])}), data),
+        "size_2_20": safetensors_file(variant(__metadata__=nada_meta({**cfg, "size": 2 ** 20})), data),
+        "channel_multiplier_64": safetensors_file(variant(__metadata__=nada_meta({**cfg, "channel_multiplier": 64})), data),
+        "style_dim_huge": safetensors_file(variant(__metadata__=nada_meta({**cfg, "style_dim": 10 ** 6})), data),
+        "extra_config_key": safetensors_file(variant(__metadata__=nada_meta({**cfg, "blur_kernel": [1] * 10 ** 5})), data),
+        "config_not_a_dict": safetensors_file(variant(__metadata__=nada_meta([1, 2])), data),
+        "metadata_not_json": safetensors_file(variant(__metadata__={"nada": "not json {"}), data),
+        "int_dtype": safetensors_file(variant(**{a: entry(a, dtype="I64")}), data),
+        "unexpected_tensor": safetensors_file(variant(extra=entry(a)), data),
+        "missing_tensor": safetensors_file({k: v for k, v in header.items() if k != a}, data),
+        "bigger_config_than_file": safetensors_file(variant(__metadata__=nada_meta({**cfg, "size": 1024})), data),
+    }
+    for name, raw in cases.items():
+        path = tmp_path / f"{name}.safetensors"
+        path.write_bytes(raw)
+        start = time.perf_counter()
+        assert_refused(path, name=path.name)
+        assert time.perf_counter() - start < 2.0, name
+    assert load_generator(tmp_path / "good.safetensors", display_name="good")[1]["config"] == cfg
+
+
+def test_refusals_never_show_the_server_path(tmp_path):
+    """Errors from the OS or from parsers quote paths; with a display name, the message has only that."""
+    folder = tmp_path / "srv" / "secret-folder"
+    folder.mkdir(parents=True)
+    (folder / "dir.pt").mkdir()
+    (folder / "empty.pt").write_bytes(b"")
+    (folder / "zip.pt").write_bytes(b"PK\x03\x04" + b"\0" * 100)
+    (folder / "short.pkl").write_bytes(b"\x80\x04\x95")
+    for name in ("dir.pt", "empty.pt", "zip.pt", "short.pkl", "absent.pt"):
+        message = assert_refused(folder / name, name="my model")
+        assert "secret-folder" not in message
