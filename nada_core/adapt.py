@@ -10,17 +10,19 @@ import contextlib
 import copy
 import json
 import math
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import torch
+import torch.nn.functional as F
 
-from .checkpoints import atomic_write, save_generator
+from .checkpoints import save_generator
 from .clip_guide import ClipMember, check_prompts, directional_loss, embedding_norm_loss, global_loss
 from .freezing import PRESETS, layers_for_slots, preset_slots, select_slots, set_trainable, synthesis_layers
 from .stylegan2 import Generator, grouped_kernels, seeds_to_z
+from .training import Event, NonFiniteLoss, Phases, StepResult, Trainer
+
+__all__ = ["Adapter", "Event", "NonFiniteLoss", "Recipe", "fit_images"]
 
 
 @dataclass
@@ -68,8 +70,9 @@ class Recipe:
             (self.auto_layer_iters >= 0 and self.auto_layer_batch >= 1, "layer-selection settings must be positive"),
             (len(self.clip_models) == len(self.clip_weights) and any(w > 0 for w in self.clip_weights),
              "give one weight per CLIP model, at least one above zero"),
-            (all(math.isfinite(v) for v in (self.lr, self.lambda_direction, self.lambda_global, self.lambda_norm)),
-             "losses and learning rate must be finite numbers"),
+            (all(math.isfinite(v) for v in (self.lr, self.lambda_direction, self.lambda_global, self.lambda_norm,
+                                            *self.clip_weights)),
+             "losses, CLIP weights and learning rate must be finite numbers"),
         ]
         for ok, message in checks:
             if not ok:
@@ -88,45 +91,38 @@ class Recipe:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
-@dataclass
-class Event:
-    """One report from the trainer. ``kind``: step | done | cancelled | error | warning."""
-
-    kind: str
-    step: int
-    total: int
-    loss: float | None = None
-    losses: dict = field(default_factory=dict)
-    slots: list[int] = field(default_factory=list)
-    sec_per_step: float | None = None
-    eta: float | None = None
-    timings: dict = field(default_factory=dict)
-    preview: tuple[torch.Tensor, torch.Tensor] | None = None   # (source row, adapted row) in [-1, 1]
-    checkpoint: str | None = None
-    message: str = ""
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
+def fit_images(images: list[torch.Tensor], size: int) -> torch.Tensor:
+    """Images of any sizes ((1, 3, H, W) or (3, H, W) each, in [-1, 1]) -> one (N, 3, size, size) batch:
+    the short side is resized to ``size`` (bicubic, antialiased) and the centre cropped, as CLIP crops."""
+    out = []
+    for im in images:
+        x = im.float().unsqueeze(0) if im.ndim == 3 else im.float()
+        h, w = x.shape[-2:]
+        if (h, w) != (size, size):
+            scale = size / min(h, w)
+            nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+            x = F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)
+            top, left = (nh - size) // 2, (nw - size) // 2
+            x = x[..., top:top + size, left:left + size]
+        out.append(x)
+    return torch.cat(out)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+class Adapter(Trainer):
+    """Holds G_frozen and G_train (sharing one frozen mapping network) and trains G_train.
+    The run loop, events, snapshots, resume and saving come from ``training.Trainer``."""
 
-
-class Adapter:
-    """Holds G_frozen and G_train (sharing one frozen mapping network) and trains G_train."""
+    what = "trained model"
 
     def __init__(self, base: Generator, recipe: Recipe, clip: list[ClipMember], device: str | torch.device = "cpu",
                  out_dir: str | Path | None = None, base_name: str = "", style_images: list[torch.Tensor] | None = None,
-                 source_images: list[torch.Tensor] | None = None):
+                 source_images: list[torch.Tensor] | None = None, _resuming: bool = False):
         self.device = torch.device(device)
         self.recipe, self.clip, self.base_name = recipe, clip, base_name
         self.warnings = recipe.validate(base.n_latent)
         if clip and not recipe.style_images:  # truncation warnings need a tokenizer
             self.warnings += check_prompts(recipe.source, recipe.target, clip[0].tokenizer)
-        self.out_dir = Path(out_dir) if out_dir else None
+        self._init_state(out_dir)
         self.G_frozen = base.to(self.device).eval().requires_grad_(False)
         # copy the synthesis network only: the memo makes the copy share the (frozen) mapping network,
         # without touching ``base``, which other threads may be sampling from
@@ -136,8 +132,6 @@ class Adapter:
         params = [p for n, p in self.G_train.named_parameters() if not n.startswith("style.")]
         self.opt = torch.optim.Adam(params, lr=recipe.lr * 4 / 5, betas=(0.0, 0.99 ** (4 / 5)))
         self.rng = torch.Generator().manual_seed(recipe.seed)
-        self.step, self.history = 0, []
-        self._cancel = False
         self._fixed_slots = preset_slots(recipe.preset, self.L)
         if recipe.preset == "all":
             set_trainable(self.G_train, synthesis_layers(self.G_train))
@@ -148,10 +142,7 @@ class Adapter:
             self.preview_z = seeds_to_z(recipe.preview_seeds, base.style_dim, self.device)
             self.directions = self._target_directions(style_images, source_images)
             self.global_texts = [m.global_text(recipe.target) for m in clip] if recipe.lambda_global or self._auto else []
-        if self.out_dir:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write(self.out_dir / "recipe.json", lambda t: Path(t).write_text(
-                json.dumps({"base": base_name, "config": base.config, "recipe": recipe.to_dict()}, indent=2)))
+        self._open_run_dir({"base": base_name, "config": base.config, "recipe": recipe.to_dict()}, _resuming)
 
     # ------------------------------------------------------------ set-up
     @property
@@ -162,9 +153,10 @@ class Adapter:
         r = self.recipe
         if not style_images:
             return [m.text_direction(r.source, r.target).to(self.device) for m in self.clip]
-        style = torch.cat(style_images).to(self.device)
+        size = self.G_frozen.size  # photos come in any size: one size makes one batch
+        style = fit_images(style_images, size).to(self.device)
         if source_images:
-            source = torch.cat(source_images).to(self.device)
+            source = fit_images(source_images, size).to(self.device)
         else:
             z = torch.randn(16, self.G_frozen.style_dim, generator=torch.Generator().manual_seed(r.seed + 1))
             source = torch.cat([self.G_frozen(c.to(self.device)) for c in z.split(4)])
@@ -184,7 +176,7 @@ class Adapter:
         return sum(m.weight * global_loss(m.encode_images(images), t) for m, t in zip(self.clip, self.global_texts))
 
     # ------------------------------------------------------------ one iteration
-    def train_step(self) -> tuple[dict, list[int], dict]:
+    def train_step(self) -> StepResult:
         """One optimiser step. Returns (losses per CLIP model, chosen slots, seconds per phase).
 
         G_frozen and G_train draw their own per-layer noise (as the official code does), from a
@@ -212,58 +204,50 @@ class Adapter:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
-    def _train_step(self) -> tuple[dict, list[int], dict]:
-        r, t = self.recipe, {}
-        clock = time.perf_counter
-        slots = self._fixed_slots
-        if self._auto:
-            t0 = clock()
-            w_sel = self._sample_ws(r.auto_layer_batch)
-            slots = select_slots(self.G_train, w_sel, self._global_loss, self.k, r.auto_layer_iters,
-                                 noise_mode=r.train_noise)
-            set_trainable(self.G_train, layers_for_slots(self.G_train, slots))
-            _sync(self.device)
-            t["selection"] = clock() - t0
-        ws = self._sample_ws(r.batch)
-        t0 = clock()
-        with torch.no_grad():
-            img_frozen = self.G_frozen.synthesis(ws, noise_mode=r.train_noise)
-            _sync(self.device)
-            t["frozen_forward"] = clock() - t0
-            t0 = clock()
-            feats_frozen = [m.encode_images(img_frozen) for m in self.clip]
-        t_clip = clock() - t0
-        t0 = clock()
-        img_train = self.G_train.synthesis(ws, noise_mode=r.train_noise)
-        t_train = clock() - t0
-        t0 = clock()
+    def _losses(self, img_train: torch.Tensor, feats_frozen: list[torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        """Weighted sum over CLIP models of the directional (+ optional global and norm) losses."""
+        r = self.recipe
         total, losses = 0.0, {}
-        for m, f0, d in zip(self.clip, feats_frozen, self.directions):
+        for i, (m, f0, d) in enumerate(zip(self.clip, feats_frozen, self.directions)):
             f1 = m.encode_images(img_train)
             if torch.allclose(f1, f0, rtol=0, atol=1e-6):  # identical generators (step 0): dI would be 0/0
                 f1 = m.encode_images(img_train + 1e-6)
             loss = r.lambda_direction * directional_loss(f0, f1, d)
             if r.lambda_global:
-                loss = loss + r.lambda_global * global_loss(f1, self.global_texts[self.clip.index(m)])
+                loss = loss + r.lambda_global * global_loss(f1, self.global_texts[i])
             if r.lambda_norm:
                 loss = loss + r.lambda_norm * embedding_norm_loss(f0, f1)
             losses[m.name] = float(loss.detach())
             total = total + m.weight * loss
-        t_clip += clock() - t0
-        if not torch.isfinite(total):
-            raise NonFiniteLoss(f"the loss became {float(total.detach())} at step {self.step + 1}")
-        t0 = clock()
-        self.opt.zero_grad(set_to_none=True)
-        total.backward()
-        grads = [p.grad for g in self.opt.param_groups for p in g["params"] if p.grad is not None]
-        if not all(torch.isfinite(g).all() for g in grads):
-            raise NonFiniteLoss(f"gradients became non-finite at step {self.step + 1}")
-        self.opt.step()
-        _sync(self.device)
-        t["train_forward_backward"] = t_train + clock() - t0
-        t["clip"] = t_clip
+        return total, losses
+
+    def _train_step(self) -> StepResult:
+        r, phase = self.recipe, Phases(self.device)
+        slots = self._fixed_slots
+        if self._auto:
+            with phase("selection"):
+                w_sel = self._sample_ws(r.auto_layer_batch)
+                slots = select_slots(self.G_train, w_sel, self._global_loss, self.k, r.auto_layer_iters,
+                                     noise_mode=r.train_noise)
+                set_trainable(self.G_train, layers_for_slots(self.G_train, slots))
+        ws = self._sample_ws(r.batch)
+        with torch.no_grad():
+            with phase("frozen_forward"):
+                img_frozen = self.G_frozen.synthesis(ws, noise_mode=r.train_noise)
+            with phase("clip"):
+                feats_frozen = [m.encode_images(img_frozen) for m in self.clip]
+        with phase("train_forward_backward"):
+            img_train = self.G_train.synthesis(ws, noise_mode=r.train_noise)
+        with phase("clip"):
+            total, losses = self._losses(img_train, feats_frozen)
+        self._check_loss(total)
+        with phase("train_forward_backward"):
+            self.opt.zero_grad(set_to_none=True)
+            total.backward()
+            self._check_gradients()
+            self.opt.step()
         losses["total"] = float(total.detach())
-        return losses, list(slots), t
+        return StepResult(losses, list(slots), phase.seconds)
 
     @torch.no_grad()
     def preview(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -271,101 +255,29 @@ class Adapter:
         w = self.G_frozen.truncate(self.G_frozen.mapping(self.preview_z), self.w_avg, self.recipe.truncation)
         return self.G_frozen.synthesis(w).cpu(), self.G_train.synthesis(w).cpu()
 
-    def cancel(self) -> None:
-        """Stop before the next step; the weights of the last finished step are saved and kept."""
-        self._cancel = True
-
-    # ------------------------------------------------------------ the loop
-    def run(self) -> Iterator[Event]:
-        """Train, yielding a 'step' event per iteration and one final 'done', 'cancelled' or 'error' event.
-        Every ending saves the weights of the last finished step (when the run has an output folder)."""
-        total = self.recipe.iterations
-        for w in self.warnings:
-            yield Event("warning", self.step, total, message=w)
-        sec = None
-        while self.step < total:
-            if self._cancel:
-                yield self._finish("cancelled", f"stopped after {self.step} of {total} steps")
-                return
-            t0 = time.perf_counter()
-            try:
-                losses, slots, timings = self.train_step()
-            except NonFiniteLoss as e:
-                yield self._finish("error", f"{e}; training stopped and the last good weights (step {self.step}) "
-                                            "were kept. Try a lower learning rate or different prompts")
-                return
-            except (RuntimeError, MemoryError) as e:  # e.g. out of memory: keep what was learned so far
-                yield self._finish("error", f"training failed at step {self.step + 1} ({type(e).__name__}: "
-                                            f"{str(e).splitlines()[0][:200]}); the weights of step {self.step} were kept")
-                return
-            self.step += 1
-            dt = time.perf_counter() - t0
-            sec = dt if sec is None else 0.8 * sec + 0.2 * dt
-            self.history.append(losses["total"])
-            ev = Event("step", self.step, total, loss=losses["total"], losses=losses, slots=slots,
-                       sec_per_step=sec, eta=sec * (total - self.step), timings=timings)
-            if self.step == 1 or self.step % max(1, self.recipe.preview_every) == 0 or self.step == total:
-                ev.preview = self.preview()
-            if self.out_dir and self.recipe.snapshot_every and self.step % self.recipe.snapshot_every == 0:
-                try:
-                    ev.checkpoint = str(self.save_snapshot())
-                except OSError as e:
-                    yield Event("warning", self.step, total, message=f"could not save snapshot ({e}); training goes on")
-            yield ev
-        yield self._finish("done", f"finished {total} steps")
-
-    def _finish(self, kind: str, message: str) -> Event:
-        if self.step == 0:  # the base weights under a new name would pass for a trained model
-            return Event(kind, 0, self.recipe.iterations, preview=self.preview(),
-                         message=message + "; nothing was trained, so nothing was saved")
-        path = self._save_final_or_none()
-        if self.out_dir and path is None:
-            message += f"; but saving failed ({self.save_error}), the model is only in memory: free disk space and save again"
-        return Event(kind, self.step, self.recipe.iterations, loss=self.history[-1] if self.history else None,
-                     checkpoint=path, preview=self.preview(), message=message)
-
     # ------------------------------------------------------------ saving and resuming
     def meta(self) -> dict:
-        return {"source_model": self.base_name, "recipe": self.recipe.to_dict(), "step": self.step,
-                "loss": self.history[-1] if self.history else None}
+        return {"source_model": self.base_name, **super().meta()}
 
     def save(self, path: str | Path) -> Path:
         return save_generator(self.G_train, path, self.meta())
 
-    def save_snapshot(self) -> Path:
-        """Weights at this step plus the optimiser and sampler state, so a run can resume exactly."""
-        path = self.save(self.out_dir / "snapshots" / f"step_{self.step:05d}.safetensors")
-        state = {"step": self.step, "optimizer": self.opt.state_dict(), "rng": self.rng.get_state(),
-                 "history": self.history, "snapshot": path.name}
-        atomic_write(self.out_dir / "state.pt", lambda t: torch.save(state, t))
-        return path
+    # the demo's older name for save_final (it ignored the return value); kept until demo/ calls save_final
+    _save_final_or_none = Trainer.save_final
 
-    def _save_final_or_none(self) -> str | None:
-        self.save_error = None
-        if not self.out_dir or self.step == 0:
-            return None
-        try:
-            return str(self.save(self.out_dir / "final.safetensors"))
-        except OSError as e:
-            self.save_error = str(e)
-            return None
+    def _load_weights(self, path: Path) -> None:
+        from .checkpoints import load_generator
 
-    def snapshots(self) -> list[Path]:
-        return sorted((self.out_dir / "snapshots").glob("step_*.safetensors")) if self.out_dir else []
+        G_snap, _ = load_generator(path, self.device)
+        synth = {k: v for k, v in G_snap.state_dict().items() if not k.startswith("style.")}
+        self.G_train.load_state_dict(synth, strict=False)
 
     @classmethod
     def resume(cls, run_dir: str | Path, base: Generator, clip: list[ClipMember], device="cpu", **kw) -> "Adapter":
-        """Continue a run from its last snapshot: same weights, optimiser moments and sampler state."""
-        from .checkpoints import load_generator
-
+        """Continue a run from its last snapshot: same weights, optimiser moments and sampler state
+        (stale ``.part`` files of a run killed while saving are removed)."""
         run_dir = Path(run_dir)
-        saved = json.loads((run_dir / "recipe.json").read_text())
-        state = torch.load(run_dir / "state.pt", weights_only=True)
-        ad = cls(base, Recipe.from_dict(saved["recipe"]), clip, device, run_dir, saved.get("base", ""), **kw)
-        G_snap, _ = load_generator(run_dir / "snapshots" / state["snapshot"], device)
-        synth = {k: v for k, v in G_snap.state_dict().items() if not k.startswith("style.")}
-        ad.G_train.load_state_dict(synth, strict=False)
-        ad.opt.load_state_dict(state["optimizer"])
-        ad.rng.set_state(state["rng"])
-        ad.step, ad.history = state["step"], list(state["history"])
+        saved = json.loads((run_dir / cls.recipe_file).read_text())
+        ad = cls(base, Recipe.from_dict(saved["recipe"]), clip, device, run_dir, saved.get("base", ""), _resuming=True, **kw)
+        ad._restore()
         return ad

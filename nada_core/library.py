@@ -54,13 +54,18 @@ def slugify(text: str) -> str:
 
 
 def new_run_dir(source: str, target: str, root: Path | None = None) -> Path:
-    """A fresh, unused folder name for a run: never overwrites an earlier model."""
-    root = root or library_dir()
+    """Create and return a fresh, empty folder for a run: never an earlier model's. The folder is
+    created exclusively (mkdir fails if it exists), so two runs started at once never share one."""
+    root = Path(root or library_dir())
+    root.mkdir(parents=True, exist_ok=True)
     stem = slugify(f"{source}-to-{target}")
     for i in range(1, 10_000):
         p = root / (stem if i == 1 else f"{stem}-{i}")
-        if not p.exists():
-            return p
+        try:
+            p.mkdir(exist_ok=False)
+        except FileExistsError:
+            continue
+        return p
     raise RuntimeError("too many runs with the same name")
 
 

@@ -1,4 +1,5 @@
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -201,3 +202,124 @@ def test_cancel_before_the_first_step_saves_nothing(clip, tmp_path):
     (ev,) = list(ad.run())
     assert ev.kind == "cancelled" and ev.checkpoint is None and "nothing was trained" in ev.message
     assert not (tmp_path / "final.safetensors").exists()
+
+
+# ------------------------------------------------------------------ every save failure is survivable
+def _failing_writer(real, exc, when):
+    """save_generator that raises ``exc`` for paths matching ``when`` and writes the others."""
+    def write(G, path, meta=None):
+        if when(str(path)):
+            raise exc
+        return real(G, path, meta)
+    return write
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("[enforce fail at inline_container.cc:595] . unexpected pos 64"),
+                                 "safetensors", OSError(28, "No space left on device")])
+def test_a_failed_snapshot_is_a_warning_and_training_goes_on(clip, tmp_path, monkeypatch, exc):
+    from safetensors import SafetensorError
+
+    import nada_core.adapt as adapt
+
+    exc = SafetensorError("Error while serializing: IoError(No space left on device)") if exc == "safetensors" else exc
+    monkeypatch.setattr(adapt, "save_generator", _failing_writer(adapt.save_generator, exc, lambda p: Path(p).parent.name == "snapshots"))
+    ad = Adapter(tiny_generator(), recipe(iterations=3, snapshot_every=1), clip, out_dir=tmp_path)
+    events = list(ad.run())
+    warnings = [e for e in events if e.kind == "warning"]
+    assert [e.step for e in warnings] == [1, 2, 3] and all("could not save snapshot" in w.message for w in warnings)
+    assert type(exc).__name__ in warnings[0].message
+    assert [e.step for e in events if e.kind == "step"] == [1, 2, 3]
+    done = events[-1]
+    assert done.kind == "done" and done.step == 3 and ad.save_error is None and done.save_error is None
+    assert load_generator(done.checkpoint)[1]["meta"]["step"] == 3
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed"),
+                                 "safetensors", OSError(28, "No space left on device")])
+def test_a_failed_final_save_keeps_the_model_and_save_final_retries(clip, tmp_path, monkeypatch, exc):
+    from safetensors import SafetensorError
+
+    import nada_core.adapt as adapt
+
+    exc = SafetensorError("Error while serializing: IoError(No space left on device)") if exc == "safetensors" else exc
+    real = adapt.save_generator
+    monkeypatch.setattr(adapt, "save_generator", _failing_writer(real, exc, lambda p: Path(p).name == "final.safetensors"))
+    ad = Adapter(tiny_generator(), recipe(iterations=2), clip, out_dir=tmp_path)
+    done = list(ad.run())[-1]
+    assert done.kind == "done" and done.step == 2 and done.checkpoint is None
+    assert "saving failed" in done.message and "only in memory" in done.message
+    assert ad.save_error.startswith(type(exc).__name__) and done.save_error == ad.save_error
+    assert not (tmp_path / "final.safetensors").exists() and not list(tmp_path.glob(".*.part"))
+    trained = snapshot(ad.G_train)
+    assert ad.save_final() is None and ad.save_error  # still failing: still in memory, still says why
+    monkeypatch.setattr(adapt, "save_generator", real)  # disk space freed
+    path = ad.save_final()
+    assert path == tmp_path / "final.safetensors" and ad.save_error is None
+    G, info = load_generator(path)
+    assert info["meta"]["step"] == 2
+    assert all(torch.equal(v, trained[k]) for k, v in G.state_dict().items())
+
+
+def test_a_non_finite_first_step_reports_the_cause_and_saves_nothing(clip, tmp_path):
+    import dataclasses
+
+    huge = [dataclasses.replace(clip[0], weight=1e308)]  # the UI builds members with the recipe's weights
+    ad = Adapter(tiny_generator(), recipe(clip_weights=[1e308]), huge, out_dir=tmp_path)
+    (ev,) = [e for e in ad.run() if e.kind != "warning"]
+    assert ev.kind == "error" and ev.step == 0 and ev.checkpoint is None
+    assert "the loss became inf at step 1" in ev.message and "nothing was trained" in ev.message
+    assert ad.save_error is None and ad.save_final() is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.json"]
+
+
+def test_stop_before_the_first_step_says_so(clip, tmp_path):
+    ad = Adapter(tiny_generator(), recipe(), clip, out_dir=tmp_path)
+    assert ad.save_error is None  # defined from the start (the UI reads it after any ending)
+    ad.cancel()
+    (ev,) = list(ad.run())
+    assert ev.kind == "cancelled" and "stopped before the first step" in ev.message and ad.save_error is None
+
+
+def test_non_finite_clip_weights_are_refused(clip):
+    with pytest.raises(ValueError, match="finite"):
+        Adapter(tiny_generator(), recipe(clip_weights=[float("inf")]), clip)
+
+
+def test_style_images_of_different_sizes_train(clip):
+    from nada_core.adapt import fit_images
+
+    gen = torch.Generator().manual_seed(5)
+    style = [torch.rand(1, 3, 48, 40, generator=gen) * 2 - 1, torch.rand(1, 3, 32, 32, generator=gen) * 2 - 1,
+             torch.rand(3, 70, 90, generator=gen) * 2 - 1]
+    source = [torch.rand(1, 3, 64, 64, generator=gen) * 2 - 1, torch.rand(1, 3, 20, 30, generator=gen) * 2 - 1]
+    batch = fit_images(style, 32)
+    assert batch.shape == (3, 3, 32, 32) and torch.equal(batch[1], style[1][0])  # already the right size: untouched
+    # a 40x48 image: short side 40 -> 32 (height 48 -> 38), centre crop of 32 rows starting at row 3
+    resized = torch.nn.functional.interpolate(style[0], size=(38, 32), mode="bicubic", antialias=True)
+    assert torch.allclose(batch[0], resized[0, :, 3:35, :], atol=1e-6)
+    ad = Adapter(tiny_generator(), recipe(style_images=["a.png", "b.png", "c.png"], target="", iterations=2), clip,
+                 style_images=style, source_images=source)
+    events = list(ad.run())
+    assert events[-1].kind == "done" and events[-1].step == 2
+    assert torch.isfinite(ad.directions[0]).all() and abs(ad.directions[0].norm().item() - 1) < 1e-5
+
+
+def test_resume_removes_stale_part_files_and_new_runs_never_reuse_a_folder(clip, tmp_path):
+    from nada_core.library import new_run_dir
+
+    part = Adapter(tiny_generator(), recipe(iterations=4), clip, out_dir=tmp_path)
+    for ev in part.run():
+        if ev.step == 2:
+            part.cancel()
+    # a process killed with -9 while writing leaves atomic_write's temporary files behind
+    stale = [tmp_path / ".final.safetensors.k3j2.part", tmp_path / "snapshots" / ".step_00004.safetensors.x1.part",
+             tmp_path / ".state.pt.abcd.part"]
+    for p in stale:
+        p.write_bytes(b"half a file")
+    resumed = Adapter.resume(tmp_path, tiny_generator(), clip)
+    assert resumed.step == 2 and not any(p.exists() for p in stale)
+    assert (tmp_path / "final.safetensors").is_file()  # the finished files are untouched
+    with pytest.raises(ValueError, match="already holds a run"):
+        Adapter(tiny_generator(), recipe(), clip, out_dir=tmp_path)
+    a, b = new_run_dir("photo", "sketch", tmp_path / "lib"), new_run_dir("photo", "sketch", tmp_path / "lib")
+    assert a.is_dir() and b.is_dir() and a != b and [a.name, b.name] == ["photo-to-sketch", "photo-to-sketch-2"]
