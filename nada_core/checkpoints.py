@@ -327,7 +327,8 @@ class RestrictedUnpickler(pickle._Unpickler):
     * ``find_class``: tensor-rebuild helpers with bounds checks, plain containers, storage types and
       dtypes; any other standard-library or torch name (``os.system``, ``eval``, ``bytearray``, ...) is
       refused; classes of other packages (dnnlib, numpy, training code) become inert placeholders;
-    * BUILD only on placeholders and ordered dicts (``Tensor.__setstate__`` would resize a storage);
+    * BUILD only on placeholders and ordered dicts (``Tensor.__setstate__`` would resize a storage),
+      SETITEM(S) only on dicts;
     * BYTEARRAY8 no longer than the stream, and a budget of storage bytes and operations shared by
       every pickle of one file.
     """
@@ -380,6 +381,21 @@ class RestrictedUnpickler(pickle._Unpickler):
             raise _Refused(f"the file sets the state of a {type(inst).__name__}, which a generator file never does")
 
     @_counted
+    def load_setitem(self):
+        self._dict_target(self.stack[-3])
+        pickle._Unpickler.load_setitem(self)
+
+    @_counted
+    def load_setitems(self):
+        self._dict_target(self.metastack[-1][-1])
+        pickle._Unpickler.load_setitems(self)
+
+    @staticmethod
+    def _dict_target(obj):
+        if not isinstance(obj, dict):  # (never ``tensor[key] = value``)
+            raise _damaged(f"items set on a {type(obj).__name__}")
+
+    @_counted
     def load_bytearray8(self):
         n, = struct.unpack("<Q", self.read(8))
         if n > self._size:
@@ -387,6 +403,8 @@ class RestrictedUnpickler(pickle._Unpickler):
         self.append(bytearray(self.read(n)))
 
     dispatch[pickle.BUILD[0]] = load_build
+    dispatch[pickle.SETITEM[0]] = load_setitem
+    dispatch[pickle.SETITEMS[0]] = load_setitems
     dispatch[pickle.BYTEARRAY8[0]] = load_bytearray8
 
 

@@ -222,3 +222,25 @@ def test_legacy_torch_serialization_is_a_rosinality_file_not_a_pickle(tmp_path):
 def test_expected_layout_is_the_generators_state_dict(cfg):
     """Files are checked against this layout before a generator is built, so it must match the real one."""
     assert expected_layout(cfg) == {k: tuple(v.shape) for k, v in Generator(**cfg).state_dict().items()}
+
+
+def test_restricted_reader_rebuilds_tensors_like_torch(tmp_path):
+    """Our reader replaces torch.load for every pickle-based file: dtypes, views, shared storages,
+    parameters and empty tensors come back as torch would give them, in all pickle protocols."""
+    from nada_core.checkpoints import load_torch_file, restricted_loads
+
+    base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    objs = {"view": base[1:, 2:], "t": base.t(), "bf16": torch.randn(3, dtype=torch.bfloat16), "i64": torch.arange(5),
+            "bool": torch.tensor([True, False]), "param": torch.nn.Parameter(torch.randn(2, 2)),
+            "empty": torch.zeros(0, 5), "scalar": torch.tensor(3.5), "ns": argparse.Namespace(lr=0.002)}
+
+    def same(out):
+        return all(torch.equal(out[k], v.detach()) and out[k].dtype == v.dtype
+                   for k, v in objs.items() if isinstance(v, torch.Tensor))
+
+    for proto in range(2, 6):
+        assert same(restricted_loads(pickle.dumps(objs, protocol=proto)))
+    for zipped in (True, False):
+        torch.save(objs, tmp_path / "x.pt", _use_new_zipfile_serialization=zipped)
+        out = load_torch_file(tmp_path / "x.pt")
+        assert same(out) and out["view"].untyped_storage().data_ptr() == out["t"].untyped_storage().data_ptr()
