@@ -1,4 +1,4 @@
-"""Command line: ``python -m nada_core weights|adapt|sample|invert ...`` (``--help`` on each)."""
+"""Command line: ``python -m nada_core weights|adapt|sample|invert|mapper ...`` (``--help`` on each)."""
 from __future__ import annotations
 
 import argparse
@@ -142,11 +142,81 @@ def cmd_sample(args) -> int:
     G_src, _ = load_base(base, device)
     if G_src.config != G.config:
         raise ValueError(f"the base {base} ({G_src.config['size']} px) does not match the model ({G.config['size']} px)")
-    rows = render([G_src, G], latents_for_seeds(G_src, seeds, args.truncation), args.noise)
+    w = latents_for_seeds(G_src, seeds, args.truncation)
+    rows = render([G_src, G], w, args.noise)
+    if args.mapper:
+        rows.append(_mapper_row(args.mapper, args.mapper_strength, G, w, args.noise, device))
     out = Path(args.out or Path(args.model).with_name("samples.png"))
     out.parent.mkdir(parents=True, exist_ok=True)
     grid(rows).save(out)
-    print(f"wrote {out} (top: {base}, bottom: {args.model}; seeds {args.seeds})")
+    mapped = f"; third row: edited by {args.mapper} at strength {args.mapper_strength}" if args.mapper else ""
+    print(f"wrote {out} (top: {base}, bottom: {args.model}{mapped}; seeds {args.seeds})")
+    return 0
+
+
+def _mapper_row(path, strength: float, G, w, noise: str, device):
+    """The model's images of ``w`` edited by a latent mapper: w + strength * 0.1 * mapper(w)."""
+    import torch
+
+    from .mapper import check_mapper_fits, load_mapper
+    from .sampling import render
+
+    mapper, info = load_mapper(path, device)
+    for note in check_mapper_fits(mapper, info, G):
+        print(f"note: {note}", file=sys.stderr)
+    with torch.no_grad():
+        return render([G], mapper.edit(w.to(device), strength), noise)[0]
+
+
+# ---------------------------------------------------------------------------- mapper
+def cmd_mapper(args) -> int:
+    from .clip_guide import load_ensemble
+    from .images import grid, to_pil
+    from .library import default_device, library_dir, load_base, new_run_dir
+    from .mapper import MapperRecipe, MapperTrainer, identity_for
+
+    device = args.device or default_device()
+    G, model_name = load_base(args.model, device)
+    clip_names = [c.strip() for c in args.clip.split(",") if c.strip()]
+    clip_weights = [float(w) for w in args.clip_weights.split(",")] if args.clip_weights else [1.0] * len(clip_names)
+    recipe = MapperRecipe(text=args.text or "", iterations=args.steps, batch=args.batch, lr=args.lr,
+                          coarse=not args.no_coarse, medium=not args.no_medium, fine=not args.no_fine,
+                          bias_layout=args.bias_layout, clip_models=clip_names, clip_weights=clip_weights,
+                          clip_lambda=args.clip_lambda, latent_l2_lambda=args.l2_lambda, norm_lambda=args.norm_lambda,
+                          id_lambda=args.id_lambda, train_size=args.train_size, test_size=args.test_size,
+                          seed=args.seed, preview_every=args.preview_every, snapshot_every=args.snapshot_every)
+    if not args.resume:
+        recipe.validate()  # before loading CLIP: a bad recipe is one clear line, at once
+    clip = load_ensemble(clip_names, clip_weights, device)
+    id_fn, id_note = identity_for(args.identity, args.arcface, model_name, device)
+    if args.resume:
+        trainer = MapperTrainer.resume(args.resume, G, clip, device, id_fn=id_fn)
+        out = Path(args.resume)
+    else:
+        out = Path(args.out) if args.out else new_run_dir(Path(model_name).stem, args.text, library_dir() / "mappers")
+        trainer = MapperTrainer(G, recipe, clip, device, out, model_name, id_fn=id_fn)
+    print(f"training a mapper on {model_name} ({device}) for '{trainer.recipe.text}', {trainer.recipe.iterations} "
+          f"steps, output {out}; {id_note}", file=sys.stderr)
+    last = None
+    for ev in trainer.run():
+        if ev.kind == "warning":
+            print(f"\nwarning: {ev.message}", file=sys.stderr)
+        elif ev.kind == "step":
+            print(_bar(ev.step, ev.total, f"step {ev.step}/{ev.total} loss {ev.loss:.4f} "
+                                          f"{ev.sec_per_step:.2f}s/it ETA {_fmt_time(ev.eta)}"),
+                  end="", file=sys.stderr, flush=True)
+        last = ev
+    print(file=sys.stderr)
+    if last is not None and last.preview is not None:
+        try:
+            before, after = last.preview
+            grid([to_pil(before), to_pil(after)]).save(out / "preview.png")
+        except OSError as e:
+            print(f"warning: could not write the preview image ({e})", file=sys.stderr)
+    if last is None or last.kind == "error" or last.save_error:
+        print(f"error: {last.message if last else 'nothing ran'}", file=sys.stderr)
+        return 1
+    print(f"{last.message}: {last.checkpoint}")
     return 0
 
 
@@ -259,7 +329,40 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--noise", default="const", choices=["const", "random", "none"])
     s.add_argument("--out", default=None)
     s.add_argument("--device", default=None)
+    s.add_argument("--mapper", default=None, help="latent mapper (file or mapper run folder): adds a row of the "
+                                                   "model's images edited by it")
+    s.add_argument("--mapper-strength", type=float, default=1.0, help="w + strength * 0.1 * mapper(w)")
     s.set_defaults(fn=cmd_sample)
+
+    m = sub.add_parser("mapper", help="train a latent mapper (StyleCLIP levels mapper) for a text edit")
+    m.add_argument("--model", default="ffhq", help="generator to edit: 'ffhq', a manifest name, a file (e.g. an "
+                                                   "adapted model), or 'tiny'")
+    m.add_argument("--text", default="", help="the edit, e.g. 'a face with purple hair'")
+    m.add_argument("--steps", type=int, default=10_000)
+    m.add_argument("--batch", type=int, default=2)
+    m.add_argument("--lr", type=float, default=0.5, help="Ranger learning rate")
+    m.add_argument("--no-coarse", action="store_true", help="switch off the coarse mapper (W+ slots 0-3)")
+    m.add_argument("--no-medium", action="store_true", help="switch off the medium mapper (slots 4-7)")
+    m.add_argument("--no-fine", action="store_true", help="switch off the fine mapper (slots 8-)")
+    m.add_argument("--bias-layout", default="channel", choices=["channel", "cuda"],
+                   help="'cuda' reproduces the official CUDA kernel's bias indexing")
+    m.add_argument("--clip", default="ViT-B-32,ViT-B-16", help="comma-separated open_clip names, or 'tiny'")
+    m.add_argument("--clip-weights", default=None)
+    m.add_argument("--clip-lambda", type=float, default=1.0)
+    m.add_argument("--l2-lambda", type=float, default=0.8, help="latent L2 weight")
+    m.add_argument("--norm-lambda", type=float, default=0.5, help="CLIP embedding-norm weight")
+    m.add_argument("--id-lambda", type=float, default=0.1, help="identity weight")
+    m.add_argument("--identity", default="auto", choices=["auto", "arcface", "dlib", "off"])
+    m.add_argument("--arcface", default=None, help="ArcFace IR-SE-50 weights (model_ir_se50.pth) for the identity loss")
+    m.add_argument("--train-size", type=int, default=5000)
+    m.add_argument("--test-size", type=int, default=1000)
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--preview-every", type=int, default=100)
+    m.add_argument("--snapshot-every", type=int, default=1000)
+    m.add_argument("--out", default=None, help="run folder (default: library/mappers/<model>-to-<text>)")
+    m.add_argument("--resume", default=None, help="continue the mapper run in this folder")
+    m.add_argument("--device", default=None)
+    m.set_defaults(fn=cmd_mapper)
 
     v = sub.add_parser("invert", help="align a face photo, invert it, stylise it and paste it back")
     v.add_argument("photo")

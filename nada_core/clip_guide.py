@@ -169,3 +169,53 @@ def load_ensemble(names, model_weights=None, device="cpu") -> list[ClipMember]:
     if len(model_weights) != len(names):
         raise ClipLoadError("give one weight per CLIP model")
     return [load_clip(n, device, w) for n, w in zip(names, model_weights) if w != 0]
+
+
+# ------------------------------------------------------------------ the latent mapper's losses (StyleCLIP / NADA)
+def clip_pool_matrix(size: int, out: int, up: int = 7, device=None, dtype=torch.float32) -> torch.Tensor:
+    """(out, size) averaging matrix of the official mapper's resize: nearest upsampling by ``up`` followed by
+    average pooling into ``out`` bins. Entry (i, j) is the share of output bin i covered by input pixel j;
+    bins of fractional width are weighted by overlap (for the official sizes the width is an integer and
+    this is exactly ``AvgPool2d(size // 32)`` of ``Upsample(scale_factor=7)``)."""
+    width = size * up / out
+    starts = torch.arange(out, dtype=torch.float64)[:, None] * width
+    lo = torch.arange(size, dtype=torch.float64)[None, :] * up
+    overlap = (torch.minimum(starts + width, lo + up) - torch.maximum(starts, lo)).clamp(min=0)
+    return (overlap / width).to(device=device, dtype=dtype)
+
+
+def pool_for_clip(images: torch.Tensor, clip_size: int, up: int = 7) -> torch.Tensor:
+    """The official mapper's CLIP resize, ``AvgPool2d(size // 32)(Upsample(scale_factor=7)(x))`` (1024 -> 224),
+    generalised to pool to ``clip_size`` from any size; computed as two small matrix products, never
+    materialising the 7x image (7168^2 pixels per channel at 1024 px)."""
+    h, w = images.shape[-2:]
+    mh = clip_pool_matrix(h, clip_size, up, images.device, images.dtype)
+    mw = mh if w == h else clip_pool_matrix(w, clip_size, up, images.device, images.dtype)
+    return mh @ images @ mw.T
+
+
+def encode_pooled(member: "ClipMember", images: torch.Tensor) -> torch.Tensor:
+    """CLIP image features as the official mapper computes them: ``pool_for_clip`` of the generator's [-1, 1]
+    image straight into the image encoder (StyleCLIP's CLIPLoss applies no [0, 1] shift or mean/std)."""
+    p = next(member.model.parameters())
+    x = pool_for_clip(images.float(), member.image_size)
+    return member.model.encode_image(x.to(p.dtype)).float()
+
+
+def plain_text_features(member: "ClipMember", text: str) -> torch.Tensor:
+    """(D,) unit embedding of ``text`` on its own (the mapper tokenises the bare description, no templates)."""
+    return member.text_features(text, templates=("{}",))[0]
+
+
+def clip_text_loss(members: list["ClipMember"], images: torch.Tensor, text: str,
+                   feats: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The mapper's CLIP loss: sum over models of weight * batch mean of ``1 - logit/100`` = ``1 - cos(E_I, E_T)``
+    (OpenAI CLIP's logit scale is 100). Returns (loss, per-model features of ``images``) so callers can reuse them."""
+    feats = feats if feats is not None else [encode_pooled(m, images) for m in members]
+    loss = sum(m.weight * global_loss(f, plain_text_features(m, text).to(f)) for m, f in zip(members, feats))
+    return loss, feats
+
+
+def embedding_norm_mse(feats_before: torch.Tensor, feats_after: torch.Tensor) -> torch.Tensor:
+    """The mapper's embedding-norm loss: ``MSE(|E_I(x)|, |E_I(x_hat)|)`` over the batch (StyleGAN-NADA)."""
+    return F.mse_loss(feats_after.norm(dim=-1), feats_before.norm(dim=-1))
