@@ -1,48 +1,58 @@
-"""Adapt tab: type a style, watch the generator train live (progress, loss curve, layer heat map,
-previews), then find the model in the library, download it, or go back to an earlier iteration."""
+"""Adapt tab: controls on the left, the live run on the right (one progress line, previews on a wall
+clock, loss curve, layer heat map); afterwards the snapshot scrubber, downloads and Retry."""
 from __future__ import annotations
 
 import json
 import shutil
+import statistics
 import time
 from pathlib import Path
 
 import gradio as gr
 import numpy as np
 import pandas as pd
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from nada_core.adapt import Adapter, Recipe
 from nada_core.checkpoints import export_rosinality, load_generator
-from nada_core.images import from_pil, grid, to_pil
-from nada_core.library import new_run_dir
+from nada_core.freezing import STARTER_PRESETS, starter_settings
+from nada_core.images import from_pil, grid, open_image, to_pil
+from nada_core.library import new_run_dir, prune_snapshots, restore, set_aside
 from nada_core.sampling import latents_for_seeds, render
 
 from .state import Studio
-from .ui import banner, friendly, missing_panel
+from .ui import Slider, fmt_seconds, friendly, number, progress_html
 
-EXAMPLES = [["Photo", "Sketch"], ["Human", "Pixar character"], ["Dog", "Pig"], ["Photo", "Oil painting by Van Gogh"]]
-PRESETS = {  # paper settings: styles train every layer; shape changes adapt ~2/3 of the slots with style mixing
-    "Style": {"k": 0, "mixing": 0.0, "iterations": 300},
-    "Shape": {"k": -1, "mixing": 0.9, "iterations": 200},
-}
-
-
-def _fmt(seconds: float | None) -> str:
-    if seconds is None:
-        return "?"
-    s = int(round(seconds))
-    return f"{s // 60} min {s % 60:02d} s" if s >= 60 else f"{s} s"
+EXAMPLES = [["Photo", "Sketch"], ["Human", "Pixar character"], ["Photo", "Oil painting by Van Gogh"], ["Dog", "Pig"]]
+PREVIEW_SECONDS = 2.0        # default wall-clock cadence of the live preview
+SHORT_RUN = 0.10             # runs stopped before this share of their steps are set aside unless kept
+KEEP_SNAPSHOTS = 5           # snapshots kept of a finished run (plus any saved as models)
+MAX_STYLE_IMAGES = 16
 
 
-def heatmap(slot_history: list[list[int]], n_latent: int, rows: int = 40) -> Image.Image:
-    """Rows: recent steps (newest at the bottom); columns: W+ slots, coarse to fine; lit = trained."""
-    recent = slot_history[-rows:]
-    a = np.zeros((max(1, len(recent)), n_latent), dtype=np.uint8)
-    for i, slots in enumerate(recent):
-        a[i, slots] = 1
-    img = np.stack([40 + 215 * a, 40 + 120 * a, 60 + 20 * a], -1).astype(np.uint8)
-    return Image.fromarray(img).resize((n_latent * 24, max(1, len(recent)) * 8), Image.NEAREST)
+def heatmap(slot_history: list[list[int]], n_latent: int, rows: int = 24, untrained: tuple[int, ...] = ()) -> Image.Image:
+    """Rows: recent steps (newest at the bottom); columns: W+ slots, coarse to fine; lit = trained.
+    Labelled with slot numbers and the resolution each slot's convolution works at; slots that no
+    trainable layer reads (the last one feeds only a ToRGB) are hatched."""
+    recent = slot_history[-rows:] or [[]]
+    cell_w, cell_h, top, left = 28, 5, 30, 4
+    w, h = left + n_latent * cell_w, top + len(recent) * cell_h + 16
+    img = Image.new("RGB", (w, h), (250, 250, 250))
+    d = ImageDraw.Draw(img)
+    for s in range(n_latent):
+        x = left + s * cell_w
+        res = "rgb" if s in untrained else 4 if s == 0 else 2 ** (3 + (s - 1) // 2)
+        d.text((x + 4, 2), str(s), fill=(40, 40, 40))
+        d.text((x + 2, 14), str(res), fill=(110, 110, 110))
+        for i, slots in enumerate(recent):
+            y = top + i * cell_h
+            lit = s in slots
+            d.rectangle([x, y, x + cell_w - 2, y + cell_h - 2], fill=(230, 150, 60) if lit else (60, 60, 80))
+        if s in untrained:
+            for y in range(top, top + len(recent) * cell_h, 6):
+                d.line([x, y, x + cell_w - 2, y + 5], fill=(170, 170, 170))
+    d.text((left, h - 13), "slot (top) / resolution in px; orange = trained this step", fill=(90, 90, 90))
+    return img
 
 
 def preview_grid(preview) -> Image.Image:
@@ -52,222 +62,362 @@ def preview_grid(preview) -> Image.Image:
 
 
 def build(studio: Studio):
-    banner(studio)
-    missing_panel(studio, ("generator", "clip"), "training (a base generator and the CLIP models)")
-    with gr.Row():
-        base = gr.Dropdown([(studio.base_label(n), n) for n in studio.base_names()], value=studio.default_base(),
-                           label="Base model", scale=2)
-        preset = gr.Radio(["Style", "Shape", "Custom"], value="Style", label="Preset", scale=2)
-    with gr.Row():
-        source = gr.Textbox("Photo", label="Source (what the model makes now)", max_length=300)
-        target = gr.Textbox("Sketch", label="Target (the new domain)", max_length=300)
-    gr.Examples(EXAMPLES, [source, target], label="Examples")
-    with gr.Accordion("Advanced", open=False):
-        with gr.Row():
-            style_files = gr.File(label="Style images (optional: image-guided target instead of text)",
-                                  file_count="multiple", file_types=["image"])
-            source_files = gr.File(label="Source images (optional, with style images; default: samples of the base)",
-                                   file_count="multiple", file_types=["image"])
-        with gr.Row():
-            iterations = gr.Slider(1, 2000, value=300, step=1, label="Iterations")
-            batch = gr.Slider(1, 8, value=2, step=1, label="Batch")
-            lr = gr.Number(0.002, label="Learning rate (Adam, x4/5 as in the paper)")
-        with gr.Row():
-            k = gr.Slider(0, 18, value=0, step=1, label="Layers (W+ slots) trained per step, 0 = all")
-            layer_iters = gr.Slider(0, 5, value=1, step=1, label="Layer-selection iterations")
-            mixing = gr.Slider(0, 1, value=0.0, step=0.05, label="Style-mixing probability")
-        with gr.Row():
-            clip_models = gr.CheckboxGroup(studio.clip_names(), value=studio.clip_names(), label="CLIP models")
-            w1 = gr.Number(1.0, label=f"weight {studio.clip_names()[0]}")
-            w2 = gr.Number(1.0, label=f"weight {studio.clip_names()[-1]}", visible=len(studio.clip_names()) > 1)
-        with gr.Row():
-            seed = gr.Number(0, label="Seed", precision=0)
-            preview_every = gr.Slider(1, 100, value=10, step=1, label="Preview every N steps")
-    with gr.Row():
-        estimate = gr.Markdown(_estimate_text(studio, studio.default_base(), 2, studio.clip_names(), 300))
-        measure = gr.Button("Measure one step", scale=0)
-    with gr.Row():
-        start = gr.Button("Start", variant="primary")
-        stop = gr.Button("Stop", variant="stop")
-        retry = gr.Button("Retry saving", visible=False)
-    status = gr.Markdown("Ready.", elem_id="adapt-status")
-    with gr.Row():
-        preview = gr.Image(format="png", label="Preview: source (top) and adapted (bottom), same latents", type="pil",
-                           elem_id="adapt-preview", interactive=False, height=360)
-        with gr.Column():
-            loss_plot = gr.LinePlot(x="step", y="loss", color="model", label="Loss", height=220)
-            heat = gr.Image(format="png", label="Adaptive layer freezing: W+ slots trained (columns: coarse -> fine)",
-                            type="pil", interactive=False)
-    with gr.Row():
-        files = gr.File(label="Download (our .safetensors and rosinality .pt)", file_count="multiple", interactive=False)
-        with gr.Column():
-            snapshot = gr.Slider(0, 1, value=0, step=1, label="Snapshot (go back to an earlier iteration)", interactive=True)
-            snapshot_preview = gr.Image(format="png", label="Snapshot preview", type="pil", interactive=False)
-            keep = gr.Button("Save this snapshot as a new library model")
+    base_default = studio.default_base()
+    n_latent = studio.n_latent(base_default)
+    style = starter_settings("Style", n_latent)
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=2, min_width=300):
+            base = gr.Dropdown([(studio.base_label(n), n) for n in studio.base_names()], value=base_default,
+                               label="Base model", elem_id="adapt-base", allow_custom_value=True)  # names are checked on the server
+            preset = gr.Radio(["Style", "Shape", "Custom"], value="Style", label="Preset", elem_id="adapt-preset")
+            preset_info = gr.Markdown(_preset_text("Style", style, set()), elem_classes=["nada-small"])
+            with gr.Row():
+                source = gr.Textbox("Photo", label="Source (what it makes now)", max_lines=1, max_length=300, min_width=120)
+                target = gr.Textbox("Sketch", label="Target (the new domain)", max_lines=1, max_length=300, min_width=120)
+            iterations = gr.Number(style["iterations"], label="Iterations", step=1,
+                                   elem_id="adapt-iterations")
+            with gr.Row():
+                start = gr.Button("Start", variant="primary", elem_id="adapt-start", min_width=100)
+                stop = gr.Button("Stop", variant="stop", elem_id="adapt-stop", interactive=False, min_width=100)
+            estimate = gr.Markdown(_estimate_text(studio, base_default, 2, studio.clip_names(), False, style["iterations"]),
+                                   elem_classes=["nada-small"], elem_id="adapt-estimate")
+            measure = gr.Button("Measure one step", size="sm")
+            with gr.Accordion("Examples", open=False):
+                gr.Examples(EXAMPLES, [source, target], label=None)
+            with gr.Accordion("Style images (image-guided target instead of text)", open=False):
+                style_files = gr.File(label="Style images", file_count="multiple", file_types=["image"])
+                source_files = gr.File(label="Source images (optional; default: samples of the base)",
+                                       file_count="multiple", file_types=["image"])
+            with gr.Accordion("Advanced", open=False):
+                with gr.Row():
+                    batch = Slider(1, 8, value=2, step=1, label="Batch")
+                    lr = gr.Number(0.002, label="Learning rate (Adam, x4/5 as in the paper)")
+                with gr.Row():
+                    k = Slider(0, n_latent, value=style["k"], step=1, label="W+ slots trained per step (0 = all)")
+                    mixing = Slider(0, 1, value=style["mixing"], step=0.05, label="Style-mixing probability")
+                with gr.Row():
+                    layer_iters = Slider(0, 5, value=1, step=1, label="Layer-selection iterations")
+                    seed = gr.Number(0, label="Seed", step=1)
+                with gr.Row():
+                    clip_models = gr.CheckboxGroup(studio.clip_names(), value=studio.clip_names(), label="CLIP models")
+                    w1 = gr.Number(1.0, label=f"weight {studio.clip_names()[0]}")
+                    w2 = gr.Number(1.0, label=f"weight {studio.clip_names()[-1]}", visible=len(studio.clip_names()) > 1)
+                preview_seconds = Slider(0.5, 30, value=PREVIEW_SECONDS, step=0.5, label="Preview every N seconds")
+        with gr.Column(scale=3, min_width=300):
+            status = gr.HTML(progress_html(None, "Ready.", "idle"), elem_id="adapt-status")
+            preview = gr.Image(format="png", label="Source (top) and adapted (bottom), same latents", type="pil",
+                               elem_id="adapt-preview", interactive=False, height=300, show_label=True)
+            with gr.Row(equal_height=False):
+                loss_plot = gr.LinePlot(x="step", y="loss", color="model", label="Loss", height=200,
+                                        elem_id="adapt-loss", min_width=200)
+                heat = gr.Image(format="png", label="Layers trained (W+ slots)", type="pil", interactive=False,
+                                height=200, elem_id="adapt-heatmap", min_width=200)
+            with gr.Row():
+                retry = gr.Button("Retry saving", visible=False, variant="primary")
+                keep_run = gr.Button("Keep this short run in the library", visible=False)
+            with gr.Accordion("Result: downloads and snapshots", open=False) as result_box:
+                files = gr.File(label="Download (our .safetensors and rosinality .pt)", file_count="multiple",
+                                interactive=False)
+                snapshot = Slider(0, 1, value=0, step=1, label="Snapshot at iteration", interactive=False)
+                snapshot_preview = gr.Image(format="png", label="Snapshot preview", type="pil", interactive=False)
+                keep = gr.Button("Save this snapshot as a new library model")
     run_dir = gr.State("")
-    library = gr.Gallery(format="png", label="Model library", columns=4, height=260, allow_preview=False)
+    touched = gr.State([])
 
-    # ------------------------------------------------------------------ handlers
-    def apply_preset(name):
-        if name not in PRESETS:
-            return gr.update(), gr.update(), gr.update()
-        p = PRESETS[name]
-        n_latent = 18
-        k_value = 0 if p["k"] == 0 else round(n_latent * 2 / 3)
-        return gr.update(value=k_value), gr.update(value=p["mixing"]), gr.update(value=p["iterations"])
+    # ------------------------------------------------------------------ presets
+    def apply_preset(name, base_name, touched_fields):
+        if name not in STARTER_PRESETS:
+            return gr.update(), gr.update(), gr.update(), _preset_text(name, None, set(touched_fields))
+        p = starter_settings(name, studio.n_latent(base_name))
+        keep = set(touched_fields)
+        return (gr.update() if "k" in keep else gr.update(value=p["k"]),
+                gr.update() if "mixing" in keep else gr.update(value=p["mixing"]),
+                gr.update() if "iterations" in keep else gr.update(value=p["iterations"]),
+                _preset_text(name, p, keep))
 
-    preset.change(apply_preset, preset, [k, mixing, iterations], api_visibility="private")
+    def touch(field):
+        """A value the user typed: presets chosen later leave it alone, and the preset line says so."""
+        def handler(fields, name, base_name):
+            fields = sorted(set(fields) | {field})
+            p = starter_settings(name, studio.n_latent(base_name)) if name in STARTER_PRESETS else None
+            return fields, _preset_text(name, p, set(fields))
+        return handler
+
+    preset.input(apply_preset, [preset, base, touched], [k, mixing, iterations, preset_info], api_visibility="private",
+                 show_progress="hidden")
+    for comp, field in ((k, "k"), (mixing, "mixing"), (iterations, "iterations")):
+        comp.input(touch(field), [touched, preset, base], [touched, preset_info], api_visibility="private",
+                   show_progress="hidden")
+
+    def on_base(base_name, preset_name, k_value):
+        L = studio.n_latent(base_name)
+        value = starter_settings(preset_name, L)["k"] if preset_name in STARTER_PRESETS else min(int(k_value or 0), L)
+        return gr.update(maximum=L, value=value)
+
+    base.change(on_base, [base, preset, k], k, api_visibility="private", show_progress="hidden")
+
+    # ------------------------------------------------------------------ training
+    @friendly
+    def before_start(request: gr.Request):
+        """Answers at once, outside the device queue: a second Start of the same visitor is refused,
+        another visitor is told their run waits for the one in progress."""
+        running = studio.training_status()
+        if running and studio.training and studio.training["session"] == _session(request):
+            raise gr.Error(f"Already training ({running}). Press Stop to end this run first.")
+        if running:
+            return progress_html(None, f"Waiting: another run is training ({running}); yours starts when it ends.", "wait")
+        return progress_html(0, "Starting: loading the models...", "run")
 
     @friendly
     def train(base_name, preset_name, src, tgt, style_paths, source_paths, iters, bsz, lr_value, k_value, sel_iters, mix,
-              models, weight1, weight2, seed_value, every, request: gr.Request, progress=gr.Progress()):
+              models, weight1, weight2, seed_value, every_s, request: gr.Request):
+        session = _session(request)
+        if studio.training and studio.training["session"] == session:
+            raise gr.Error(f"Already training ({studio.training_status()}).")
         G = studio.base(base_name)
         names, model_weights = _clip_choice(studio, models, weight1, weight2)
-        k_slots = int(k_value) or None
-        if preset_name == "Shape":
-            k_slots = round(G.n_latent * 2 / 3)
-        if k_slots and k_slots > G.n_latent:
-            k_slots = G.n_latent
-        style_images = [from_pil(_open(p)) for p in (style_paths or [])]
-        source_images = [from_pil(_open(p)) for p in (source_paths or [])] if style_images else []
-        recipe = Recipe(source=src or "", target=tgt or "", iterations=int(iters), batch=int(bsz), lr=float(lr_value),
-                        k=k_slots, auto_layer_iters=int(sel_iters), clip_models=names, clip_weights=model_weights,
-                        mixing=float(mix), seed=int(seed_value or 0), preview_every=int(every),
-                        snapshot_every=max(1, int(iters) // 10), style_images=[Path(p).name for p in style_paths or []],
-                        source_images=[Path(p).name for p in source_paths or []] if style_images else [])
+        n_iters = number(iters, "Iterations", 1, 100_000)
+        k_slots = number(k_value, "W+ slots trained per step", 0, G.n_latent) or None
+        if len(style_paths or []) > MAX_STYLE_IMAGES or len(source_paths or []) > MAX_STYLE_IMAGES:
+            raise gr.Error(f"at most {MAX_STYLE_IMAGES} style images and {MAX_STYLE_IMAGES} source images")
+        style_images = [from_pil(open_image(p, _display(p)), G.size) for p in (style_paths or [])]
+        source_images = [from_pil(open_image(p, _display(p)), G.size) for p in (source_paths or [])] if style_images else []
+        recipe = Recipe(source=(src or "").strip(), target=(tgt or "").strip(), iterations=n_iters,
+                        batch=number(bsz, "Batch", 1, 8), lr=number(lr_value, "Learning rate", 1e-6, 1, integer=False),
+                        k=k_slots, auto_layer_iters=number(sel_iters, "Layer-selection iterations", 0, 5),
+                        clip_models=names, clip_weights=model_weights,
+                        mixing=number(mix, "Style-mixing probability", 0, 1, integer=False),
+                        seed=number(seed_value or 0, "Seed", 0, 2 ** 32 - 1), preview_every=n_iters,
+                        snapshot_every=max(1, n_iters // 10), style_images=[_display(p) for p in style_paths or []],
+                        source_images=[_display(p) for p in source_paths or []] if style_images else [])
+        every = number(every_s, "Preview every N seconds", 0.5, 30, integer=False)
         recipe.validate(G.n_latent)
         clip = studio.clip(names, model_weights)
-        out = new_run_dir(src or "style", tgt or "images", studio.library_root)
+        out = new_run_dir(recipe.source or "style", recipe.target or _images_name(recipe.style_images), studio.library_root)
         adapter = Adapter(G, recipe, clip, studio.device, out, base_name, style_images=style_images or None,
                           source_images=source_images or None)
-        run_id = studio.start_training(adapter, _session(request))
-        losses, slots, last_grid, ended = [], [], None, False
+        run_id = studio.start_training(adapter, session)
+        key = _estimate_key(base_name, recipe.batch, names, bool(k_slots and k_slots < G.n_latent))
+        losses, slots, last_grid, ended, durations = [], [], None, False, []
+        untrained = tuple(s for s in range(G.n_latent) if s >= len(G.convs) + 1)
+        t_start = t_last = time.perf_counter()
+        preview_cost, t_preview = 0.0, 0.0
+        keep_hidden = gr.update(visible=False)
         try:
             for ev in adapter.run():
                 if ev.kind == "warning":
                     gr.Warning(ev.message)
                     continue
                 if ev.kind == "step":
-                    progress(ev.step / ev.total, desc=f"step {ev.step}/{ev.total}, ETA {_fmt(ev.eta)}")
+                    now = time.perf_counter()
+                    durations.append(now - t_last)
+                    t_last = now
                     losses += [{"step": ev.step, "loss": v, "model": m} for m, v in ev.losses.items()]
                     slots.append(ev.slots)
-                    studio.seconds_per_step[(base_name, int(bsz), tuple(names))] = ev.sec_per_step
+                    studio.seconds_per_step[key] = statistics.median(durations[-20:])
+                    # the preview follows the wall clock, and never costs more than about a fifth of the time
+                    if ev.preview is None and now - t_preview >= max(every, 4 * preview_cost):
+                        t0 = time.perf_counter()
+                        ev.preview = adapter.preview()
+                        preview_cost = time.perf_counter() - t0
                     if ev.preview is not None:
-                        last_grid = preview_grid(ev.preview)
-                    text = (f"**Training** step {ev.step}/{ev.total} - loss {ev.loss:.4f} - "
-                            f"{ev.sec_per_step:.2f} s/step - about {_fmt(ev.eta)} left")
-                    yield (text, last_grid, pd.DataFrame(losses), heatmap(slots, G.n_latent), gr.update(), gr.update(),
-                           str(out), gr.update())
+                        last_grid, t_preview = preview_grid(ev.preview), time.perf_counter()
+                    text = (f"Training: step {ev.step}/{ev.total} · loss {ev.loss:.4f} · {ev.sec_per_step:.2f} s/step · "
+                            f"about {fmt_seconds(ev.eta)} left")
+                    yield (progress_html(ev.step / ev.total, text), last_grid if ev.preview is not None else gr.update(),
+                           pd.DataFrame(losses), heatmap(slots, G.n_latent, untrained=untrained), gr.update(),
+                           gr.update(), gr.update(), str(out), gr.update(), gr.update(interactive=True), keep_hidden,
+                           keep_hidden, gr.update())
                     continue
-                # done, cancelled or error: the model lands in the library either way
                 ended = True
-                downloads = []
-                if ev.preview is not None:
-                    last_grid = preview_grid(ev.preview)
-                try:
-                    if ev.checkpoint:
-                        last_grid.save(out / "thumb.png")
-                        downloads = [ev.checkpoint, str(export_rosinality(adapter.G_train, out / f"{out.name}.pt"))]
-                except OSError as e:
-                    gr.Warning(f"the model is saved, but its thumbnail or .pt export failed ({e})")
-                n_snap = len(adapter.snapshots())
-                verdict = {"done": "Finished", "cancelled": "Stopped", "error": "Stopped by an error"}[ev.kind]
-                text = f"**{verdict}.** {ev.message}." + (f" Saved to the library as **{out.name}**." if ev.checkpoint else "")
-                if ev.kind == "error":
-                    gr.Warning(ev.message)
-                if adapter.save_error:  # disk full or similar: keep the trained model in memory for a retry
-                    studio.unsaved[_session(request)] = adapter
-                yield (text, last_grid, pd.DataFrame(losses), heatmap(slots, G.n_latent) if slots else None, downloads,
-                       gr.update(maximum=max(1, n_snap), value=n_snap, interactive=n_snap > 0), str(out),
-                       library_items(studio))
+                yield _ending(ev, adapter, out, G, losses, slots, untrained, durations, t_start, key, session)
         finally:
             if not ended and adapter.step > 0:  # the browser went away mid-run: keep what was learned
-                adapter._save_final_or_none()
+                adapter.save_final()
             studio.finish_training(run_id)
 
+    def _ending(ev, adapter, out, G, losses, slots, untrained, durations, t_start, key, session):
+        """The last update of a run: its verdict, where it went, snapshots, and what the user can do next."""
+        if durations:
+            studio.seconds_per_step[key] = statistics.median(durations)
+        grid_img = preview_grid(ev.preview) if ev.preview is not None else None
+        downloads, notes = [], []
+        if ev.checkpoint:
+            try:
+                grid_img.save(out / "thumb.png")
+                downloads = [ev.checkpoint, str(export_rosinality(adapter.G_train, out / f"{out.name}.pt"))]
+            except Exception as e:  # noqa: BLE001 - the model itself is saved; say what is missing
+                notes.append(f"the thumbnail or .pt export failed ({type(e).__name__})")
+        elapsed = fmt_seconds(time.perf_counter() - t_start)
+        verdict = {"done": "Finished", "cancelled": "Stopped", "error": "Stopped by an error"}[ev.kind]
+        text = f"{verdict}: {ev.step}/{ev.total} steps in {elapsed}."
+        if ev.kind == "error":
+            text += f" {ev.message}."
+            gr.Warning(ev.message)
+        short = ev.kind != "done" and ev.checkpoint and ev.step < SHORT_RUN * ev.total
+        if adapter.save_error:
+            studio.keep_unsaved(session, adapter)
+            text += f" Saving failed ({adapter.save_error}); the model is kept in memory: free disk space, then Retry."
+        elif short:
+            set_aside(out)
+            text += " It was a short run, so it is not in the library unless you keep it."
+        elif ev.checkpoint:
+            if ev.kind == "done":
+                prune_snapshots(out, KEEP_SNAPSHOTS)
+            text += f" Saved as **{out.name}**."
+        elif ev.step == 0:
+            text += " Nothing was trained, so nothing was saved."
+        if notes:
+            text += " (" + "; ".join(notes) + ")"
+        snaps = [] if short else _snapshot_steps(out)
+        snap_update = (gr.update(minimum=snaps[0], maximum=snaps[-1], step=_snap_step(snaps), value=snaps[-1], interactive=True)
+                       if len(snaps) > 1 else gr.update(value=snaps[0] if snaps else 0, interactive=False))
+        snap_img = _render_snapshot(out, snaps[-1]) if snaps else None
+        state = "done" if ev.kind == "done" and not adapter.save_error else "warn"
+        return (progress_html(1.0 if ev.kind == "done" else ev.step / max(1, ev.total), text, state), grid_img,
+                pd.DataFrame(losses), heatmap(slots, G.n_latent, untrained=untrained) if slots else None, downloads,
+                snap_update, snap_img, str(out), gr.update(open=bool(ev.checkpoint) and not short),
+                gr.update(interactive=False), gr.update(visible=bool(adapter.save_error)),
+                gr.update(visible=bool(short) and not adapter.save_error), _estimate_text(
+                    studio, key[0], key[1], list(key[2]), key[3], ev.total))
+
     @friendly
-    def retry_saving(request: gr.Request):
-        adapter = studio.unsaved.get(_session(request))
+    def retry_saving(folder, request: gr.Request):
+        adapter = studio.take_unsaved(_session(request))
         if adapter is None:
-            return "Nothing is waiting to be saved.", gr.update(visible=False), gr.update()
-        path = adapter.save(adapter.out_dir / "final.safetensors")  # raises a clear message if it fails again
+            return progress_html(None, "Nothing is waiting to be saved.", "idle"), gr.update(visible=False)
+        path = adapter.save_final()
+        if path is None:
+            raise gr.Error(f"saving failed again ({adapter.save_error}); the model is still kept in memory")
         studio.unsaved.pop(_session(request), None)
-        return f"**Saved** to the library: {path.parent.name}.", gr.update(visible=False), library_items(studio)
+        return progress_html(1.0, f"Saved as **{Path(path).parent.name}**.", "done"), gr.update(visible=False)
+
+    @friendly
+    def keep_short_run(folder):
+        if not folder:
+            raise gr.Error("there is no stopped run to keep")
+        dest = restore(studio.library_root, Path(folder).name)
+        return progress_html(1.0, f"Kept as **{dest.name}**.", "done"), gr.update(visible=False)
 
     @friendly
     def stop_training(request: gr.Request):
         if studio.cancel_training(_session(request)):
-            return "Stopping after the current step; the model so far will be saved."
-        return "Nothing of yours is training right now."
+            return progress_html(None, "Stopping after the current step...", "warn")
+        return gr.update()
 
+    # ------------------------------------------------------------------ snapshots
     @friendly
-    def show_snapshot(index, folder):
-        if not folder or not index:
+    def show_snapshot(step, folder):
+        if not folder or not step:
             return None
-        snaps = sorted((Path(folder) / "snapshots").glob("step_*.safetensors"))
-        if not snaps:
+        return _render_snapshot(Path(folder), int(step))
+
+    def _render_snapshot(folder: Path, step: int):
+        path = folder / "snapshots" / f"step_{int(step):05d}.safetensors"
+        if not path.is_file():
             return None
-        path = snaps[min(int(index), len(snaps)) - 1]
         G, info = load_generator(path, studio.device)
-        base_G = studio.base(json.loads((Path(folder) / "recipe.json").read_text())["base"])
+        base_G = studio.base(json.loads((folder / "recipe.json").read_text())["base"])
         w = latents_for_seeds(base_G, info["meta"]["recipe"]["preview_seeds"], 0.7)
         return grid(render([base_G, G], w), tile=max(128, min(256, G.size)))
 
     @friendly
-    def keep_snapshot(index, folder):
-        if not folder or not index:
+    def keep_snapshot(step, folder):
+        if not folder or not step:
             raise gr.Error("train a model first, then pick a snapshot")
         folder = Path(folder)
-        snaps = sorted((folder / "snapshots").glob("step_*.safetensors"))
-        path = snaps[min(int(index), len(snaps)) - 1]
-        step = int(path.stem.split("_")[1])
-        dest = Path(f"{folder}-step{step}")
-        dest.mkdir(parents=True, exist_ok=False)
+        path = folder / "snapshots" / f"step_{int(step):05d}.safetensors"
+        if not path.is_file():
+            raise gr.Error(f"there is no snapshot at iteration {int(step)}; pick one on the slider")
+        dest = Path(f"{folder}-step{int(step)}")
+        if dest.exists():
+            raise gr.Error(f"iteration {int(step)} is already saved as {dest.name}")
+        dest.mkdir(parents=True)
         shutil.copy(path, dest / "final.safetensors")
         shutil.copy(folder / "recipe.json", dest / "recipe.json")
-        gr.Info(f"saved iteration {step} as {dest.name}")
-        return library_items(studio)
+        thumb = _render_snapshot(folder, int(step))
+        if thumb is not None:
+            thumb.save(dest / "thumb.png")
+        gr.Info(f"saved iteration {int(step)} as {dest.name}")
+        return progress_html(1.0, f"Iteration {int(step)} saved as **{dest.name}**.", "done")
 
+    # ------------------------------------------------------------------ estimates
     @friendly
-    def measure_step(base_name, bsz, models, weight1, weight2, iters):
-        """Time one real training step (a throwaway copy; nothing is saved) to predict the run's length."""
+    def measure_step(base_name, bsz, models, weight1, weight2, iters, k_value, sel_iters):
+        """Time one real training step (a throwaway copy; nothing is saved), with the layer-selection
+        pass when the settings use one, to predict the run's length."""
         names, model_weights = _clip_choice(studio, models, weight1, weight2)
         G = studio.base(base_name)
-        probe = Adapter(G, Recipe(iterations=1, batch=int(bsz), clip_models=names, clip_weights=model_weights),
-                        studio.clip(names, model_weights), studio.device)
+        k_slots = number(k_value, "W+ slots trained per step", 0, G.n_latent) or None
+        recipe = Recipe(iterations=1, batch=number(bsz, "Batch", 1, 8), clip_models=names, clip_weights=model_weights,
+                        k=k_slots, auto_layer_iters=number(sel_iters, "Layer-selection iterations", 0, 5))
+        probe = Adapter(G, recipe, studio.clip(names, model_weights), studio.device)
         probe.train_step()  # warm-up: first calls allocate and pick kernels
         t = time.perf_counter()
         probe.train_step()
-        studio.seconds_per_step[(base_name, int(bsz), tuple(names))] = time.perf_counter() - t
-        return _estimate_text(studio, base_name, int(bsz), names, int(iters))
+        selection = bool(k_slots and k_slots < G.n_latent and recipe.auto_layer_iters)
+        studio.seconds_per_step[_estimate_key(base_name, recipe.batch, names, selection)] = time.perf_counter() - t
+        return _estimate_text(studio, base_name, recipe.batch, names, selection, number(iters, "Iterations", 1, 100_000))
 
-    def refresh_estimate(base_name, bsz, models, iters):
-        return _estimate_text(studio, base_name, int(bsz), list(models or []), int(iters))
+    def refresh_estimate(base_name, bsz, models, iters, k_value, sel_iters):
+        try:
+            L = studio.n_latent(base_name)
+            selection = bool(k_value) and int(k_value) < L and bool(sel_iters)
+            return _estimate_text(studio, base_name, int(bsz), list(models or []), selection, int(iters or 0))
+        except (TypeError, ValueError, OverflowError):
+            return gr.update()
 
-    measure.click(measure_step, [base, batch, clip_models, w1, w2, iterations], estimate, api_name="measure",
-                  concurrency_limit=1, concurrency_id="training")
-    for comp in (base, batch, clip_models, iterations):
-        comp.change(refresh_estimate, [base, batch, clip_models, iterations], estimate, api_visibility="private")
-    start.click(train, [base, preset, source, target, style_files, source_files, iterations, batch, lr, k, layer_iters, mixing,
-                        clip_models, w1, w2, seed, preview_every],
-                [status, preview, loss_plot, heat, files, snapshot, run_dir, library],
-                api_name="train", concurrency_limit=1, concurrency_id="training")
-    stop.click(stop_training, None, status, api_name="stop")
-    retry.click(retry_saving, None, [status, retry, library], api_visibility="private")
-    status.change(lambda text: gr.update(visible="saving failed" in (text or "")), status, retry,
-                  api_visibility="private", show_progress="hidden")
-    snapshot.release(show_snapshot, [snapshot, run_dir], snapshot_preview, api_name="snapshot")
-    keep.click(keep_snapshot, [snapshot, run_dir], library, api_visibility="private")
-    return library
+    est_inputs = [base, batch, clip_models, iterations, k, layer_iters]
+    measure.click(measure_step, [base, batch, clip_models, w1, w2, iterations, k, layer_iters], estimate,
+                  api_name="measure", concurrency_limit=1, concurrency_id="device", show_progress_on=[estimate])
+    for comp in est_inputs:
+        comp.change(refresh_estimate, est_inputs, estimate, api_visibility="private", show_progress="hidden")
+    train_outputs = [status, preview, loss_plot, heat, files, snapshot, snapshot_preview, run_dir, result_box, stop,
+                     retry, keep_run, estimate]
+    start.click(before_start, None, status, api_visibility="private", show_progress="hidden").success(
+        train, [base, preset, source, target, style_files, source_files, iterations, batch, lr, k, layer_iters, mixing,
+                clip_models, w1, w2, seed, preview_seconds], train_outputs,
+        api_name="train", concurrency_limit=1, concurrency_id="device", show_progress="minimal",
+        show_progress_on=[status])
+    stop.click(stop_training, None, status, api_name="stop", show_progress="hidden")
+    retry.click(retry_saving, run_dir, [status, retry], api_visibility="private", show_progress="hidden")
+    keep_run.click(keep_short_run, run_dir, [status, keep_run], api_visibility="private", show_progress="hidden")
+    snapshot.release(show_snapshot, [snapshot, run_dir], snapshot_preview, api_name="snapshot",
+                     show_progress_on=[snapshot_preview])
+    keep.click(keep_snapshot, [snapshot, run_dir], status, api_visibility="private", show_progress="hidden")
+    return base
+
+
+def _preset_text(name: str, settings: dict | None, kept: set) -> str:
+    if settings is None:
+        return "Custom: your own settings (see Advanced)."
+    slots = "every layer" if settings["k"] == 0 else f"the {settings['k']} most relevant W+ slots per step"
+    text = f"{name}: trains {slots}, style mixing {settings['mixing']:g}, {settings['iterations']} iterations."
+    if kept:
+        names = {"k": "slot count", "mixing": "mixing", "iterations": "iterations"}
+        text += f" Kept as you typed: {', '.join(names[f] for f in sorted(kept))}."
+    return text
+
+
+def _snapshot_steps(folder: Path) -> list[int]:
+    return [int(p.stem.split("_")[1]) for p in sorted((folder / "snapshots").glob("step_*.safetensors"))]
+
+
+def _snap_step(steps: list[int]) -> int:
+    gaps = [b - a for a, b in zip(steps, steps[1:])]
+    return min(gaps) if gaps else 1
 
 
 def _clip_choice(studio: Studio, models, weight1, weight2) -> tuple[list[str], list[float]]:
-    """The ticked CLIP models and their weights (the two weight boxes belong to the first and last model)."""
-    names = list(models or [])
+    """The ticked CLIP models (only those this server offers) and their weights."""
+    all_names = studio.clip_names()
+    names = [m for m in (models or []) if isinstance(m, str)]
     if not names:
         raise gr.Error("choose at least one CLIP model")
-    all_names = studio.clip_names()
-    by_name = {all_names[0]: float(weight1), all_names[-1]: float(weight2)}
+    if any(n not in all_names for n in names):
+        raise gr.Error(f"unknown CLIP model; choose among {', '.join(all_names)}")
+    by_name = {all_names[0]: number(weight1, f"Weight of {all_names[0]}", 0, 100, integer=False),
+               all_names[-1]: number(weight2, f"Weight of {all_names[-1]}", 0, 100, integer=False)}
     return names, [by_name.get(n, 1.0) for n in names]
 
 
@@ -275,27 +425,26 @@ def _session(request: gr.Request | None) -> str:
     return request.session_hash if request else ""
 
 
-def library_items(studio: Studio):
-    items = []
-    for e in studio.library():
-        items.append((str(e.thumbnail) if e.thumbnail else _placeholder(), e.label))
-    return items
+def _display(path) -> str:
+    """How a user knows an uploaded file: its own name, never the server's temporary path."""
+    return Path(str(path)).name
 
 
-def _placeholder() -> np.ndarray:
-    return np.full((64, 64, 3), 200, dtype=np.uint8)
+def _images_name(names: list[str]) -> str:
+    """A run trained on style images is named after them (no inherited target text)."""
+    stems = [Path(n).stem for n in names][:2]
+    return "-".join(stems) + ("-etc" if len(names) > 2 else "") if stems else "images"
 
 
-def _open(path) -> Image.Image:
-    from nada_core.align import load_photo
-
-    return load_photo(path)
+def _estimate_key(base_name: str, batch: int, models, selection: bool) -> tuple:
+    return (base_name, int(batch), tuple(models), bool(selection))
 
 
-def _estimate_text(studio: Studio, base_name: str, batch: int, models: list[str], iterations: int) -> str:
-    sec = studio.seconds_per_step.get((base_name, batch, tuple(models)))
+def _estimate_text(studio: Studio, base_name: str, batch: int, models: list[str], selection: bool, iterations: int) -> str:
+    sec = studio.seconds_per_step.get(_estimate_key(base_name, batch, models, selection))
     where = "GPU" if studio.device.startswith("cuda") else studio.device.upper()
     if sec is None:
-        return (f"Running on **{where}**. Press *Measure one step* for an estimate of the run's length "
-                "(it is also measured on the first training step).")
-    return f"Running on **{where}**: measured {sec:.2f} s/step here, so {iterations} steps take about {_fmt(sec * iterations)}."
+        return (f"Running on **{where}**. *Measure one step* predicts the run's length "
+                "(it is also measured while training).")
+    what = " with layer selection" if selection else ""
+    return f"On **{where}**: {sec:.2f} s/step{what} measured here, so {iterations} steps take about {fmt_seconds(sec * iterations)}."

@@ -1,54 +1,78 @@
-"""The page: four tabs over one shared Studio state. Layout lives here; handlers live in each tab."""
+"""The page: a compact header, the get-started panel when weights are missing, four tabs over one
+shared Studio state, and the model library under them. Layout lives here; handlers live in each tab."""
 from __future__ import annotations
 
 import gradio as gr
 
 from nada_core import weights
 
-from . import adapt_tab, edit_tab, sample_tab, selfie_tab
+from . import adapt_tab, edit_tab, library_panel, sample_tab, selfie_tab
 from .sample_tab import model_choices
 from .state import Studio
+from .ui import banner, get_started
 
-CSS = ".tiny-banner {background: #fff3cd; border: 1px solid #e0b100; border-radius: 6px; padding: 4px 12px;}"
+CSS = """
+.tiny-banner {background: #fff3cd; border: 1px solid #e0b100; border-radius: 6px; padding: 2px 10px; font-size: 0.9em;}
+.nada-header h1 {margin: 0 0 2px 0; font-size: 1.5em;}
+.nada-header p {margin: 0; font-size: 0.92em; color: var(--body-text-color-subdued);}
+.nada-small, .nada-small p {font-size: 0.88em; color: var(--body-text-color-subdued);}
+.nada-status {padding: 6px 10px; border-radius: 6px; background: var(--block-background-fill);
+              border: 1px solid var(--border-color-primary); min-height: 2.2em; font-size: 0.95em;}
+.nada-status.nada-done {border-color: #3a9d5d;}
+.nada-status.nada-warn {border-color: #d08a00;}
+.nada-bar {height: 6px; background: var(--border-color-primary); border-radius: 3px; margin-bottom: 4px; overflow: hidden;}
+.nada-bar > div {height: 100%; background: var(--color-accent); transition: width 0.3s;}
+.nada-optional {align-items: center;}
+/* 'clip' (not 'hidden') keeps the page from scrolling sideways without becoming a scroll container,
+   so the Edit tab's result can stay in view (sticky) while the sliders scroll */
+.gradio-container {overflow: clip !important;}
+@media (min-width: 900px) { .nada-sticky {position: sticky; top: 8px; align-self: flex-start;} }
+"""
 
 
 def build_demo(studio: Studio) -> gr.Blocks:
     with gr.Blocks(title="NADA Studio") as demo:
-        gr.Markdown("# NADA Studio\nText-driven domain adaptation of StyleGAN2 (StyleGAN-NADA). One latent code, "
-                    "the same face in every domain.")
+        gr.Markdown("# NADA Studio\nText-driven domain adaptation of StyleGAN2 (StyleGAN-NADA): one latent code, "
+                    "the same face in every domain.", elem_classes=["nada-header"])
+        banner(studio)
+        get_started(studio)
         with gr.Tab("Adapt") as t1:
-            library = adapt_tab.build(studio)
+            adapt_tab.build(studio)
         with gr.Tab("Sample") as t2:
             sample_models = sample_tab.build(studio)
         with gr.Tab("Edit") as t3:
             edit_base, edit_models, edit_controls = edit_tab.build(studio)
         with gr.Tab("Selfie") as t4:
             selfie_base, selfie_models, selfie_controls = selfie_tab.build(studio)
+        listing, thumbs, pick, usage = library_panel.build(studio)
 
         def on_load(edit_base_name, selfie_base_name):
             """Fresh library lists and slider labels for every visitor (models trained since start-up)."""
             all_models = model_choices(studio)
-            updates = [adapt_tab.library_items(studio)] + [gr.update(choices=all_models)] * len(sample_models)
+            updates = [gr.update(choices=all_models)] * len(sample_models)
             updates.append(gr.update(choices=model_choices(studio, edit_base_name)))
             updates.append(gr.update(choices=model_choices(studio, selfie_base_name)))
             for controls, base_name in ((edit_controls, edit_base_name), (selfie_controls, selfie_base_name)):
                 updates += _configure(studio, controls, base_name)
+            updates += [library_panel.table(studio), library_panel.thumbnails(studio),
+                        gr.update(choices=[e.id for e in studio.library()]), library_panel.usage_text(studio)]
             return updates
 
-        outputs = [library, *sample_models, edit_models, selfie_models]
+        outputs = [*sample_models, edit_models, selfie_models]
         for controls in (edit_controls, selfie_controls):
             outputs += controls.configured()
-        demo.load(on_load, [edit_base, selfie_base], outputs, api_visibility="private")
+        outputs += [listing, thumbs, pick, usage]
+        demo.load(on_load, [edit_base, selfie_base], outputs, api_visibility="private", show_progress="hidden")
         for tab in (t1, t2, t3, t4):  # models trained meanwhile show up when a tab is opened
             tab.select(on_load, [edit_base, selfie_base], outputs, api_visibility="private", show_progress="hidden")
         selfie_base.change(lambda b: _configure(studio, selfie_controls, b), selfie_base,
-                           selfie_controls.configured(), api_visibility="private")
+                           selfie_controls.configured(), api_visibility="private", show_progress="hidden")
     return demo
 
 
 def _configure(studio: Studio, controls, base_name):
     try:
         return controls.configure(studio, base_name)
-    except weights.WeightsError:  # base not downloaded yet: the missing-weights panel says so
+    except weights.WeightsError:  # base not downloaded yet: the get-started panel says so
         n = len(controls.sliders)
         return [gr.update()] * n + [gr.update(visible=False)] * n + [gr.update(choices=[], value=None)]

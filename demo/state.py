@@ -2,7 +2,9 @@
 library, and the single training slot. Tabs call this and nada_core; nothing here draws UI."""
 from __future__ import annotations
 
+import os
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from pathlib import Path
@@ -11,13 +13,14 @@ from nada_core import weights
 from nada_core.checkpoints import load_generator
 from nada_core.clip_guide import DEFAULT_MODELS, load_clip
 from nada_core.editing import Direction, check_compatible, ganspace, load_direction_file
-from nada_core.library import LibraryEntry, default_device, library_dir, list_library, load_base
+from nada_core.library import (LibraryEntry, UnknownModel, default_device, find_model, library_dir, list_library,
+                               load_base, remove_stale_parts, empty_trash)
 from nada_core.stylegan2 import Generator
 
 FACE_DIRECTIONS = ["dir-age", "dir-smile", "dir-pose", "dir-gender", "dir-hair_length", "dir-beard"]
-TINY_BANNER = ("**Untrained tiny models.** This server runs with `--tiny`: a 32 px generator and a CLIP with "
-               "random weights, so every feature can be tried offline. The pictures are noise by design and mean "
-               "nothing; download the real weights (`python -m nada_core weights download ffhq-256 ...`) for real results.")
+UNSAVED_TTL = 30 * 60      # seconds a trained model whose save failed is kept in memory for a retry
+TINY_BANNER = ("**Untrained tiny models** (`--tiny`): a 32 px generator and a random CLIP, so every feature can be "
+               "tried offline. The pictures are noise by design; start without `--tiny` to get real weights.")
 
 
 class Studio:
@@ -25,13 +28,18 @@ class Studio:
         self.device = device or default_device()
         self.tiny = tiny
         self._lock = threading.RLock()
-        self._bases: dict[str, Generator] = {}
+        # generators cached up to a memory budget (bytes of parameters and buffers), least recently used out first
+        self.cache_budget = int(float(os.environ.get("NADA_CACHE_MB", 3072)) * 2 ** 20)
+        self._bases: OrderedDict[str, Generator] = OrderedDict()
         self._models: OrderedDict[tuple, Generator] = OrderedDict()
         self._clip: dict[str, object] = {}
         self._directions: dict[str, list[Direction]] = {}
         self.training: dict | None = None          # {"run_id", "adapter", "session"} of the running job
         self.seconds_per_step: dict[tuple, float] = {}
-        self.unsaved: dict[str, object] = {}        # session -> trained adapter whose save failed
+        self.unsaved: dict[str, tuple[float, object]] = {}  # session -> (time, trained adapter whose save failed)
+        self.library_root.mkdir(parents=True, exist_ok=True)
+        remove_stale_parts(self.library_root)   # half-written files of a killed process
+        empty_trash(self.library_root)          # short stopped runs nobody kept
 
     # ------------------------------------------------------------------ models
     @property
@@ -50,6 +58,15 @@ class Studio:
         a = weights.get_asset(name)
         return f"{a.label}" + ("" if a.present else "  [not downloaded]")
 
+    def n_latent(self, name: str) -> int:
+        """W+ slots of a base, from its size (known without loading it)."""
+        if name == "tiny":
+            from nada_core.tiny import TINY_GENERATOR
+            size = TINY_GENERATOR["size"]
+        else:
+            size = int(weights.get_asset(name).extra.get("resolution", 1024)) if name in self.base_names() else 1024
+        return 2 * size.bit_length() - 4
+
     def default_base(self) -> str:
         if self.tiny:
             return "tiny"
@@ -58,24 +75,45 @@ class Studio:
         return want if manifest[want].present or not any(
             manifest[n].present for n in self.base_names()) else next(n for n in self.base_names() if manifest[n].present)
 
-    def base(self, name: str) -> Generator:
+    def base(self, name: object) -> Generator:
+        """A base generator chosen by name among :meth:`base_names` (never a path)."""
+        if not isinstance(name, str) or name not in self.base_names():
+            raise UnknownModel(name)
         with self._lock:
             if name not in self._bases:
                 self._bases[name] = load_base(name, self.device)[0].eval().requires_grad_(False)
+                self._trim_cache()
+            self._bases.move_to_end(name)
             return self._bases[name]
 
-    def model(self, path: str | Path) -> Generator:
-        """An adapted generator from the library (small LRU cache keyed by path and modification time)."""
-        path = Path(path)
+    def entry(self, model_id: object) -> LibraryEntry:
+        """The library model a client named by id; anything else is 'unknown model'."""
+        return find_model(model_id, self.library())
+
+    def model(self, model_id: object) -> Generator:
+        """An adapted generator from the library, by id (LRU cache keyed by file and modification time)."""
+        path = self.entry(model_id).path
         key = (str(path), path.stat().st_mtime)
         with self._lock:
             if key not in self._models:
-                G, _ = load_generator(path, self.device)
+                G, _ = load_generator(path, self.device, display_name=str(model_id))
                 self._models[key] = G.requires_grad_(False)
-                while len(self._models) > 6:
-                    self._models.popitem(last=False)
+                self._trim_cache()
             self._models.move_to_end(key)
             return self._models[key]
+
+    def _trim_cache(self) -> None:
+        """Drop least recently used generators until the cache fits its memory budget (the newest stays)."""
+        def nbytes(G):
+            return sum(t.numel() * t.element_size() for t in (*G.parameters(), *G.buffers()))
+
+        while True:
+            caches = [c for c in (self._models, self._bases) if c]
+            total = sum(nbytes(G) for c in caches for G in c.values())
+            if total <= self.cache_budget or sum(len(c) for c in caches) <= 1:
+                return
+            victim = self._models if len(self._models) > 1 or not self._bases else self._bases
+            victim.popitem(last=False)
 
     def clip(self, names: list[str], model_weights: list[float]) -> list:
         members = []
@@ -101,10 +139,6 @@ class Studio:
     def clip_names(self) -> list[str]:
         return ["tiny"] if self.tiny else list(DEFAULT_MODELS)
 
-    def model_names(self) -> dict[str, str]:
-        """Library path -> model name, from one scan of the library (for labelling a render)."""
-        return {str(e.path): e.name for e in self.library()}
-
     def library(self):
         """Trained runs, plus the ready StyleGAN-NADA styles that are downloaded."""
         entries = list_library(self.library_root)
@@ -112,7 +146,8 @@ class Studio:
             for a in weights.load_manifest().values():
                 if a.kind == "style" and a.present:
                     entries.append(LibraryEntry(a.name, a.path, a.extra.get("base", "ffhq-1024"),
-                                                {"source": "photo", "target": a.label}, None, True))
+                                                {"source": "photo", "target": a.label}, None, True, "style",
+                                                a.path.stat().st_mtime, a.path.stat().st_size))
         return entries
 
     # ------------------------------------------------------------------ what is missing
@@ -155,7 +190,32 @@ class Studio:
         run_id = uuid.uuid4().hex[:8]
         with self._lock:
             self.training = {"run_id": run_id, "adapter": adapter, "session": session}
+            self.unsaved.pop(session, None)  # a new run frees the model kept for a retry
         return run_id
+
+    def training_status(self) -> str | None:
+        """'step x/y' of the run in progress, or None."""
+        with self._lock:
+            if not self.training:
+                return None
+            ad = self.training["adapter"]
+            return f"step {ad.step}/{ad.recipe.iterations}"
+
+    def keep_unsaved(self, session: str, adapter) -> None:
+        with self._lock:
+            self._expire_unsaved()
+            self.unsaved[session] = (time.time(), adapter)
+
+    def take_unsaved(self, session: str):
+        with self._lock:
+            self._expire_unsaved()
+            item = self.unsaved.get(session)
+            return item[1] if item else None
+
+    def _expire_unsaved(self) -> None:
+        now = time.time()
+        for k in [k for k, (t, _) in self.unsaved.items() if now - t > UNSAVED_TTL]:
+            del self.unsaved[k]
 
     def finish_training(self, run_id: str) -> None:
         with self._lock:

@@ -1,10 +1,15 @@
-"""Small UI helpers shared by the tabs: user-facing errors, the untrained-model banner, and the
-'what is missing' panel with a download button."""
+"""Small UI helpers shared by the tabs: user-facing errors (no server paths, one log line each),
+checked numbers, the progress line, the untrained-model banner and the 'get started' panel."""
 from __future__ import annotations
 
 import functools
+import html
 import inspect
 import logging
+import math
+import re
+import sys
+import tempfile
 import traceback
 
 import gradio as gr
@@ -14,6 +19,7 @@ from nada_core.align import FaceError
 from nada_core.checkpoints import CheckpointError
 from nada_core.clip_guide import ClipLoadError, PromptError
 from nada_core.editing import DirectionError
+from nada_core.packs import download_pack, load_packs, missing_assets, pack_size
 
 from .state import TINY_BANNER, Studio
 
@@ -22,15 +28,34 @@ EXPECTED = (ValueError, weights.WeightsError, FaceError, CheckpointError, ClipLo
             DirectionError, OSError, KeyError)
 
 
-def _as_gr_error(e: Exception) -> gr.Error:
+def scrub(message: str) -> str:
+    """Remove server paths from a message: the repo and library folders become relative, an upload's
+    temporary folder disappears (users know their files by name), other absolute paths keep their last part."""
+    roots = sorted({str(weights.REPO_ROOT), str(weights.weights_dir().parent)}, key=len, reverse=True)
+    for root in roots:
+        message = message.replace(root + "/", "")
+    tmp = re.escape(tempfile.gettempdir())
+    message = re.sub(tmp + r"/[^\s'\"]*/([^/\s'\"]+)", r"\1", message)
+    return re.sub(r"(?<![\w.:])/(?:[\w.+-]+/)+([\w.+-]+)", r"\1", message)
+
+
+def _as_gr_error(e: Exception, where: str) -> gr.Error:
+    """Expected user errors are logged in one line (Gradio's own traceback print is switched off);
+    only unexpected ones get a traceback, once, in our log."""
     if isinstance(e, gr.Error):
+        log.info("%s: %s", where, e.message if hasattr(e, "message") else e)
+        e.print_exception = False
         return e
     if isinstance(e, OSError) and getattr(e, "errno", None) == 28:
-        return gr.Error("The disk is full: nothing was lost, but free some space and try again.")
+        log.warning("%s: disk full", where)
+        return gr.Error("The disk is full: nothing was lost, but free some space and try again.", print_exception=False)
     if isinstance(e, EXPECTED):
-        return gr.Error(str(e))
-    log.error("unexpected error\n%s", traceback.format_exc())
-    return gr.Error(f"Something went wrong ({type(e).__name__}: {e}). Details are in the server log.")
+        message = scrub(str(e))
+        log.info("%s: %s: %s", where, type(e).__name__, message)
+        return gr.Error(message, print_exception=False)
+    log.error("unexpected error in %s\n%s", where, traceback.format_exc())
+    return gr.Error(f"Something went wrong ({type(e).__name__}: {scrub(str(e))[:300]}). Details are in the server log.",
+                    print_exception=False)
 
 
 def friendly(fn):
@@ -41,7 +66,7 @@ def friendly(fn):
             try:
                 yield from fn(*args, **kwargs)
             except Exception as e:  # noqa: BLE001
-                raise _as_gr_error(e) from None
+                raise _as_gr_error(e, fn.__name__) from None
         return gen_wrapper
 
     @functools.wraps(fn)
@@ -49,8 +74,39 @@ def friendly(fn):
         try:
             return fn(*args, **kwargs)
         except Exception as e:  # noqa: BLE001
-            raise _as_gr_error(e) from None
+            raise _as_gr_error(e, fn.__name__) from None
     return wrapper
+
+
+def number(value, field: str, lo: float, hi: float, integer: bool = True):
+    """A number from a client (any JSON value) checked against its field's range; the message names the field."""
+    kind = "a whole number" if integer else "a number"
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise gr.Error(f"{field} must be {kind} between {lo:g} and {hi:g}") from None
+    if not math.isfinite(x) or not lo <= x <= hi or (integer and x != int(x)):
+        raise gr.Error(f"{field} must be {kind} between {lo:g} and {hi:g} (got {str(value)[:30]})")
+    return int(x) if integer else x
+
+
+def fmt_seconds(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600} h {s // 60 % 60:02d} min"
+    return f"{s // 60} min {s % 60:02d} s" if s >= 60 else f"{s} s"
+
+
+def progress_html(fraction: float | None, text: str, state: str = "run") -> str:
+    """The one progress display of a tab: a bar (when a fraction is known) and a short status line."""
+    text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", html.escape(text))  # **name** -> bold, after escaping
+    bar = ""
+    if fraction is not None:
+        pct = max(0.0, min(1.0, fraction)) * 100
+        bar = f'<div class="nada-bar"><div style="width:{pct:.1f}%"></div></div>'
+    return f'<div class="nada-status nada-{state}">{bar}<span>{text}</span></div>'
 
 
 def banner(studio: Studio) -> None:
@@ -58,57 +114,120 @@ def banner(studio: Studio) -> None:
         gr.Markdown(TINY_BANNER, elem_classes=["tiny-banner"])
 
 
-GROUPED = {"direction": "Latent directions (optional)"}   # many small files: one line, one button
+def launch_command(args: str) -> str:
+    """A command that works when pasted: the interpreter that runs this app, not a bare ``python``."""
+    return f"{sys.executable} -m nada_core {args}"
 
 
-def missing_text(studio: Studio, kinds: tuple[str, ...], why: str) -> str:
-    missing = studio.missing(kinds)
+# ------------------------------------------------------------------ get started
+def _pack_line(pack) -> str:
+    missing = missing_assets(pack)
     if not missing:
-        return ""
-    lines = [f"**Missing for {why}:**"]
-    for a in missing:
-        if a.kind not in GROUPED:
-            lines.append(f"- {a.label or a.name} (`{a.name}`): {a.how_to_get()}")
-    for kind, label in GROUPED.items():
-        n = sum(a.kind == kind for a in missing)
-        if n:
-            lines.append(f"- {label}: {n} files, `python -m nada_core weights download --kind {kind}` "
-                         "or the button below")
-    return "\n".join(lines)
+        return f"**{pack.label}**: ready."
+    size, unknown = pack_size(pack)
+    shown = f"{size / 2 ** 30:.1f} GB" if size >= 2 ** 30 else f"{size / 2 ** 20:.0f} MB"
+    if unknown and not size:
+        shown = "size unknown (no answer from the servers: offline?)"
+    elif unknown:
+        shown += f" + {unknown} file(s) of unknown size"
+    return f"**{pack.label}** ({len(missing)} files, {shown}): {pack.unlocks}."
 
 
-def _download_choices(missing) -> list[tuple[str, str]]:
-    choices = [(a.label or a.name, a.name) for a in missing if a.url and a.kind not in GROUPED]
-    for kind, label in GROUPED.items():
-        n = sum(a.kind == kind and bool(a.url) for a in missing)
-        if n:
-            choices.append((f"{label}: all {n} files", f"kind:{kind}"))
-    return choices
+def by_hand_text(studio: Studio) -> str:
+    rows = ["| file | URL | save as |", "|---|---|---|"]
+    for a in studio.missing(("generator", "clip", "encoder", "style")):
+        how = a.url or a.how_to_get()
+        rows.append(f"| `{a.name}` | {how} | `{scrub(str(a.path))}` |")
+    cmd = launch_command("weights download ffhq-256 clip-ViT-B-32 clip-ViT-B-16")
+    return ("Download from a terminal (resumes, verifies):\n\n```\n" + cmd + "\n```\n\nor fetch the files by hand "
+            "and save them where the table says, then reload this page:\n\n" + "\n".join(rows))
 
 
-def missing_panel(studio: Studio, kinds: tuple[str, ...], why: str):
-    """Markdown listing what is missing plus a dropdown + button to download it with progress."""
-    missing = studio.missing(kinds)
-    with gr.Group(visible=bool(missing)) as group:
-        info = gr.Markdown(missing_text(studio, kinds, why))
+def get_started(studio: Studio):
+    """Shown instead of a wall of paths when the base model or CLIP is missing: one button per starter
+    pack with its size and what it unlocks, one combined progress, and the by-hand route collapsed."""
+    needed = studio.missing(("generator", "clip"))
+    packs = load_packs()
+    with gr.Group(visible=bool(needed) and not studio.tiny, elem_id="get-started") as panel:
+        gr.Markdown("## Get started\nNADA Studio needs pretrained weights (a StyleGAN2 generator and CLIP). "
+                    "Pick a starter pack; the files land in `weights/` and are verified. To try every feature "
+                    f"offline first, restart with `{sys.executable} app.py --tiny` (tiny untrained models, clearly "
+                    "labelled).")
+        lines = gr.Markdown("\n\n".join(_pack_line(p) for p in packs.values()))
         with gr.Row():
-            choices = _download_choices(missing)
-            pick = gr.Dropdown(choices, value=choices[0][1] if choices else None, label="Download", scale=3)
-            go = gr.Button("Download", scale=1)
+            buttons = {n: gr.Button(f"Download the {p.label}", variant="primary" if n == "cpu" else "secondary",
+                                    elem_id=f"pack-{n}") for n, p in packs.items()}
+        status = gr.HTML("", elem_id="pack-status")
+        with gr.Accordion("By hand (URLs and target paths)", open=False):
+            gr.Markdown(by_hand_text(studio))
 
-    @friendly
-    def download(name, progress=gr.Progress()):
-        if not name:
-            raise gr.Error("choose what to download")
-        if name.startswith("kind:"):
-            assets = [a for a in studio.missing((name[5:],)) if a.url]
-        else:
-            assets = [weights.get_asset(name)]
-        for i, asset in enumerate(assets):
-            weights.download(asset, progress=lambda d, t, a=asset: progress(
-                (d / t) if t else 0, desc=f"{a.name} ({i + 1}/{len(assets)}): {d >> 20} MiB"))
-        gr.Info(f"downloaded {len(assets)} file(s) to {weights.weights_dir()}")
-        return missing_text(studio, kinds, why)
+    def fetch(name):
+        pack = packs[name]
+        updates = []
 
-    go.click(download, pick, info, api_visibility="private")
-    return group
+        def report(frac, text):
+            updates.append(progress_html(frac, text))
+
+        try:
+            import threading
+            result: dict = {}
+            worker = threading.Thread(target=lambda: result.setdefault("names", _safe(download_pack, pack, report, result)))
+            worker.start()
+            while worker.is_alive():
+                worker.join(0.5)
+                if updates:
+                    yield updates[-1], gr.update()
+            if "error" in result:
+                raise result["error"]
+        except Exception as e:  # noqa: BLE001
+            raise _as_gr_error(e, "download_pack") from None
+        yield (progress_html(1.0, f"{pack.label}: done. Reload the page to use the new models.", "done"),
+               "\n\n".join(_pack_line(p) for p in packs.values()))
+
+    for name, button in buttons.items():
+        button.click(functools.partial(fetch, name), None, [status, lines], api_visibility="private",
+                     show_progress="hidden", concurrency_id="downloads", concurrency_limit=1)
+    return panel
+
+
+def _safe(fn, pack, report, result):
+    try:
+        return fn(pack, report)
+    except Exception as e:  # noqa: BLE001 - handed to the UI thread
+        result["error"] = e
+        return None
+
+
+def optional_download(studio: Studio, kinds: tuple[str, ...], what: str):
+    """One quiet line with a button for optional files of a tab (directions, the e4e encoder, ready styles)."""
+    missing = [a for a in studio.missing(kinds) if a.url]
+    with gr.Row(visible=bool(missing) and not studio.tiny, elem_classes=["nada-optional"]) as row:
+        text = gr.Markdown(f"Optional: {what} ({len(missing)} file(s) not downloaded).")
+        go = gr.Button("Download", size="sm", scale=0, min_width=110)
+        status = gr.HTML("")
+
+    def fetch(progress=gr.Progress()):
+        todo = [a for a in studio.missing(kinds) if a.url]
+        try:
+            for i, asset in enumerate(todo):
+                weights.download(asset, progress=lambda d, t, a=asset, i=i: progress(
+                    (i + (d / t if t else 0)) / len(todo), desc=f"{a.name} ({i + 1}/{len(todo)})"))
+        except Exception as e:  # noqa: BLE001
+            raise _as_gr_error(e, "optional_download") from None
+        return progress_html(1.0, f"{len(todo)} file(s) downloaded; reload the page to use them.", "done")
+
+    go.click(fetch, None, status, api_visibility="private", show_progress_on=[status],
+             concurrency_id="downloads", concurrency_limit=1)
+    return row
+
+
+class Slider(gr.Slider):
+    """gr.Slider whose own range check names the field ("Batch: Value 1e9 is greater than ...") and logs one
+    line instead of a traceback: clients can send any number through the API."""
+
+    def preprocess(self, payload):
+        try:
+            return super().preprocess(payload)
+        except gr.Error as e:
+            log.info("refused %s: %s", self.label, e.message)
+            raise gr.Error(f"{self.label}: {e.message}", print_exception=False) from None

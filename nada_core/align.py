@@ -42,24 +42,22 @@ def _models():
     return dlib.get_frontal_face_detector(), dlib.shape_predictor(str(path))
 
 
-def load_photo(photo) -> Image.Image:
-    """Any upload (path, PIL, numpy) -> RGB PIL with EXIF orientation applied; RGBA/greyscale ok."""
+def load_photo(photo, display_name: str | None = None) -> Image.Image:
+    """Any upload (path, PIL, numpy) -> RGB PIL with EXIF orientation applied; RGBA, greyscale and
+    16-bit photos are converted (see images.open_image for the size limits)."""
+    from .images import ImageInputError, open_image, to_rgb8
+
     if isinstance(photo, np.ndarray):
-        img = Image.fromarray(photo.astype(np.uint8) if photo.dtype != np.uint8 else photo)
-    elif isinstance(photo, Image.Image):
-        img = photo
-    else:
-        try:
-            img = Image.open(photo)
-            img.load()
-        except (OSError, ValueError) as e:
-            raise FaceError(f"could not read the image ({e}); upload a JPEG or PNG photo") from None
-    img = ImageOps.exif_transpose(img)
-    if img.mode in ("RGBA", "LA", "P"):
-        rgba = img.convert("RGBA")
-        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(bg, rgba)
-    return img.convert("RGB")
+        if photo.dtype != np.uint8:
+            peak = float(photo.max()) if photo.size else 0.0
+            photo = np.clip(photo * (255.0 / (peak if peak > 255 else 255.0)), 0, 255).astype(np.uint8)
+        return to_rgb8(Image.fromarray(photo))
+    if isinstance(photo, Image.Image):
+        return to_rgb8(ImageOps.exif_transpose(photo))
+    try:
+        return open_image(photo, display_name)
+    except ImageInputError as e:
+        raise FaceError(str(e)) from None
 
 
 def detect(img: Image.Image) -> Faces:
@@ -184,4 +182,20 @@ def draw_landmarks(img: Image.Image, lm: np.ndarray, radius: float | None = None
     r = radius or max(1.5, img.width / 256)
     for x, y in lm:
         d.ellipse([x - r, y - r, x + r, y + r], fill=(0, 255, 0))
+    return out
+
+
+def draw_faces(img: Image.Image, faces: Faces, max_side: int = 768) -> Image.Image:
+    """The photo (downscaled to ``max_side``) with each detected face's box and landmarks; the face
+    that will be used (the largest) in green, others in yellow."""
+    scale = min(1.0, max_side / max(img.size))
+    out = img.convert("RGB").resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.LANCZOS)
+    d = ImageDraw.Draw(out)
+    width = max(2, round(max(out.size) / 250))
+    for i, (box, lm) in enumerate(zip(faces.boxes, faces.landmarks)):
+        colour = (40, 220, 90) if i == 0 else (250, 200, 40)
+        d.rectangle([v * scale for v in box], outline=colour, width=width)
+        r = max(1.0, width * 0.6)
+        for x, y in lm * scale:
+            d.ellipse([x - r, y - r, x + r, y + r], fill=colour)
     return out

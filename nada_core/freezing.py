@@ -16,6 +16,26 @@ from .stylegan2 import Generator
 
 PRESETS = ("auto", "all", "texture", "shape")
 
+# What a first run chooses between (paper Sec. 4): styles and textures train every layer for ~300 steps;
+# shape changes (dog -> cat) adapt about 2/3 of the W+ slots per step with style mixing 0.9, ~200 steps.
+STARTER_PRESETS = {
+    "Style": {"slots": "all", "mixing": 0.0, "iterations": 300},
+    "Shape": {"slots": "two_thirds", "mixing": 0.9, "iterations": 200},
+}
+
+
+def shape_slot_count(n_latent: int) -> int:
+    """The paper's 'about 2/3 of the slots' for shape changes."""
+    return round(n_latent * 2 / 3)
+
+
+def starter_settings(name: str, n_latent: int) -> dict:
+    """{'k', 'mixing', 'iterations'} of a starter preset for a generator with ``n_latent`` W+ slots;
+    k = 0 means every slot (no layer selection pass)."""
+    p = STARTER_PRESETS[name]
+    k = 0 if p["slots"] == "all" else shape_slot_count(n_latent)
+    return {"k": k, "mixing": p["mixing"], "iterations": p["iterations"]}
+
 
 def select_slots(G_train: Generator, w_plus: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor],
                  k: int, iters: int, lr: float = 0.01, noise_mode: str = "const") -> list[int]:
@@ -63,7 +83,7 @@ def preset_slots(preset: str, n_latent: int) -> list[int]:
     if preset == "texture":
         return list(range(n_latent // 2, n_latent))
     if preset == "shape":
-        return list(range(round(n_latent * 2 / 3)))
+        return list(range(shape_slot_count(n_latent)))
     raise ValueError(f"unknown layer preset {preset!r}; choose one of {', '.join(PRESETS)}")
 
 

@@ -1,6 +1,9 @@
 """Conversions between generator tensors ([-1, 1], NCHW) and PIL images, and image grids."""
 from __future__ import annotations
 
+import os
+import threading
+
 import numpy as np
 import torch
 from PIL import Image
@@ -31,3 +34,74 @@ def grid(rows: list[list[Image.Image]], pad: int = 4, tile: int | None = None) -
             out.paste(im.resize((tile, tile), Image.LANCZOS) if im.size != (tile, tile) else im,
                       (j * (tile + pad), i * (tile + pad)))
     return out
+
+
+MAX_IMAGE_BYTES = 25 * 2 ** 20     # photos and style images
+MAX_MEGAPIXELS = 50
+
+
+class ImageInputError(ValueError):
+    """An image a user gave that cannot be used, named by the user's own file name."""
+
+
+def open_image(path, display_name: str | None = None, max_bytes: int = MAX_IMAGE_BYTES,
+               max_megapixels: float = MAX_MEGAPIXELS) -> Image.Image:
+    """Read an uploaded image safely: size and pixel count checked before decoding, EXIF orientation
+    applied, transparency flattened on white, and 16/32-bit or float images scaled (not clipped) to 8 bits."""
+    from PIL import ImageOps, UnidentifiedImageError
+
+    name = display_name or str(path).replace("\\", "/").rsplit("/", 1)[-1]
+    try:
+        n_bytes = os.path.getsize(path)
+    except OSError:
+        raise ImageInputError(f"{name}: the file could not be read") from None
+    if n_bytes > max_bytes:
+        raise ImageInputError(f"{name}: file too large ({n_bytes / 2 ** 20:.0f} MB); the limit is {max_bytes >> 20} MB")
+    try:
+        img = Image.open(path)
+        w, h = img.size
+        if w * h > max_megapixels * 1e6:
+            raise ImageInputError(f"{name}: image too large ({w} x {h}); the limit is {max_megapixels:g} megapixels")
+        img.load()
+    except Image.DecompressionBombError:
+        w, h = _declared_size(path)
+        raise ImageInputError(f"{name}: image too large ({w} x {h}); the limit is {max_megapixels:g} megapixels") from None
+    except (OSError, ValueError, UnidentifiedImageError, SyntaxError) as e:
+        if isinstance(e, ImageInputError):
+            raise
+        raise ImageInputError(f"{name}: could not read the image ({type(e).__name__}); upload a JPEG or PNG") from None
+    return to_rgb8(ImageOps.exif_transpose(img))
+
+
+_BOMB_LOCK = threading.Lock()
+
+
+def _declared_size(path) -> tuple[int, int]:
+    """Width and height from the header of an image PIL refused as a decompression bomb (nothing is decoded)."""
+    with _BOMB_LOCK:
+        limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            with Image.open(path) as im:
+                return im.size
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
+
+
+def to_rgb8(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB. High bit depths are rescaled to their range instead of clipped at 255
+    (a 16-bit greyscale photo would otherwise turn almost white)."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        if img.mode.startswith("I;16"):
+            top = 65535.0
+        elif img.mode == "F" and a.size and np.nanmax(a) <= 1.0:
+            top = 1.0
+        else:
+            peak = float(np.nanmax(a)) if a.size else 0.0
+            top = 255.0 if peak <= 255 else 65535.0 if peak <= 65535 else peak
+        a = np.clip(np.nan_to_num(a) * (255.0 / top), 0, 255).round().astype(np.uint8)
+        img = Image.fromarray(a, "L")
+    if img.mode in ("RGBA", "LA", "P", "PA"):
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return img.convert("RGB")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,12 +72,21 @@ def new_run_dir(source: str, target: str, root: Path | None = None) -> Path:
 
 @dataclass
 class LibraryEntry:
+    """One model a client may choose, by ``id`` only: a run folder's name, or a ready style's manifest name."""
+
     name: str
-    path: Path            # final weights (or the latest snapshot of an unfinished run)
+    path: Path            # final weights (or the latest snapshot of an unfinished run); never shown to clients
     base: str
     recipe: dict
     thumbnail: Path | None
     finished: bool
+    kind: str = "run"     # run | style (a ready manifest style)
+    created: float = 0.0  # seconds since the epoch
+    size_bytes: int = 0
+
+    @property
+    def id(self) -> str:
+        return self.name
 
     @property
     def label(self) -> str:
@@ -85,12 +95,31 @@ class LibraryEntry:
         return f"{self.name}  ({r.get('source', '?')} -> {target}, {self.base})" + ("" if self.finished else " [unfinished]")
 
 
+class UnknownModel(ValueError):
+    """A model id that is not in the library. The message is the same whether or not a file of that
+    name exists anywhere, so clients cannot probe the server's disk."""
+
+    def __init__(self, model_id: object):
+        shown = f" {model_id!r}" if isinstance(model_id, str) and MODEL_ID.fullmatch(model_id) else ""
+        super().__init__(f"unknown model{shown}: choose one from the library list")
+
+
+MODEL_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,79}")
+TRASH = ".trash"           # runs set aside (short stopped runs) until the user keeps them
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
 def list_library(root: Path | None = None) -> list[LibraryEntry]:
-    """Every run folder with usable weights, newest first."""
+    """Every run folder with usable weights, newest first (folders starting with '.' or '_' are not runs)."""
     root = root or library_dir()
     entries = []
     for d in sorted(root.glob("*/recipe.json"), key=lambda p: p.stat().st_mtime, reverse=True):
         run = d.parent
+        if not MODEL_ID.fullmatch(run.name):
+            continue
         final = run / "final.safetensors"
         snaps = sorted((run / "snapshots").glob("step_*.safetensors"))
         path = final if final.is_file() else (snaps[-1] if snaps else None)
@@ -102,6 +131,122 @@ def list_library(root: Path | None = None) -> list[LibraryEntry]:
             continue
         thumb = run / "thumb.png"
         entries.append(LibraryEntry(run.name, path, saved.get("base", "?"), saved.get("recipe", {}),
-                                    thumb if thumb.is_file() else None, final.is_file()))
+                                    thumb if thumb.is_file() else None, final.is_file(), "run",
+                                    d.stat().st_mtime, _folder_bytes(run)))
     return entries
 
+
+def find_model(model_id: object, entries: list[LibraryEntry]) -> LibraryEntry:
+    """The entry a client named; anything else (paths, unknown names, non-strings) is UnknownModel."""
+    if isinstance(model_id, str):
+        for e in entries:
+            if e.id == model_id:
+                return e
+    raise UnknownModel(model_id)
+
+
+def check_new_name(name: str, root: Path, reserved=()) -> str:
+    """A user-chosen model name as a safe folder name, refused when taken."""
+    slug = slugify(name or "")
+    if not name or not name.strip():
+        raise ValueError("give the model a name")
+    if slug in reserved or (root / slug).exists():
+        raise ValueError(f"a model named {slug!r} already exists; choose another name")
+    return slug
+
+
+def rename_model(root: Path, model_id: str, new_name: str, reserved=()) -> str:
+    """Rename a run folder (atomic on one filesystem); returns the new id."""
+    entry = find_model(model_id, list_library(root))
+    slug = check_new_name(new_name, root, reserved)
+    os.rename(root / entry.id, root / slug)
+    return slug
+
+
+def delete_model(root: Path, model_id: str) -> None:
+    entry = find_model(model_id, list_library(root))
+    shutil.rmtree(root / entry.id)
+
+
+def set_aside(run_dir: Path) -> Path:
+    """Move a run out of the library listing (kept on disk until :func:`empty_trash`)."""
+    trash = run_dir.parent / TRASH
+    trash.mkdir(exist_ok=True)
+    dest = trash / run_dir.name
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.rename(run_dir, dest)
+    return dest
+
+
+def restore(root: Path, name: str) -> Path:
+    """Bring a set-aside run back into the library (under a fresh name if its old one is taken)."""
+    src = root / TRASH / name
+    if not MODEL_ID.fullmatch(name) or not src.is_dir():
+        raise UnknownModel(name)
+    dest = root / name
+    i = 2
+    while dest.exists():
+        dest, i = root / f"{name}-{i}", i + 1
+    os.rename(src, dest)
+    return dest
+
+
+def empty_trash(root: Path) -> None:
+    shutil.rmtree(root / TRASH, ignore_errors=True)
+
+
+def remove_stale_parts(root: Path) -> int:
+    """Delete half-written files (``*.part``) that a killed process left in the library."""
+    n = 0
+    for p in root.rglob("*.part") if root.is_dir() else []:
+        p.unlink(missing_ok=True)
+        n += 1
+    return n
+
+
+def prune_snapshots(run_dir: Path, keep: int = 5) -> int:
+    """Keep the newest ``keep`` snapshots of a finished run (state.pt names the newest, so resume works)."""
+    snaps = sorted((run_dir / "snapshots").glob("step_*.safetensors"))
+    for p in snaps[:-keep] if keep else snaps:
+        p.unlink(missing_ok=True)
+    return max(0, len(snaps) - keep)
+
+
+def disk_use(root: Path) -> int:
+    return _folder_bytes(root) if root.is_dir() else 0
+
+
+def base_like(base: Generator, G: Generator) -> Generator:
+    """``G``'s weights in a generator built like ``base`` (same config), so the library can pair them."""
+    import copy
+
+    out = copy.deepcopy(base).cpu()
+    out.load_state_dict({k: v.cpu() for k, v in G.state_dict().items()}, strict=True)
+    if getattr(G, "stored_w_avg", None) is not None:
+        out.stored_w_avg = G.stored_w_avg.detach().cpu().clone()
+    return out
+
+
+def import_model(root: Path, upload: Path, display_name: str, base_name: str, base: Generator,
+                 max_bytes: int = 2 << 30) -> Path:
+    """Make a user's generator file a library model: read it with the safe loaders (never as a path a
+    client chose for rendering), check it fits the chosen base, and copy it in as our safetensors."""
+    from .checkpoints import save_generator
+
+    if upload.stat().st_size > max_bytes:
+        raise ValueError(f"{display_name}: file too large ({upload.stat().st_size >> 20} MiB); the limit is {max_bytes >> 20} MiB")
+    G, info = load_generator(upload, "cpu", display_name=display_name)
+    shapes = lambda g: {k: tuple(v.shape) for k, v in g.state_dict().items()}  # noqa: E731
+    if shapes(G) != shapes(base):  # configs may differ in name only (e.g. any channel multiplier at 32 channels)
+        raise ValueError(f"{display_name} is a {G.config['size']} px generator with a different architecture from the "
+                         f"base {base_name!r} ({base.config['size']} px); choose the base it was adapted from")
+    stem = Path(display_name).stem
+    name = check_new_name(stem, root) if not (root / slugify(stem)).exists() else new_run_dir("imported", stem, root).name
+    folder = root / name
+    folder.mkdir(parents=True, exist_ok=False)
+    recipe = {"source": base_name, "target": stem, "imported_from": display_name, "format": info.get("format")}
+    G = base_like(base, G)
+    save_generator(G, folder / "final.safetensors", {"source_model": base_name, "recipe": recipe, "step": None})
+    (folder / "recipe.json").write_text(json.dumps({"base": base_name, "config": G.config, "recipe": recipe}, indent=2))
+    return folder

@@ -1,4 +1,5 @@
 """Handler-level tests through gradio_client against the app launched on the tiny models."""
+import sys
 import threading
 import time
 
@@ -34,9 +35,9 @@ def train(client, *overrides):
     return outs
 
 
-def run_selfie(client, photo, path):
-    job = client.submit(handle_file(str(photo)), None, "tiny", [path], 10, True, *([0.0] * 12), *(["all layers"] * 12),
-                        None, 0, api_name="/selfie")
+def run_selfie(client, photo, model_id):
+    job = client.submit(handle_file(str(photo)), None, "tiny", [model_id], "Optimisation", 10, False, *([0.0] * 12),
+                        *(["all layers"] * 12), None, 0, api_name="/selfie")
     outs = list(job)
     job.result()
     return outs
@@ -45,21 +46,25 @@ def run_selfie(client, photo, path):
 def test_adaptation_streams_progress_and_lands_in_the_library(app):
     client, studio, _ = app
     outs = train(client)
-    steps = [o[0] for o in outs if o[0].startswith("**Training**")]
+    steps = [o[0] for o in outs if "Training: step" in o[0]]
     assert len(steps) == 4 and "step 1/4" in steps[0] and "step 4/4" in steps[-1] and "left" in steps[-1]
     final = outs[-1]
-    assert final[0].startswith("**Finished.**")
+    assert "Finished: 4/4 steps" in final[0] and "Saved as <b>photo-to-sketch" in final[0]
+    assert final[0].count("Finished") == 1  # one short status, no repeats
     assert Image.open(final[1]).size == (4 * 128 + 3 * 4, 2 * 128 + 4)  # 4 seeds, source row over adapted, 128 px tiles
     assert sorted(p.rsplit(".", 1)[1] for p in final[4]) == ["pt", "safetensors"]
-    assert any("photo-to-sketch" in item["caption"] for item in final[6])  # the run folder is gr.State, not sent to clients
+    assert all("/" not in str(o) or "library" not in str(o) for o in final[:1])  # no server paths in the status
     assert any(e.name.startswith("photo-to-sketch") and e.finished for e in studio.library())
+    assert "s/step" in final[-1] and "4 steps take about" in final[-1]  # the estimate uses the run's own speed
 
 
 def test_measured_step_gives_an_estimate(app):
     client, studio, _ = app
-    text = client.predict("tiny", 2, ["tiny"], 1.0, 1.0, 300, api_name="/measure")
-    sec = studio.seconds_per_step[("tiny", 2, ("tiny",))]
-    assert sec > 0 and f"measured {sec:.2f} s/step" in text and "300 steps" in text
+    text = client.predict("tiny", 2, ["tiny"], 1.0, 1.0, 300, 0, 1, api_name="/measure")
+    sec = studio.seconds_per_step[("tiny", 2, ("tiny",), False)]
+    assert sec > 0 and f"{sec:.2f} s/step measured" in text and "300 steps" in text
+    shape = client.predict("tiny", 2, ["tiny"], 1.0, 1.0, 200, 5, 1, api_name="/measure")  # with the selection pass
+    assert "with layer selection" in shape and studio.seconds_per_step[("tiny", 2, ("tiny",), True)] > 0
 
 
 def test_bad_prompts_get_a_clear_message(app):
@@ -74,14 +79,19 @@ def test_sample_blend_and_interpolate(app):
     client, studio, _ = app
     if not studio.library():
         train(client)
-    path = str(studio.library()[0].path)
+    path = studio.library()[0].id
     grid = client.predict(path, "0-2", 0.7, "const", 1.0, None, 0.5, api_name="/sample")
     assert Image.open(grid).size == (3 * 128 + 2 * 4, 2 * 128 + 4)  # tiny 32 px tiles shown at 128 px
     half = Image.open(client.predict(path, "0-2", 0.7, "const", 0.0, None, 0.5, api_name="/sample"))
     top, bottom = half.crop((0, 0, 392, 128)), half.crop((0, 132, 392, 260))
     assert np.array_equal(np.asarray(top), np.asarray(bottom))  # strength 0 = the source weights exactly
-    gif, _ = client.predict(path, 1.0, None, 0.5, 0, 1, 5, "domains", 0.7, api_name="/interpolate")
+    mp4, gif = client.predict(path, 1.0, None, 0.5, 0, 1, 5, "domains", 0.7, api_name="/interpolate")
     assert Image.open(gif).n_frames == 8  # 5 frames, ping-pong
+    import av
+    with av.open(mp4["video"] if isinstance(mp4, dict) else mp4) as video:
+        frames = [f.to_ndarray(format="rgb24") for f in video.decode(video=0)]
+    assert len(frames) == 8 and frames[0].shape == (256, 256, 3)  # 32 px frames scaled up to play at 256 px
+    assert not np.array_equal(frames[0], frames[4])
     with pytest.raises(Exception, match="seeds must look like"):
         client.predict(path, "x-y", 0.7, "const", 1.0, None, 0.5, api_name="/sample")
 
@@ -90,12 +100,12 @@ def test_edit_renders_source_and_adapted_side_by_side(app):
     client, studio, _ = app
     if not studio.library():
         train(client)
-    path = str(studio.library()[0].path)
+    path = studio.library()[0].id
     sliders = [0.0] * 12
     ranges = ["all layers"] * 12
     plain = client.predict("tiny", [path], 3, 0.7, 1, 0, *sliders, *ranges, None, 0, api_name="/edit")
     assert [item["caption"] for item in plain][0] == "source (tiny)" and len(plain) == 2
-    assert Image.open(plain[0]["image"]).size == (32, 32)
+    assert Image.open(plain[0]["image"]).size == (256, 256)  # shown at a readable size
     moved = client.predict("tiny", [path], 3, 0.7, 1, 0, 3.0, *sliders[1:], *ranges, None, 0, api_name="/edit")
     assert not np.array_equal(np.asarray(Image.open(moved[0]["image"])), np.asarray(Image.open(plain[0]["image"])))
 
@@ -104,15 +114,15 @@ def test_selfie_flow(app, tmp_path):
     client, studio, _ = app
     if not studio.library():
         train(client)
-    path = str(studio.library()[0].path)
+    path = studio.library()[0].id
     Image.fromarray(data.astronaut()).save(tmp_path / "me.jpg")
     outs = run_selfie(client, tmp_path / "me.jpg", path)
-    status, aligned, recon, stylised, pasted = outs[-1]
+    status, photo, aligned, recon, stylised, pasted = outs[-1]
     assert "Inverted with optimisation" in status
     assert Image.open(aligned).size == (256, 256) and Image.open(recon).size == (32, 32)
     assert len(stylised) == 1 and Image.open(pasted[0]["image"]).size == (512, 512)
     (tmp_path / "bad.jpg").write_bytes(b"not an image at all")
-    with pytest.raises(Exception, match="could not read the image"):
+    with pytest.raises(Exception, match="bad.jpg: could not read the image"):
         run_selfie(client, tmp_path / "bad.jpg", path)
     Image.new("RGB", (200, 200), (90, 120, 150)).save(tmp_path / "wall.png")
     with pytest.raises(Exception, match="no face found"):
@@ -138,7 +148,7 @@ def test_two_clients_train_in_order_and_nothing_is_lost(app):
         t.start()
     for t in threads:
         t.join(timeout=300)
-    assert all(r[-1][1][0].startswith("**Finished.**") for r in results.values())
+    assert all("Finished" in r[-1][1][0] for r in results.values())
     spans = sorted((r[0][0], r[-1][0]) for r in results.values())  # (first output, last output) per client
     assert spans[0][1] <= spans[1][0] + 0.5, spans  # the second run started only after the first finished
     new = {e.name for e in studio.library()} - before
@@ -147,51 +157,52 @@ def test_two_clients_train_in_order_and_nothing_is_lost(app):
     assert studio.training is None
 
 
-def test_every_tab_says_what_is_missing_when_nothing_is_downloaded(tmp_path, monkeypatch):
+def test_without_weights_the_page_offers_starter_packs(tmp_path, monkeypatch):
     from demo.app import build_demo
     from demo.state import Studio
 
     monkeypatch.setenv("NADA_WEIGHTS_DIR", str(tmp_path / "weights"))
     monkeypatch.setenv("NADA_LIBRARY_DIR", str(tmp_path / "lib"))
+    import nada_core.packs as packs
+    monkeypatch.setattr(packs, "remote_size", lambda asset, timeout=5.0: None)  # offline: sizes unknown
     demo = build_demo(Studio(device="cpu"))
     texts = [c["props"].get("value") or "" for c in demo.config["components"] if c["type"] == "markdown"]
-    missing = [t for t in texts if t.startswith("**Missing for")]
-    assert len(missing) == 4  # one panel per tab
-    assert all("weights download ffhq-256" in t for t in missing)
-    assert "e4e" in missing[3] and "dlib" not in missing[3]  # the landmark file ships with a pip package
-    assert "weights download --kind direction" in missing[2] and "zdir-Smiling" not in missing[2]  # grouped
+    assert sum("## Get started" in t for t in texts) == 1 and any("--tiny" in t for t in texts)
+    assert any("CPU starter pack" in t and "size unknown" in t for t in texts)
+    by_hand = next(t for t in texts if "save as" in t)
+    assert sys.executable + " -m nada_core weights download" in by_hand  # a command that works when pasted
+    assert "weights/generators/" in by_hand and str(tmp_path) not in by_hand.replace("weights/", "")
     buttons = [c["props"].get("value") for c in demo.config["components"] if c["type"] == "button"]
-    assert buttons.count("Download") == 4
+    assert "Download the CPU starter pack" in buttons and "Download the GPU starter pack" in buttons
     assert not any("Untrained tiny models" in t for t in texts)  # the banner is only for --tiny
 
 
-def test_download_button_fetches_a_missing_file(tmp_path, monkeypatch):
+def test_starter_pack_downloads_with_one_progress(tmp_path, monkeypatch):
     import hashlib
     import json
 
-    from demo.app import build_demo
-    from demo.state import Studio
-    from nada_core import weights
+    from nada_core import packs, weights
     from tests.http_server import Files, serve
 
-    payload = b"weights" * 1000
-    Files.files, Files.cut_after, Files.requests = {"/ffhq.pkl": payload}, {}, []
+    a, b = b"generator" * 3000, b"clip" * 1000
+    Files.reset({"/g.pkl": a, "/c.bin": b})
     srv, base = serve()
-    manifest = {"version": 1, "assets": {"ffhq-256": {"kind": "generator", "file": "generators/ffhq.pkl", "url": base + "/ffhq.pkl",
-                                                      "sha256": hashlib.sha256(payload).hexdigest(), "size": len(payload),
-                                                      "label": "FFHQ 256"}}}
+    manifest = {"version": 1, "assets": {
+        "g": {"kind": "generator", "file": "generators/g.pkl", "url": base + "/g.pkl", "sha256": hashlib.sha256(a).hexdigest()},
+        "c": {"kind": "clip", "file": "clip/c.bin", "url": base + "/c.bin", "size": len(b)}},
+        "packs": {"cpu": {"label": "CPU", "assets": ["g", "c"], "unlocks": "x"}}}
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     monkeypatch.setattr(weights, "MANIFEST_PATH", tmp_path / "manifest.json")
     monkeypatch.setenv("NADA_WEIGHTS_DIR", str(tmp_path / "w"))
-    monkeypatch.setenv("NADA_LIBRARY_DIR", str(tmp_path / "lib"))
+    monkeypatch.setattr(packs, "_SIZE_CACHE", {})
     try:
-        demo = build_demo(Studio(device="cpu"))
-        download = next(f.fn for f in demo.fns.values() if getattr(f.fn, "__name__", "") == "download")
+        pack = packs.load_packs()["cpu"]
+        assert packs.pack_size(pack) == (len(a) + len(b), 0)  # the generator's size came from a HEAD request
         seen = []
-        remaining = download("ffhq-256", progress=lambda frac, desc="": seen.append(frac))
-        assert (tmp_path / "w" / "generators" / "ffhq.pkl").read_bytes() == payload
-        assert seen and seen[-1] == 1.0
-        assert remaining == ""  # nothing is missing any more, so the panel's text empties
+        assert packs.download_pack(pack, lambda frac, text: seen.append(frac)) == ["g", "c"]
+        assert (tmp_path / "w" / "generators" / "g.pkl").read_bytes() == a and (tmp_path / "w" / "clip" / "c.bin").read_bytes() == b
+        assert seen == sorted(seen) and seen[-1] == 1.0 and 0 < seen[0] < 1  # one progress over the whole pack
+        assert packs.pack_size(pack) == (0, 0) and not packs.missing_assets(pack)
     finally:
         srv.shutdown()
 
@@ -200,7 +211,7 @@ def test_blend_two_adapted_models(app):
     client, studio, _ = app
     while len(studio.library()) < 2:
         train(client, (3, f"Statue {len(studio.library())}"))
-    a, b = (str(e.path) for e in studio.library()[:2])
+    a, b = (e.id for e in studio.library()[:2])
 
     def adapted_row(other, mix):
         img = np.asarray(Image.open(client.predict(a, "0-1", 0.7, "const", 1.0, other, mix, api_name="/sample")))
@@ -211,3 +222,58 @@ def test_blend_two_adapted_models(app):
     assert np.array_equal(adapted_row(b, 1.0), only_b) and np.array_equal(adapted_row(b, 0.0), only_a)
     half = adapted_row(b, 0.5).astype(int)
     assert not np.array_equal(half, only_a) and not np.array_equal(half, only_b)
+
+
+def test_library_import_rename_delete(app, tmp_path):
+    from nada_core.checkpoints import export_rosinality, save_generator
+    from nada_core.tiny import tiny_generator
+
+    client, studio, _ = app
+    export_rosinality(tiny_generator(seed=5), tmp_path / "my style.pt")       # a user's rosinality file
+    status, table, *_ = client.predict(handle_file(str(tmp_path / "my style.pt")), "tiny", api_name="/library_import")
+    assert "Imported <b>my style.pt</b> as <b>my-style</b>" in status
+    assert "my-style" in [row[0] for row in table["data"]]
+    entry = studio.entry("my-style")
+    assert entry.thumbnail is not None and entry.path.name == "final.safetensors"
+    assert entry.path.parent.parent == studio.library_root  # copied into the library, not read from the upload
+    grid = client.predict("my-style", "0", 0.7, "const", 1.0, None, 0.5, api_name="/sample")
+    assert Image.open(grid).size == (128, 2 * 128 + 4)
+    # a file of another architecture is refused with its own name, not a server path
+    save_generator(tiny_generator(seed=1, size=64), tmp_path / "big.safetensors")
+    with pytest.raises(Exception, match=r"big.safetensors is a 64 px generator with a different architecture") as e:
+        client.predict(handle_file(str(tmp_path / "big.safetensors")), "tiny", api_name="/library_import")
+    assert "/tmp" not in str(e.value)
+    (tmp_path / "junk.pkl").write_bytes(b"\x80\x04junk")
+    with pytest.raises(Exception, match="junk.pkl"):
+        client.predict(handle_file(str(tmp_path / "junk.pkl")), "tiny", api_name="/library_import")
+
+    status, table, *_ = client.predict("my-style", "Watercolour faces", api_name="/library_rename")
+    names = [row[0] for row in table["data"]]
+    assert "watercolour-faces" in names and "my-style" not in names
+    with pytest.raises(Exception, match="already exists"):
+        client.predict("watercolour-faces", "Watercolour faces", api_name="/library_rename")
+    files = client.predict("watercolour-faces", api_name="/library_download")
+    assert "final.safetensors" in str(files), files
+    status, table, *_ = client.predict("watercolour-faces", api_name="/library_delete")
+    assert "Deleted" in status and "watercolour-faces" not in [row[0] for row in table["data"]]
+    assert not (studio.library_root / "watercolour-faces").exists()
+    with pytest.raises(Exception, match="unknown model"):
+        client.predict("../../etc", api_name="/library_delete")
+
+
+def test_a_short_stopped_run_is_kept_only_when_asked(app):
+    from nada_core.library import restore
+
+    client, studio, url = app
+    before = {e.id for e in studio.library()}
+    job = client.submit(*[*TRAIN_ARGS[:3], "Bronze statue", *TRAIN_ARGS[4:6], 400, *TRAIN_ARGS[7:]], api_name="/train")
+    deadline = time.time() + 120
+    while time.time() < deadline and not (studio.training and studio.training["adapter"].step >= 2):
+        time.sleep(0.05)
+    studio.training["adapter"].cancel()   # what Stop does for its own session
+    final = list(job)[-1]
+    job.result()
+    assert "Stopped:" in final[0] and "short run" in final[0]
+    assert {e.id for e in studio.library()} == before          # not listed
+    kept = restore(studio.library_root, "photo-to-bronze-statue")  # what "Keep this short run" does
+    assert kept.name in {e.id for e in studio.library()}

@@ -1,0 +1,131 @@
+"""The model library, under every tab: thumbnails and a table (recipe, date, size), rename, delete
+(confirmed), download, and import of a generator file, the only way a user's file becomes a model."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+import pandas as pd
+
+from nada_core.library import delete_model, disk_use, import_model, rename_model
+from nada_core.images import grid
+from nada_core.sampling import latents_for_seeds, render
+
+from .state import Studio
+from .ui import friendly, progress_html
+
+COLUMNS = ["model", "from -> to", "base", "steps", "date", "size"]
+MAX_IMPORT_BYTES = 2 << 30
+
+
+def table(studio: Studio) -> pd.DataFrame:
+    rows = []
+    for e in studio.library():
+        r = e.recipe
+        steps = r.get("iterations") if e.kind == "run" else None
+        rows.append([e.name, f"{r.get('source', '?')} -> {r.get('target') or 'image style'}", e.base,
+                     "" if steps is None else (str(steps) if e.finished else f"{steps} (unfinished)"),
+                     time.strftime("%Y-%m-%d %H:%M", time.localtime(e.created)) if e.created else "",
+                     _size(e.size_bytes)])
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def thumbnails(studio: Studio):
+    return [(str(e.thumbnail) if e.thumbnail else np.full((64, 64, 3), 200, np.uint8), e.name) for e in studio.library()]
+
+
+def _size(n: int) -> str:
+    return f"{n / 2 ** 30:.1f} GB" if n >= 2 ** 30 else f"{n / 2 ** 20:.1f} MB"
+
+
+def usage_text(studio: Studio) -> str:
+    n = len(studio.library())
+    return f"{n} model(s); the library uses {_size(disk_use(studio.library_root))} on disk."
+
+
+def build(studio: Studio):
+    with gr.Accordion("Model library", open=False, elem_id="library"):
+        usage = gr.Markdown(usage_text(studio), elem_classes=["nada-small"])
+        thumbs = gr.Gallery(thumbnails(studio), format="png", label="Models", columns=6, height=170,
+                            allow_preview=False, object_fit="contain", elem_id="library-thumbs")
+        listing = gr.Dataframe(table(studio), interactive=False, elem_id="library-table", wrap=True, max_height=260)
+        with gr.Row(equal_height=False):
+            with gr.Column(min_width=280):
+                pick = gr.Dropdown([e.id for e in studio.library()], label="Model", elem_id="library-pick",
+                                 allow_custom_value=True)  # checked on the server: ids only
+                with gr.Row():
+                    new_name = gr.Textbox(label="New name", max_lines=1, max_length=80, min_width=140)
+                    rename = gr.Button("Rename", size="sm", min_width=80)
+                with gr.Row():
+                    download = gr.Button("Download", size="sm", min_width=80)
+                    delete = gr.Button("Delete...", size="sm", variant="stop", min_width=80)
+                    confirm = gr.Button("Yes, delete it", size="sm", variant="stop", visible=False, min_width=80,
+                                        elem_id="library-confirm")
+                files = gr.File(label="Files", interactive=False, file_count="multiple", visible=False)
+            with gr.Column(min_width=280):
+                upload = gr.File(label="Import a generator (.pt, .pkl, .safetensors; up to 2 GB)",
+                                 file_types=[".pt", ".pkl", ".safetensors"], elem_id="library-import")
+                import_base = gr.Dropdown([(studio.base_label(n), n) for n in studio.base_names()],
+                                          value=studio.default_base(), label="It was adapted from", allow_custom_value=True)  # names are checked on the server
+                import_btn = gr.Button("Import", size="sm")
+        message = gr.HTML("")
+
+    def refreshed(text: str, state: str = "done"):
+        ids = [e.id for e in studio.library()]
+        return (progress_html(None, text, state), table(studio), thumbnails(studio), gr.update(choices=ids, value=None),
+                usage_text(studio))
+
+    outs = [message, listing, thumbs, pick, usage]
+
+    @friendly
+    def do_rename(model_id, name):
+        reserved = [e.id for e in studio.library() if e.kind != "run"]
+        new_id = rename_model(studio.library_root, model_id, name, reserved)
+        return refreshed(f"Renamed to **{new_id}**.")
+
+    def ask(model_id):
+        if not model_id:
+            raise gr.Error("choose a model first")
+        studio.entry(model_id)
+        return gr.update(visible=True)
+
+    @friendly
+    def do_delete(model_id):
+        entry = studio.entry(model_id)
+        if entry.kind != "run":
+            raise gr.Error(f"{entry.name} is a downloaded ready style; remove it from weights/ to delete it")
+        delete_model(studio.library_root, model_id)
+        return (*refreshed(f"Deleted **{entry.name}**."), gr.update(visible=False))
+
+    @friendly
+    def do_download(model_id):
+        entry = studio.entry(model_id)
+        if entry.kind != "run":
+            raise gr.Error(f"{entry.name} is a ready style: its source is listed in weights/manifest.json")
+        paths = [entry.path, *entry.path.parent.glob("*.pt")]
+        return gr.update(value=[str(p) for p in paths], visible=True)
+
+    @friendly
+    def do_import(file, base_name, progress=gr.Progress()):
+        if not file:
+            raise gr.Error("choose a generator file to import")
+        upload_path = Path(file)
+        display = upload_path.name
+        base = studio.base(base_name)
+        progress(0.3, desc=f"checking {display}")
+        folder = import_model(studio.library_root, upload_path, display, base_name, base, MAX_IMPORT_BYTES)
+        progress(0.8, desc="rendering a thumbnail")
+        G = studio.model(folder.name)
+        w = latents_for_seeds(base, [0, 1, 2, 3], 0.7)
+        grid(render([base, G], w), tile=max(128, min(256, G.size))).save(folder / "thumb.png")
+        return refreshed(f"Imported **{display}** as **{folder.name}**.")
+
+    rename.click(do_rename, [pick, new_name], outs, api_name="library_rename")
+    delete.click(ask, pick, confirm, api_visibility="private", show_progress="hidden")
+    confirm.click(do_delete, pick, [*outs, confirm], api_name="library_delete")
+    download.click(do_download, pick, files, api_name="library_download")
+    import_btn.click(do_import, [upload, import_base], outs, api_name="library_import", concurrency_limit=1,
+                    concurrency_id="device")
+    return listing, thumbs, pick, usage

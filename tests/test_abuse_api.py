@@ -1,0 +1,177 @@
+"""The abuse corpus through the real Gradio API (gradio_client against the app on tiny models): path
+probes, bad images, bad numbers, a disk that fills while saving. Each asserts the message, that
+nothing was lost, and that the server still serves."""
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from gradio_client import Client, handle_file
+from PIL import Image
+
+from nada_core.checkpoints import save_generator
+from nada_core.images import open_image
+from nada_core.tiny import tiny_generator
+from tests.app_server import launch_tiny
+
+SLIDERS, RANGES = [0.0] * 12, ["all layers"] * 12
+TRAIN = ["tiny", "Style", "Photo", "Sketch", [], [], 3, 2, 0.002, 0, 1, 0.0, ["tiny"], 1.0, 1.0, 0, 2]
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    lib = tmp_path_factory.mktemp("library")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("NADA_LIBRARY_DIR", str(lib))
+    demo, studio, url = launch_tiny()
+    client = Client(url, verbose=False)
+    client.predict(*TRAIN, api_name="/train")
+    yield client, studio, tmp_path_factory.mktemp("files")
+    demo.close()
+    mp.undo()
+
+
+def error_of(fn) -> str:
+    with pytest.raises(Exception) as e:
+        fn()
+    return str(e.value)
+
+
+def still_serves(client, studio):
+    model = studio.library()[0].id
+    img = Image.open(client.predict(model, "0", 0.7, "const", 1.0, None, 0.5, api_name="/sample"))
+    assert img.size == (128, 2 * 128 + 4)
+
+
+def test_models_are_chosen_by_name_never_by_path(app):
+    client, studio, files = app
+    real = files / "real_generator.safetensors"
+    save_generator(tiny_generator(seed=3), real)          # a valid generator that exists on disk
+    probes = ["/etc/passwd", "/proc/self/environ", "../../../../etc/passwd", str(real), str(files / "missing.pt"),
+              studio.library()[0].path.as_posix()]        # even the library file's own path is not a name
+    answers = set()
+    for p in probes:
+        answers.add(error_of(lambda: client.predict(p, "0", 0.7, "const", 1.0, None, 0.5, api_name="/sample")))
+        answers.add(error_of(lambda: client.predict("tiny", [p], 0, 0.7, 1, 0, *SLIDERS, *RANGES, None, 0,
+                                                    api_name="/edit")))
+    # one identical answer whether the path exists or not: nothing reveals what is on disk
+    assert len(answers) == 1 and "unknown model: choose one from the library list" in answers.pop()
+    base_probe = error_of(lambda: client.predict(str(real), *TRAIN[1:], api_name="/train"))
+    assert "unknown model" in base_probe
+    still_serves(client, studio)
+
+
+def raw_call(url: str, api: str, body: str) -> str:
+    """POST a hand-written JSON body (NaN and Infinity included, as any script can send them) to
+    Gradio's HTTP API and return the event stream's text."""
+    import json
+    import urllib.request
+
+    req = urllib.request.Request(f"{url}gradio_api/call/{api}", data=body.encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        event = json.load(r)["event_id"]
+    with urllib.request.urlopen(f"{url}gradio_api/call/{api}/{event}", timeout=120) as r:
+        return r.read().decode()
+
+
+def test_bad_numbers_name_their_field(app):
+    import json
+
+    client, studio, _ = app
+    for index, value, field in [(6, "NaN", "Iterations"), (6, "1e308", "Iterations"), (6, "2.5", "Iterations"),
+                                (15, "Infinity", "Seed"), (15, "-1", "Seed"), (7, "1e9", "Batch"), (8, "NaN", "Learning rate")]:
+        args = [json.dumps(a) for a in TRAIN]
+        args[index] = value
+        stream = raw_call(client.src, "train", '{"data": [' + ", ".join(args) + "]}")
+        assert "event: error" in stream and field in stream, stream[-300:]
+        assert "Traceback" not in stream
+    model = json.dumps(studio.library()[0].id)
+    stream = raw_call(client.src, "sample", f'{{"data": [{model}, "0", NaN, "const", 1.0, null, 0.5]}}')
+    assert "event: error" in stream and "Truncation" in stream
+    stream = raw_call(client.src, "interpolate", f'{{"data": [{model}, 1.0, null, 0.5, 0, 1, 1000000, "seeds", 0.7]}}')
+    assert "event: error" in stream and "Frames" in stream
+    still_serves(client, studio)
+
+
+def _png_header_only(path, width, height):
+    """A PNG that declares width x height but holds one tiny compressed row: opening it is cheap,
+    decoding it would need gigabytes."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16))
+                     + chunk(b"IEND", b""))
+
+
+def test_bad_images_get_clear_messages(app, tmp_path):
+    client, studio, _ = app
+    model = studio.library()[0].id
+    _png_header_only(tmp_path / "huge.png", 40000, 40000)
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+
+    def selfie(path):
+        return client.predict(handle_file(str(path)), None, "tiny", [model], "Optimisation", 10, False, *SLIDERS,
+                              *RANGES, None, 0, api_name="/selfie")
+
+    msg = error_of(lambda: selfie(tmp_path / "huge.png"))
+    assert "image too large (40000 x 40000); the limit is 50 megapixels" in msg and "huge.png" in msg
+    msg = error_of(lambda: selfie(tmp_path / "broken.jpg"))
+    assert "broken.jpg: could not read the image" in msg
+    assert "/tmp" not in msg and "gradio" not in msg  # the user's file name, never the server's upload path
+    args = list(TRAIN)
+    args[4] = [handle_file(str(tmp_path / "huge.png"))]
+    assert "image too large" in error_of(lambda: client.predict(*args, api_name="/train"))
+    still_serves(client, studio)
+
+
+def test_high_bit_depth_photos_are_scaled_not_clipped(tmp_path):
+    ramp = (np.linspace(0, 1, 64 * 64).reshape(64, 64) * 65535).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "grey16.png")
+    assert Image.open(tmp_path / "grey16.png").mode.startswith("I")
+    rgb = np.asarray(open_image(tmp_path / "grey16.png"))
+    assert rgb.shape == (64, 64, 3)
+    assert (rgb == 255).mean() < 0.01 and abs(rgb.mean() - 127.5) < 2  # a ramp, not 89% white
+    Image.fromarray((ramp / 65535).astype(np.float32), "F").save(tmp_path / "float.tiff")
+    assert abs(np.asarray(open_image(tmp_path / "float.tiff")).mean() - 127.5) < 2
+
+
+def test_mixed_size_style_images_train(app, tmp_path):
+    client, studio, _ = app
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(tmp_path / "red.png")
+    Image.new("RGB", (64, 64), (20, 20, 220)).save(tmp_path / "blue.jpg")
+    args = list(TRAIN)
+    args[3] = ""
+    args[4] = [handle_file(str(tmp_path / "red.png")), handle_file(str(tmp_path / "blue.jpg"))]
+    out = client.predict(*args, api_name="/train")
+    assert "Finished" in out[0]
+    assert any(e.name.startswith("photo-to-red-blue") for e in studio.library())  # named after its images
+
+
+def test_a_full_disk_loses_nothing(app, monkeypatch):
+    """Every error type a real full disk raises on the final save keeps the model for Retry."""
+    from safetensors import SafetensorError
+
+    import nada_core.checkpoints as ck
+    client, studio, _ = app
+    real_save = ck.save_file if hasattr(ck, "save_file") else None
+    for error in (OSError(28, "No space left on device"), RuntimeError("PytorchStreamWriter failed writing file"),
+                  SafetensorError("Error while serializing: IoError(No space left on device)")):
+        before = {e.id for e in studio.library()}
+
+        def failing(*a, error=error, **k):
+            raise error
+        monkeypatch.setattr("safetensors.torch.save_file", failing)
+        job = client.submit(*TRAIN, api_name="/train")
+        outs = list(job)
+        job.result()
+        status = outs[-1][0]
+        assert "Saving failed" in status and "kept in memory" in status, status
+        assert studio.unsaved, "the trained model must stay in memory"
+        monkeypatch.undo()
+        adapter = next(iter(studio.unsaved.values()))[1]
+        assert adapter.save_final() is not None  # what Retry does: the model was not lost
+        assert {e.id for e in studio.library()} - before
+        studio.unsaved.clear()
+    assert real_save is None or ck.save_file is real_save
+    still_serves(client, studio)
