@@ -1,4 +1,4 @@
-"""Command line: ``python -m nada_core weights|adapt|sample|invert|mapper ...`` (``--help`` on each)."""
+"""Command line: ``python -m nada_core weights|adapt|batch|sample|invert|mapper ...`` (``--help`` on each)."""
 from __future__ import annotations
 
 import argparse
@@ -70,8 +70,9 @@ def cmd_weights(args) -> int:
 # ---------------------------------------------------------------------------- adapt
 def cmd_adapt(args) -> int:
     from .adapt import Adapter, Recipe
+    from .batch import follow_run
     from .clip_guide import load_ensemble
-    from .images import from_pil, grid, to_pil
+    from .images import from_pil
     from .library import default_device, load_base, new_run_dir
 
     device = args.device or default_device()
@@ -96,24 +97,22 @@ def cmd_adapt(args) -> int:
         ad = Adapter(G, recipe, clip, device, out, base_name, style_images=style_images, source_images=source_images)
     print(f"adapting {base_name} on {device}: '{recipe.source}' -> '{recipe.target or 'style images'}', "
           f"{ad.recipe.iterations} steps, output {out}", file=sys.stderr)
-    last = None
-    for ev in ad.run():
-        if ev.kind == "warning":
-            print(f"\nwarning: {ev.message}", file=sys.stderr)
-        elif ev.kind == "step":
-            print(_bar(ev.step, ev.total, f"step {ev.step}/{ev.total} loss {ev.loss:.4f} "
-                                          f"{ev.sec_per_step:.2f}s/it ETA {_fmt_time(ev.eta)}"),
-                  end="", file=sys.stderr, flush=True)
-        last = ev
+    last = follow_run(ad, out, _show_event)  # also writes thumb.png, as batch runs do
     print(file=sys.stderr)
-    if last is not None and last.preview is not None:
-        src, adapted = last.preview
-        grid([to_pil(src), to_pil(adapted)]).save(out / "thumb.png")
     if last is None or last.kind == "error":
         print(f"error: {last.message if last else 'nothing ran'}", file=sys.stderr)
         return 1
     print(f"{last.message}: {last.checkpoint}")
     return 0
+
+
+def _show_event(ev) -> None:
+    if ev.kind == "warning":
+        print(f"\nwarning: {ev.message}", file=sys.stderr)
+    elif ev.kind == "step":
+        print(_bar(ev.step, ev.total, f"step {ev.step}/{ev.total} loss {ev.loss:.4f} "
+                                      f"{ev.sec_per_step:.2f}s/it ETA {_fmt_time(ev.eta)}"),
+              end="", file=sys.stderr, flush=True)
 
 
 def _open_image(path):
@@ -124,6 +123,13 @@ def _open_image(path):
             return ImageOps.exif_transpose(im).convert("RGB")
     except (OSError, UnidentifiedImageError) as e:
         raise ValueError(f"{path}: not a readable image ({e})") from None
+
+
+# ---------------------------------------------------------------------------- batch
+def cmd_batch(args) -> int:
+    from .batch import batch_command
+
+    return batch_command(args)
 
 
 # ---------------------------------------------------------------------------- sample
@@ -320,6 +326,21 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--resume", default=None, help="continue the run in this folder")
     a.add_argument("--device", default=None)
     a.set_defaults(fn=cmd_adapt)
+
+    b = sub.add_parser("batch", help="train a list of recipes from a TOML file, here or over a Ray cluster")
+    b.add_argument("jobs", help="TOML file: optional [defaults] and one [[job]] table per model (see README)")
+    b.add_argument("--ray", default=None, metavar="auto|local|ADDRESS",
+                   help="run the jobs on Ray: 'auto' joins the cluster of this machine, 'local' starts one here, "
+                        "or HEAD:6379 (needs `pip install -r requirements-cluster.txt`)")
+    b.add_argument("--cpus-per-job", type=int, default=1, help="with --ray: CPUs each job takes (one GPU each "
+                                                                "when the cluster has GPUs)")
+    b.add_argument("--ship-weights", action="store_true", help="with --ray: send the base and CLIP weights from "
+                                                                "here through Ray's object store")
+    b.add_argument("--library", default=None, help="where the models go (default: the app's library)")
+    b.add_argument("--skip-existing", action="store_true", help="skip jobs whose model is already in the library")
+    b.add_argument("--check", action="store_true", help="check the file and show the plan; train nothing")
+    b.add_argument("--device", default=None, help="without --ray: cpu, cuda, mps (default: the best here)")
+    b.set_defaults(fn=cmd_batch)
 
     s = sub.add_parser("sample", help="PNG grid: source row above adapted row, same latents")
     s.add_argument("--model", required=True)
