@@ -2,8 +2,9 @@
 
 Each iteration: optimise a copy of W+ for a few SGD steps on the global CLIP loss through the
 current trainable generator; the W+ slots that move most are the ones the target needs. Only the
-convolutions reading those slots are trained (slot 0 -> conv1, slot i >= 1 -> convs[i-1]; ToRGB
-layers and the mapping network stay frozen; the last slot feeds only a ToRGB and trains nothing).
+convolutions reading those slots are trained, as the generator's slot map says
+(``Generator.slot_consumers``); ToRGB layers and the mapping network stay frozen, so the last slot,
+which feeds only a ToRGB, trains nothing.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .stylegan2 import Generator
+from .stylegan2 import Generator, StyledConv
 
 PRESETS = ("auto", "all", "texture", "shape")
 
@@ -57,17 +58,15 @@ def select_slots(G_train: Generator, w_plus: torch.Tensor, loss_fn: Callable[[to
 
 
 def layers_for_slots(G: Generator, slots) -> list[nn.Module]:
-    """The convolutions that read the given W+ slots (no duplicates, in slot order)."""
+    """The convolutions that read the given W+ slots, per ``G.slot_consumers()`` (no duplicates, in slot
+    order; ToRGB readers are left out, slots outside the map give nothing)."""
+    table = G.slot_consumers()
     layers: list[nn.Module] = []
     for s in slots:
-        if s == 0:
-            layer = G.conv1
-        elif 1 <= s <= len(G.convs):
-            layer = G.convs[s - 1]
-        else:
-            continue  # the last slot feeds only a ToRGB layer
-        if all(layer is not m for m in layers):
-            layers.append(layer)
+        for name in table.get(int(s), ()):
+            layer = G.get_submodule(name)
+            if isinstance(layer, StyledConv) and all(layer is not m for m in layers):
+                layers.append(layer)
     return layers
 
 

@@ -376,7 +376,8 @@ class Generator(nn.Module):
 
     # -------------------------------------------------------------- slot map
     def slot_consumers(self) -> dict[int, list[str]]:
-        """W+ slot -> names of the modules that read it (see module docstring)."""
+        """W+ slot -> names of the modules that read it (see module docstring). The one definition of the
+        slot map: layer freezing (``freezing.layers_for_slots``) and the tests derive theirs from it."""
         table: dict[int, list[str]] = {s: [] for s in range(self.n_latent)}
         table[0].append("conv1")
         table[1].append("to_rgb1")

@@ -30,8 +30,12 @@ def test_k_equal_to_all_slots_skips_the_pass():
 
 def test_exactly_the_layers_of_the_chosen_slots_are_trainable():
     G = tiny_generator(size=64)  # 10 slots, convs 0..7
+    table = G.slot_consumers()  # the generator's slot map, the one definition
     layers = layers_for_slots(G, [0, 3, 9, 4])
+    convs = [n for s in [0, 3, 9, 4] for n in table[s] if not n.startswith("to_rgb")]
+    assert layers == [G.get_submodule(n) for n in convs]
     assert layers == [G.conv1, G.convs[2], G.convs[3]]  # slot 9 feeds only the last ToRGB
+    assert layers_for_slots(G, [1, 1, 2]) == [G.convs[0], G.convs[1]]  # slot 1's ToRGB stays out; no duplicates
     set_trainable(G, layers)
     trainable = {n.split(".conv.")[0].split(".noise")[0].split(".activate")[0] for n, p in G.named_parameters() if p.requires_grad}
     assert trainable == {"conv1", "convs.2", "convs.3"}
