@@ -20,9 +20,9 @@ from .checkpoints import save_generator
 from .clip_guide import ClipMember, check_prompts, directional_loss, embedding_norm_loss, global_loss
 from .freezing import PRESETS, layers_for_slots, preset_slots, select_slots, set_trainable, synthesis_layers
 from .stylegan2 import Generator, grouped_kernels, seeds_to_z
-from .training import Event, NonFiniteLoss, Phases, StepResult, Trainer
+from .training import Event, NonFiniteLoss, Phases, StepResult, Trainer, read_diagnostics
 
-__all__ = ["Adapter", "Event", "NonFiniteLoss", "Recipe", "fit_images"]
+__all__ = ["Adapter", "Event", "NonFiniteLoss", "Recipe", "fit_images", "read_diagnostics"]
 
 
 @dataclass
@@ -116,10 +116,15 @@ class Adapter(Trainer):
 
     def __init__(self, base: Generator, recipe: Recipe, clip: list[ClipMember], device: str | torch.device = "cpu",
                  out_dir: str | Path | None = None, base_name: str = "", style_images: list[torch.Tensor] | None = None,
-                 source_images: list[torch.Tensor] | None = None, _resuming: bool = False):
+                 source_images: list[torch.Tensor] | None = None, observers: list | None = None,
+                 _resuming: bool = False):
         self.device = torch.device(device)
+        self.observers = list(observers or [])
         self.recipe, self.clip, self.base_name = recipe, clip, base_name
         self.warnings = recipe.validate(base.n_latent)
+        if recipe.style_images and not style_images:
+            raise ValueError(f"this run is image-guided ({len(recipe.style_images)} style image(s) in its recipe): "
+                             "give the style images themselves")
         if clip and not recipe.style_images:  # truncation warnings need a tokenizer
             self.warnings += check_prompts(recipe.source, recipe.target, clip[0].tokenizer)
         self._init_state(out_dir)
@@ -141,7 +146,7 @@ class Adapter(Trainer):
             self.w_avg = self.G_frozen.w_avg()
             self.preview_z = seeds_to_z(recipe.preview_seeds, base.style_dim, self.device)
             self.directions = self._target_directions(style_images, source_images)
-            self.global_texts = [m.global_text(recipe.target) for m in clip] if recipe.lambda_global or self._auto else []
+            self.global_targets = self._global_targets(style_images) if recipe.lambda_global or self._auto else []
         self._open_run_dir({"base": base_name, "config": base.config, "recipe": recipe.to_dict()}, _resuming)
 
     # ------------------------------------------------------------ set-up
@@ -162,6 +167,14 @@ class Adapter(Trainer):
             source = torch.cat([self.G_frozen(c.to(self.device)) for c in z.split(4)])
         return [m.image_direction(style, source) for m in self.clip]
 
+    def _global_targets(self, style_images) -> list[torch.Tensor]:
+        """What the global loss (layer selection, ``lambda_global``) pulls towards, per CLIP model: the text
+        'a {target}', or for an image-guided run the mean unit image embedding of the style images."""
+        if not style_images:
+            return [m.global_text(self.recipe.target) for m in self.clip]
+        style = fit_images(style_images, self.G_frozen.size).to(self.device)
+        return [F.normalize(m.encode_images(style), dim=-1).mean(0) for m in self.clip]
+
     def _sample_ws(self, n: int) -> torch.Tensor:
         z = torch.randn(n, self.G_frozen.style_dim, generator=self.rng).to(self.device)
         with torch.no_grad():
@@ -173,7 +186,7 @@ class Adapter(Trainer):
         return w
 
     def _global_loss(self, images: torch.Tensor) -> torch.Tensor:
-        return sum(m.weight * global_loss(m.encode_images(images), t) for m, t in zip(self.clip, self.global_texts))
+        return sum(m.weight * global_loss(m.encode_images(images), t) for m, t in zip(self.clip, self.global_targets))
 
     # ------------------------------------------------------------ one iteration
     def train_step(self) -> StepResult:
@@ -214,7 +227,7 @@ class Adapter(Trainer):
                 f1 = m.encode_images(img_train + 1e-6)
             loss = r.lambda_direction * directional_loss(f0, f1, d)
             if r.lambda_global:
-                loss = loss + r.lambda_global * global_loss(f1, self.global_texts[i])
+                loss = loss + r.lambda_global * global_loss(f1, self.global_targets[i])
             if r.lambda_norm:
                 loss = loss + r.lambda_norm * embedding_norm_loss(f0, f1)
             losses[m.name] = float(loss.detach())
@@ -255,6 +268,15 @@ class Adapter(Trainer):
         w = self.G_frozen.truncate(self.G_frozen.mapping(self.preview_z), self.w_avg, self.recipe.truncation)
         return self.G_frozen.synthesis(w).cpu(), self.G_train.synthesis(w).cpu()
 
+    # ------------------------------------------------------------ diagnostics
+    def diagnostics_observer(self, identity: bool | str | None = "auto"):
+        """A ``diagnostics.Diagnostics`` observer measuring this run's previews against its own target
+        (the text or image direction of each CLIP model). ``identity``: "auto" (measured when the first
+        source preview shows a face), True or False. Attach it with ``add_observer``."""
+        from .diagnostics import Diagnostics
+
+        return Diagnostics.for_adapter(self, identity=identity)
+
     # ------------------------------------------------------------ saving and resuming
     def meta(self) -> dict:
         return {"source_model": self.base_name, **super().meta()}
@@ -276,8 +298,19 @@ class Adapter(Trainer):
     def resume(cls, run_dir: str | Path, base: Generator, clip: list[ClipMember], device="cpu", **kw) -> "Adapter":
         """Continue a run from its last snapshot: same weights, optimiser moments and sampler state
         (stale ``.part`` files of a run killed while saving are removed)."""
-        run_dir = Path(run_dir)
-        saved = json.loads((run_dir / cls.recipe_file).read_text())
-        ad = cls(base, Recipe.from_dict(saved["recipe"]), clip, device, run_dir, saved.get("base", ""), _resuming=True, **kw)
+        recipe, base_name = cls.saved_recipe(run_dir)
+        ad = cls(base, recipe, clip, device, Path(run_dir), base_name, _resuming=True, **kw)
         ad._restore()
         return ad
+
+    @classmethod
+    def saved_recipe(cls, run_dir: str | Path) -> tuple[Recipe, str]:
+        """(recipe, base name) of the run in ``run_dir``, as written when it started."""
+        path = Path(run_dir) / cls.recipe_file
+        try:
+            saved = json.loads(path.read_text())
+            return Recipe.from_dict(saved["recipe"]), saved.get("base", "")
+        except FileNotFoundError:
+            raise ValueError(f"{run_dir} holds no run ({cls.recipe_file} is missing)") from None
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path} is not a readable run recipe ({e})") from None

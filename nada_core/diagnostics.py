@@ -10,8 +10,9 @@
   face and its adapted version (dlib counts under 0.6 as the same person); None where no face is
   found in the source image.
 
-Pure functions for each, a :class:`Diagnostics` observer for the trainer's events, and
-:func:`best_snapshot` to suggest a step worth keeping.
+Pure functions for each, a :class:`Diagnostics` observer for the trainer's events
+(``trainer.add_observer(adapter.diagnostics_observer())``), :func:`read_diagnostics` for the figures a run
+folder keeps per step, and :func:`best_snapshot` / :func:`best_snapshot_of_run` to suggest a step worth keeping.
 """
 from __future__ import annotations
 
@@ -25,6 +26,10 @@ import torch
 import torch.nn.functional as F
 
 from .clip_guide import ClipMember
+from .training import read_diagnostics
+
+__all__ = ["COLLAPSE_RATIO", "Diagnostics", "SnapshotAdvice", "best_snapshot", "best_snapshot_of_run", "clip_score",
+           "directional_score", "diversity", "identity_distance", "identity_distances", "read_diagnostics"]
 
 COLLAPSE_RATIO = 0.5        # adapted diversity below half the source's: mode collapse alarm
 SCORE_TOLERANCE = 0.02      # best_snapshot takes the earliest step within this of the best score
@@ -195,25 +200,48 @@ def best_snapshot(history: list[dict], available_steps=None, tolerance: float = 
     return SnapshotAdvice(int(pick["step"]), float(pick["clip_score"]), pick.get("diversity"), why)
 
 
+def best_snapshot_of_run(run_dir: str | Path, tolerance: float = SCORE_TOLERANCE) -> SnapshotAdvice | None:
+    """``best_snapshot`` over a run folder: the figures of ``diagnostics.json``, choosing among the snapshots
+    still on disk (``snapshots/step_NNNNN.*``; pruning keeps the figures of every step)."""
+    run_dir = Path(run_dir)
+    history = [{"step": step, **figures} for step, figures in read_diagnostics(run_dir).items()]
+    steps = []
+    for p in (run_dir / "snapshots").glob("step_*.*"):
+        try:
+            steps.append(int(p.name.split(".")[0].split("_")[1]))
+        except (IndexError, ValueError):
+            continue
+    return best_snapshot(history, steps, tolerance)
+
+
 class Diagnostics:
     """Observer for the trainer's events: ``observe(event)`` measures ``event.preview`` (source row,
     adapted row) and returns ``{"step", "clip_score", "diversity", "identity", "collapse"}``, or None
     for events without previews. Measurements accumulate in ``history``.
 
-    ``identity``: True to measure face identity, False never, None to decide on the first preview
-    (measured when a face is found in a source preview)."""
+    ``identity``: True to measure face identity, False never, None or "auto" to decide on the first
+    preview (measured when a face is found in a source preview)."""
 
-    def __init__(self, members: list[ClipMember], directions: list[torch.Tensor], identity: bool | None = None,
+    def __init__(self, members: list[ClipMember], directions: list[torch.Tensor], identity: bool | str | None = None,
                  collapse_ratio: float = COLLAPSE_RATIO):
         if len(members) != len(directions):
-            raise ValueError("give one text direction per CLIP model")
+            raise ValueError("give one target direction per CLIP model")
+        if identity not in (True, False, None, "auto"):
+            raise ValueError(f"identity must be True, False or 'auto', not {identity!r}")
         self.members, self.directions = list(members), [d.detach() for d in directions]
-        self.identity, self.collapse_ratio = identity, collapse_ratio
+        self.identity = None if identity == "auto" else identity
+        self.collapse_ratio = collapse_ratio
         self.history: list[dict] = []
 
     @classmethod
     def for_prompts(cls, members: list[ClipMember], source: str, target: str, **kwargs) -> "Diagnostics":
         return cls(members, [m.text_direction(source, target) for m in members], **kwargs)
+
+    @classmethod
+    def for_adapter(cls, adapter, identity: bool | str | None = "auto", **kwargs) -> "Diagnostics":
+        """Measure an ``Adapter``'s previews with its own CLIP models (and their weights) against its own
+        target directions: the text direction, or the image direction of an image-guided run."""
+        return cls(adapter.clip, adapter.directions, identity=identity, **kwargs)
 
     @torch.no_grad()
     def measure(self, source: torch.Tensor, adapted: torch.Tensor, step: int | None = None) -> dict:

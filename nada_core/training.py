@@ -6,25 +6,35 @@ resume (weights + optimiser + sampler state), the non-finite-loss guard, and sav
 a trained model (a failed snapshot is a warning; a failed final save keeps the model in memory and
 ``save_final()`` retries).
 
+Observers (``trainer.add_observer(obs)``, e.g. ``diagnostics.Diagnostics``) watch the run from outside
+the step: on every event that carries a preview the loop calls ``obs.observe(event)`` and merges the
+dicts they return into ``event.diagnostics``; an observer that raises becomes a warning event and the
+run goes on. The figures of every measured step are kept in ``diagnostics.json`` (see
+``read_diagnostics``), and every snapshot step is previewed, hence measured.
+
 Run folder::
 
     <recipe_file>              what the run is (written when the folder is opened)
     snapshots/step_NNNNN.*     weights every ``snapshot_every`` steps
     state.pt                   optimiser, sampler and history of the newest snapshot (for resume)
+    diagnostics.json           {step: {clip_score, diversity, identity, collapse}} of every measured step
     <final_name>               the weights of the last finished step
 """
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import Iterator, NamedTuple, Protocol
 
 import torch
 
 from .checkpoints import atomic_write
+
+DIAGNOSTICS_FILE = "diagnostics.json"
 
 
 @dataclass
@@ -44,6 +54,57 @@ class Event:
     checkpoint: str | None = None
     message: str = ""
     save_error: str | None = None   # on a final event: why the final weights could not be written
+    diagnostics: dict = field(default_factory=dict)   # observers' figures for this preview (clip_score, ...)
+
+    @property
+    def final(self) -> bool:
+        return self.kind in ("done", "cancelled", "error")
+
+    def to_dict(self) -> dict:
+        """Plain JSON-ready data (no tensors; non-finite numbers become None): kind, step, total, and what
+        the event carries: loss, losses, slots, sec_per_step, eta, timings, the diagnostics' figures at top
+        level, message, and on a final event checkpoint and save_error."""
+        d: dict = {"kind": self.kind, "step": self.step, "total": self.total}
+        if self.kind == "step":
+            d.update(loss=self.loss, losses=dict(self.losses), slots=list(self.slots), sec_per_step=self.sec_per_step,
+                     eta=self.eta, timings=dict(self.timings))
+        d.update({k: v for k, v in self.diagnostics.items() if k != "step"})
+        if self.message:
+            d["message"] = self.message
+        if self.final:
+            d.update(loss=self.loss, checkpoint=self.checkpoint, save_error=self.save_error)
+        return _plain(d)
+
+
+class Observer(Protocol):
+    """Anything with ``observe(event) -> dict | None``; called on every event that carries a preview."""
+
+    def observe(self, event: Event) -> dict | None: ...
+
+
+def _plain(x):
+    """JSON-safe copy: NaN and infinities become None, tuples lists, tensors numbers."""
+    if isinstance(x, dict):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if isinstance(x, torch.Tensor) and x.numel() == 1:
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def read_diagnostics(run_dir: str | Path) -> dict[int, dict]:
+    """The figures measured during a run, ``{step: {"clip_score", "diversity", "identity", "collapse"}}`` in
+    step order (every snapshot step has one when an observer was attached); {} when the run has none or
+    the file cannot be read."""
+    path = Path(run_dir) / DIAGNOSTICS_FILE
+    try:
+        raw = json.loads(path.read_text())
+        return {int(k): dict(v) for k, v in sorted(raw.items(), key=lambda kv: int(kv[0])) if isinstance(v, dict)}
+    except (OSError, ValueError, TypeError, AttributeError):
+        return {}
 
 
 class StepResult(NamedTuple):
@@ -110,12 +171,24 @@ class Trainer:
     out_dir: Path | None
     warnings: list[str]
     save_error: str | None
+    observers: list[Observer]
+    measured: dict[int, dict]   # step -> observers' figures (what diagnostics.json holds)
 
     def _init_state(self, out_dir) -> None:
         self.out_dir = Path(out_dir) if out_dir else None
         self.step, self.history, self.warnings = 0, [], getattr(self, "warnings", [])
         self.save_error = None
         self._cancel = False
+        self.observers = list(getattr(self, "observers", None) or [])
+        self.measured = {}
+        self._last_preview: tuple[int, tuple, dict] | None = None   # (step, preview, diagnostics)
+        self._observer_failures: set[tuple[int, str]] = set()
+
+    def add_observer(self, observer: Observer) -> Observer:
+        """Have ``observer.observe(event)`` called on every event with a preview (once per observer)."""
+        if all(observer is not o for o in self.observers):
+            self.observers.append(observer)
+        return observer
 
     def _open_run_dir(self, record: dict, resuming: bool = False) -> None:
         """Create the run folder (or reopen it to resume), remove stale ``.part`` files, write the recipe.
@@ -169,11 +242,59 @@ class Trainer:
         """Stop before the next step; the weights of the last finished step are saved and kept."""
         self._cancel = True
 
+    # ------------------------------------------------------------ observers
+    def _observe(self, ev: Event) -> list[Event]:
+        """Let every observer measure ``ev`` (which has a preview); their answers go into
+        ``ev.diagnostics``. Returns warning events for observers that failed (each distinct failure once)."""
+        warnings = []
+        for i, obs in enumerate(self.observers):
+            try:
+                answer = obs.observe(ev)
+            except Exception as e:  # noqa: BLE001 - a measurement must never end a run
+                text = describe_error(e)
+                if (i, text) not in self._observer_failures:
+                    self._observer_failures.add((i, text))
+                    warnings.append(Event("warning", ev.step, ev.total,
+                                          message=f"{type(obs).__name__} could not measure step {ev.step} ({text}); "
+                                                  "training goes on"))
+                continue
+            if answer:
+                ev.diagnostics.update({k: v for k, v in answer.items() if k != "step"})
+        return warnings
+
+    def _with_preview(self, ev: Event) -> Iterator[Event]:
+        """Render ``ev.preview`` (or reuse the one of this very step) and measure it; yields warnings."""
+        if self._last_preview is not None and self._last_preview[0] == self.step:
+            ev.preview, ev.diagnostics = self._last_preview[1], dict(self._last_preview[2])
+            return
+        try:
+            ev.preview = self.preview()
+        except (RuntimeError, MemoryError) as e:
+            yield Event("warning", self.step, ev.total, message=f"could not render the preview ({describe_error(e)})")
+            return
+        if self.observers:
+            yield from self._observe(ev)
+        self._last_preview = (self.step, ev.preview, dict(ev.diagnostics))
+        if ev.diagnostics and self.step > 0:
+            self.measured[self.step] = _plain(dict(ev.diagnostics))
+            if self.out_dir:
+                try:
+                    self._write_diagnostics()
+                except Exception as e:  # noqa: BLE001 - like a snapshot: a failed write must not end the run
+                    yield Event("warning", self.step, ev.total,
+                                message=f"could not save the diagnostics ({describe_error(e)}); training goes on")
+
+    def _write_diagnostics(self) -> None:
+        text = json.dumps({str(s): v for s, v in sorted(self.measured.items())}, indent=1)
+        atomic_write(self.out_dir / DIAGNOSTICS_FILE, lambda t: Path(t).write_text(text))
+
     # ------------------------------------------------------------ the loop
     def run(self) -> Iterator[Event]:
         """Train, yielding a 'step' event per iteration (and 'warning' events) and one final 'done',
         'cancelled' or 'error' event. Every ending saves the weights of the last finished step when the
-        run has an output folder; if that fails the model stays in memory (``save_final()`` retries)."""
+        run has an output folder; if that fails the model stays in memory (``save_final()`` retries).
+        Events with a preview (the first step, every ``preview_every`` steps, every snapshot step, the last
+        step and the final event) carry the observers' figures in ``diagnostics``."""
         r = self.recipe
         total = r.iterations
         for w in self.warnings:
@@ -181,8 +302,8 @@ class Trainer:
         sec = None
         while self.step < total:
             if self._cancel:
-                yield self._finish("cancelled", f"stopped after {self.step} of {total} steps" if self.step else
-                                   "stopped before the first step")
+                yield from self._finish("cancelled", f"stopped after {self.step} of {total} steps" if self.step else
+                                        "stopped before the first step")
                 return
             t0 = time.perf_counter()
             try:
@@ -191,11 +312,11 @@ class Trainer:
                 advice = "Try a lower learning rate, smaller loss weights or different prompts"
                 kept = (f"training stopped and the last good weights (step {self.step}) were kept" if self.step
                         else "training stopped at the first step")
-                yield self._finish("error", f"{e}; {kept}. {advice}")
+                yield from self._finish("error", f"{e}; {kept}. {advice}")
                 return
             except (RuntimeError, MemoryError) as e:  # e.g. out of memory: keep what was learned so far
                 kept = f"the weights of step {self.step} were kept" if self.step else "nothing had been trained yet"
-                yield self._finish("error", f"training failed at step {self.step + 1} ({describe_error(e)}); {kept}")
+                yield from self._finish("error", f"training failed at step {self.step + 1} ({describe_error(e)}); {kept}")
                 return
             losses, slots, timings = result
             self.step += 1
@@ -204,36 +325,37 @@ class Trainer:
             self.history.append(losses["total"])
             ev = Event("step", self.step, total, loss=losses["total"], losses=losses, slots=list(slots),
                        sec_per_step=sec, eta=sec * (total - self.step), timings=timings)
-            if self.step == 1 or self.step % max(1, r.preview_every) == 0 or self.step == total:
-                try:
-                    ev.preview = self.preview()
-                except (RuntimeError, MemoryError) as e:
-                    yield Event("warning", self.step, total, message=f"could not render the preview ({describe_error(e)})")
-            if self.out_dir and r.snapshot_every and self.step % r.snapshot_every == 0:
+            snapshot = bool(self.out_dir and r.snapshot_every and self.step % r.snapshot_every == 0)
+            if self.step == 1 or self.step % max(1, r.preview_every) == 0 or self.step == total or snapshot:
+                yield from self._with_preview(ev)
+            if snapshot:
                 try:
                     ev.checkpoint = str(self.save_snapshot())
                 except Exception as e:  # noqa: BLE001 - any failure to write (disk full, quota, ...) must not end the run
                     yield Event("warning", self.step, total,
                                 message=f"could not save snapshot ({describe_error(e)}); training goes on")
             yield ev
-        yield self._finish("done", f"finished {total} steps")
+        yield from self._finish("done", f"finished {total} steps")
 
-    def _finish(self, kind: str, message: str) -> Event:
+    def _finish(self, kind: str, message: str) -> Iterator[Event]:
+        """The final event (after any warnings of its preview's measurement), with the weights saved."""
         total = self.recipe.iterations
-        try:
-            preview = self.preview()
-        except (RuntimeError, MemoryError):
-            preview = None
+        ev = Event(kind, self.step, total)
+        for w in self._with_preview(ev):
+            if not w.message.startswith("could not render the preview"):  # a final preview is optional
+                yield w
         if self.step == 0:  # the starting weights under a new name would pass for a trained model
             self.save_error = None
-            return Event(kind, 0, total, preview=preview, message=message + "; nothing was trained, so nothing was saved")
+            ev.message = message + "; nothing was trained, so nothing was saved"
+            yield ev
+            return
         path = self.save_final()
         if path is None and self.save_error:
             message += (f"; but saving failed ({self.save_error}), the {self.what} is only in memory: "
                         "free disk space and save again")
-        return Event(kind, self.step, total, loss=self.history[-1] if self.history else None,
-                     checkpoint=str(path) if path else None, preview=preview, message=message,
-                     save_error=self.save_error)
+        ev.loss = self.history[-1] if self.history else None
+        ev.checkpoint, ev.message, ev.save_error = str(path) if path else None, message, self.save_error
+        yield ev
 
     # ------------------------------------------------------------ saving and resuming
     def save_final(self, path: str | Path | None = None) -> Path | None:
@@ -275,3 +397,5 @@ class Trainer:
         self.rng.set_state(state["rng"])
         self.step, self.history = int(state["step"]), list(state["history"])
         self._load_extra_state(state.get("extra") or {})
+        # figures measured after the snapshot describe weights the resumed run no longer has
+        self.measured = {s: v for s, v in read_diagnostics(self.out_dir).items() if s <= self.step}

@@ -324,3 +324,110 @@ def test_resume_removes_stale_part_files_and_new_runs_never_reuse_a_folder(clip,
         Adapter(tiny_generator(), recipe(), clip, out_dir=tmp_path)
     a, b = new_run_dir("photo", "sketch", tmp_path / "lib"), new_run_dir("photo", "sketch", tmp_path / "lib")
     assert a.is_dir() and b.is_dir() and a != b and [a.name, b.name] == ["photo-to-sketch", "photo-to-sketch-2"]
+
+
+# ------------------------------------------------------------------ observers and diagnostics
+def test_diagnostics_arrive_in_events_and_every_snapshot_step_is_kept(clip, tmp_path):
+    from nada_core.diagnostics import best_snapshot, best_snapshot_of_run, clip_score, diversity
+    from nada_core.library import prune_snapshots
+    from nada_core.training import read_diagnostics
+
+    # previews only at the first and last steps, snapshots every 2: steps 2 and 4 are previewed for them
+    ad = Adapter(tiny_generator(), recipe(iterations=5, preview_every=100, snapshot_every=2), clip,
+                 out_dir=tmp_path / "run")
+    diag = ad.add_observer(ad.diagnostics_observer(identity=False))
+    events = list(ad.run())
+    steps = [e for e in events if e.kind == "step"]
+    measured = {e.step: e for e in steps if e.diagnostics}
+    assert sorted(measured) == [1, 2, 4, 5] and steps[2].preview is None and steps[2].diagnostics == {}
+    for e in measured.values():
+        assert set(e.diagnostics) == {"clip_score", "diversity", "identity", "collapse"}
+        src, ada = e.preview
+        assert e.diagnostics["clip_score"] == pytest.approx(clip_score(clip, ad.directions, src, ada), abs=1e-6)
+        assert e.diagnostics["diversity"] == pytest.approx(diversity(clip, src, ada), abs=1e-6)
+        assert e.diagnostics["identity"] is None and e.diagnostics["collapse"] == (e.diagnostics["diversity"] < 0.5)
+    assert measured[1].diagnostics["clip_score"] != measured[5].diagnostics["clip_score"]
+    done = events[-1]
+    assert done.kind == "done" and done.diagnostics == measured[5].diagnostics  # same weights: measured once
+    assert [h["step"] for h in diag.history] == [1, 2, 4, 5]
+    on_disk = read_diagnostics(tmp_path / "run")
+    assert sorted(on_disk) == [1, 2, 4, 5] and {2, 4} <= set(on_disk)  # an entry per snapshot step
+    assert on_disk[4] == pytest.approx(measured[4].diagnostics)
+    assert not list((tmp_path / "run").glob(".*.part"))
+    prune_snapshots(tmp_path / "run", keep=1)  # pruning snapshots keeps the figures
+    assert read_diagnostics(tmp_path / "run") == on_disk
+    history = [{"step": s, **v} for s, v in on_disk.items()]
+    assert best_snapshot_of_run(tmp_path / "run") == best_snapshot(history, available_steps=[4])  # only 4 is left
+    forced = [dict(h, clip_score=0.1 * h["step"], collapse=False) for h in history]
+    assert best_snapshot(forced, available_steps=[4]).step == 4
+    assert read_diagnostics(tmp_path / "nowhere") == {}
+
+
+def test_a_failing_observer_is_a_warning_and_the_run_finishes(clip, tmp_path):
+    class Broken:
+        def observe(self, event):
+            raise ValueError("no face model")
+
+    class Quiet:
+        def observe(self, event):
+            return None
+
+    class Counter:
+        def observe(self, event):
+            return {"previews": event.step}
+
+    ad = Adapter(tiny_generator(), recipe(iterations=3, preview_every=1), clip, out_dir=tmp_path,
+                 observers=[Broken(), Quiet()])
+    ad.add_observer(Counter())
+    events = list(ad.run())
+    warnings = [e for e in events if e.kind == "warning"]
+    assert len(warnings) == 1 and "Broken could not measure step 1" in warnings[0].message  # one failure, said once
+    assert "no face model" in warnings[0].message and "training goes on" in warnings[0].message
+    assert events[-1].kind == "done" and events[-1].step == 3 and (tmp_path / "final.safetensors").is_file()
+    assert [e.diagnostics for e in events if e.kind == "step"] == [{"previews": 1}, {"previews": 2}, {"previews": 3}]
+
+
+def test_resume_drops_figures_measured_after_its_snapshot(clip, tmp_path):
+    from nada_core.training import read_diagnostics
+
+    part = Adapter(tiny_generator(), recipe(iterations=4, preview_every=1), clip, out_dir=tmp_path)
+    part.add_observer(part.diagnostics_observer(identity=False))
+    for ev in part.run():
+        if ev.step == 3:
+            part.cancel()
+    assert sorted(read_diagnostics(tmp_path)) == [1, 2, 3]
+    resumed = Adapter.resume(tmp_path, tiny_generator(), clip)
+    assert resumed.step == 2 and sorted(resumed.measured) == [1, 2]
+    resumed.add_observer(resumed.diagnostics_observer(identity=False))
+    list(resumed.run())
+    assert sorted(read_diagnostics(tmp_path)) == [1, 2, 3, 4]
+
+
+def test_image_guided_layer_selection_pulls_towards_the_style_images(clip):
+    import torch.nn.functional as F
+
+    model = clip[0].model
+    gen = torch.Generator().manual_seed(3)
+    style = [torch.rand(1, 3, 32, 32, generator=gen) * 2 - 1 for _ in range(3)]
+    ad = Adapter(tiny_generator(), recipe(style_images=["a.png", "b.png", "c.png"], target="", k=3), clip,
+                 style_images=style)
+    assert ad._auto
+    # by hand: CLIP's normalisation (the tiny CLIP reads 32 px, no resize), unit embeddings, their mean
+    mean = torch.tensor(model.visual.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(model.visual.image_std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        e = model.encode_image(((torch.cat(style) + 1) / 2 - mean) / std)
+    expected = (e / e.norm(dim=1, keepdim=True)).mean(0)
+    assert torch.allclose(ad.global_targets[0], expected, atol=1e-5)
+    text = clip[0].global_text("")
+    assert not torch.allclose(F.normalize(ad.global_targets[0], dim=-1), text, atol=1e-2)  # not the text "a "
+    img = ad.G_train.synthesis(ad._sample_ws(2))
+    with torch.no_grad():
+        f = model.encode_image(((img + 1) / 2 - mean) / std)
+    by_hand = (1 - (f @ expected) / (f.norm(dim=1) * expected.norm())).mean()
+    assert ad._global_loss(img).item() == pytest.approx(by_hand.item(), abs=1e-5)
+    # a text run still aims its selection at "a sketch"
+    txt = Adapter(tiny_generator(), recipe(k=3), clip)
+    assert torch.allclose(txt.global_targets[0], clip[0].global_text("sketch"))
+    with pytest.raises(ValueError, match="image-guided"):
+        Adapter(tiny_generator(), recipe(style_images=["a.png"], target=""), clip)

@@ -117,3 +117,21 @@ def test_best_snapshot_prefers_a_high_score_before_diversity_drops():
     assert best_snapshot([]) is None
     no_collapse = [dict(e, collapse=False) for e in h]
     assert best_snapshot(no_collapse).step == 250
+
+
+def test_observer_built_from_an_adapter_uses_its_members_and_directions(member, previews):
+    from nada_core.adapt import Adapter, Recipe
+
+    style = [torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1]
+    r = Recipe(source="photo", target="", style_images=["s.png"], iterations=1, clip_models=["tiny"], clip_weights=[1.0])
+    ad = Adapter(tiny_generator(), r, [member], style_images=style)
+    diag = ad.diagnostics_observer()  # image-guided: scored against the image direction
+    assert diag.members == [member] and diag.identity is None  # "auto": decided on the first preview
+    assert torch.equal(diag.directions[0], ad.directions[0])
+    src, ada = previews
+    out = diag.observe(SimpleNamespace(step=3, preview=(src, ada)))
+    assert out["clip_score"] == pytest.approx(clip_score([member], ad.directions, src, ada), abs=1e-7)
+    assert diag.identity is False and out["identity"] is None  # no face in an untrained generator's images
+    assert Diagnostics.for_adapter(ad, identity=False).identity is False
+    with pytest.raises(ValueError, match="identity"):
+        Diagnostics([member], ad.directions, identity="yes")
