@@ -53,8 +53,8 @@ if TYPE_CHECKING:  # importing this module stays light (no torch): Ray's progres
     from .adapt import Recipe
     from .training import Event
 
-__all__ = ["BatchError", "Job", "JobFailed", "JobResult", "batch_command", "follow_run", "install_run",
-           "load_jobs", "run_batch", "run_job", "summary_table"]
+__all__ = ["BatchError", "Job", "JobFailed", "JobResult", "attempt", "batch_command", "follow_run", "install_run",
+           "job_keys", "load_jobs", "run_batch", "run_job", "summary_table"]
 
 CLUSTER_HINT = "pip install -r requirements-cluster.txt"
 MAX_TRIES = 2                      # a failed job is retried once
@@ -665,7 +665,10 @@ def _ray_job(job: Job, device: str, threads: int, board, tries: int, base_blob, 
     import ray
 
     def report(d: dict) -> None:
-        board.report.remote(job.index, tries, d)
+        try:
+            board.report.remote(job.index, tries, d)
+        except Exception:  # noqa: BLE001 - a lost progress actor must not fail the job
+            pass
 
     report({"kind": "start", "where": f"{socket.gethostname()} ({device})"})
     blobs = ray.get(list(clip_refs.values())) if clip_refs else []
@@ -714,6 +717,7 @@ def _cluster_plan(ray, cpus_per_job: int) -> tuple[dict, str, str]:
 def _run_on_ray(ray, results: list[JobResult], view: ProgressView, library: Path, resources: dict, device: str,
                 cpus_per_job: int, ship_weights: bool) -> None:
     from . import weights
+    from .training import describe_error
 
     jobs = [r.job for r in results]
     bases, clips = _ship(ray, jobs) if ship_weights else ({}, {})
@@ -734,11 +738,20 @@ def _run_on_ray(ray, results: list[JobResult], view: ProgressView, library: Path
     by_index = {r.job.index: r for r in results}
     for r in results:
         submit(r)
+    drain = board.drain.remote()
     view.refresh(force=True)
     try:
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
-            for index, tries, d in ray.get(board.drain.remote()):
+            events = []
+            if drain is not None and ray.wait([drain], timeout=0)[0]:   # never wait on the progress actor
+                try:
+                    events = ray.get(drain)
+                    drain = board.drain.remote()
+                except Exception as e:  # noqa: BLE001 - progress lines are a nicety: lose them, never the batch
+                    view.note(f"progress reports stopped ({describe_error(e)}); the jobs go on")
+                    drain = None
+            for index, tries, d in events:
                 r = by_index[index]
                 if tries == r.tries and r.state in ("queued", "running"):
                     _apply_event(r, d, view)
