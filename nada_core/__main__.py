@@ -76,34 +76,69 @@ def cmd_adapt(args) -> int:
     from .library import default_device, load_base, new_run_dir
 
     device = args.device or default_device()
-    G, base_name = load_base(args.base, device)
-    clip_names = [c.strip() for c in args.clip.split(",") if c.strip()]
-    clip_weights = [float(w) for w in args.clip_weights.split(",")] if args.clip_weights else [1.0] * len(clip_names)
-    style_images = [from_pil(_open_image(p)) for p in args.style_images] if args.style_images else None
-    source_images = [from_pil(_open_image(p)) for p in args.source_images] if args.source_images else None
+    # a resumed run keeps its own recipe: base, prompts, CLIP models, iterations (recipe options are ignored)
+    saved, saved_base = Adapter.saved_recipe(args.resume) if args.resume else (None, "")
+    G, base_name = load_base(args.base or saved_base or "ffhq", device)
+    if saved:  # the directions were measured with these models: a resumed run keeps them
+        clip_names, clip_weights = list(saved.clip_models), list(saved.clip_weights)
+    else:
+        clip_names = [c.strip() for c in (args.clip or "ViT-B-32,ViT-B-16").split(",") if c.strip()]
+        clip_weights = [float(w) for w in args.clip_weights.split(",")] if args.clip_weights else [1.0] * len(clip_names)
+    style_paths = args.style_images or (saved.style_images if saved else [])
+    source_paths = args.source_images or (saved.source_images if saved and not args.style_images else [])
+    style_images = [from_pil(_open_image(p)) for p in style_paths] or None
+    source_images = [from_pil(_open_image(p)) for p in source_paths] or None
     if source_images and not style_images:
         raise ValueError("--source-images only make sense together with --style-images")
-    recipe = Recipe(source=args.source, target=args.target or "", iterations=args.iters, batch=args.batch,
-                    lr=args.lr, preset=args.preset, k=args.k, clip_models=clip_names, clip_weights=clip_weights,
-                    mixing=args.mixing, seed=args.seed, preview_every=args.preview_every,
-                    snapshot_every=args.snapshot_every, style_images=[str(p) for p in args.style_images or []],
-                    source_images=[str(p) for p in args.source_images or []])
     clip = load_ensemble(clip_names, clip_weights, device)
     if args.resume:
-        ad = Adapter.resume(args.resume, G, clip, device, style_images=style_images, source_images=source_images)
         out = Path(args.resume)
+        ad = Adapter.resume(out, G, clip, device, style_images=style_images, source_images=source_images)
     else:
+        recipe = Recipe(source=args.source, target=args.target or "", iterations=args.iters, batch=args.batch,
+                        lr=args.lr, preset=args.preset, k=args.k, clip_models=clip_names, clip_weights=clip_weights,
+                        mixing=args.mixing, seed=args.seed, preview_every=args.preview_every,
+                        snapshot_every=args.snapshot_every, style_images=[str(p) for p in style_paths],
+                        source_images=[str(p) for p in source_paths])
         out = Path(args.out) if args.out else new_run_dir(args.source, args.target or "style")
         ad = Adapter(G, recipe, clip, device, out, base_name, style_images=style_images, source_images=source_images)
-    print(f"adapting {base_name} on {device}: '{recipe.source}' -> '{recipe.target or 'style images'}', "
-          f"{ad.recipe.iterations} steps, output {out}", file=sys.stderr)
-    last = follow_run(ad, out, _show_event)  # also writes thumb.png, as batch runs do
-    print(file=sys.stderr)
+    if not args.no_diagnostics:
+        ad.add_observer(ad.diagnostics_observer(identity={"auto": "auto", "on": True, "off": False}[args.identity]))
+    r = ad.recipe
+    to = f"'{r.target}'" if not r.style_images else f"{len(r.style_images)} style image(s)"
+    at = f"resuming at step {ad.step}, " if args.resume else ""
+    print(f"adapting {base_name} on {device}: '{r.source}' -> {to}, {at}{r.iterations} steps, "
+          f"CLIP {'+'.join(r.clip_models)}, output {out}", file=sys.stderr)
+    if args.json:
+        _print_json({"kind": "start", "step": ad.step, "total": r.iterations, "base": base_name, "device": str(device),
+                     "out": str(out), "resumed": bool(args.resume), "recipe": r.to_dict()})
+    last = follow_run(ad, out, _print_event_json if args.json else _show_event)  # also writes thumb.png
+    if not args.json:
+        print(file=sys.stderr)
     if last is None or last.kind == "error":
         print(f"error: {last.message if last else 'nothing ran'}", file=sys.stderr)
         return 1
-    print(f"{last.message}: {last.checkpoint}")
+    if last.save_error or not last.checkpoint:
+        print(f"error: trained {last.step} steps but the final model could not be saved "
+              f"({last.save_error or 'no file was written'})", file=sys.stderr)
+        snaps = ad.snapshots()
+        if snaps:
+            print(f"the newest snapshot is {snaps[-1]}; `--resume {out}` continues from it", file=sys.stderr)
+        return 1
+    if not args.json:
+        print(f"{last.message}: {last.checkpoint}")
     return 0
+
+
+def _print_json(record: dict) -> None:
+    import json
+
+    print(json.dumps(record, allow_nan=False), flush=True)
+
+
+def _print_event_json(ev) -> None:
+    """One JSON object per line on stdout (see ``training.Event.to_dict``)."""
+    _print_json(ev.to_dict())
 
 
 def _show_event(ev) -> None:
@@ -305,7 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.set_defaults(fn=cmd_weights)
 
     a = sub.add_parser("adapt", help="adapt a generator to a text (or image) target")
-    a.add_argument("--base", default="ffhq", help="'ffhq' (256 px on CPU, 1024 on GPU), a manifest name, a file, or 'tiny'")
+    a.add_argument("--base", default=None, help="'ffhq' (the default: 256 px on CPU, 1024 on GPU), a manifest name, "
+                                                "a file, or 'tiny'")
     a.add_argument("--source", default="photo")
     a.add_argument("--target", default="")
     a.add_argument("--style-images", nargs="*", help="image-guided target instead of --target")
@@ -317,13 +353,24 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--preset", default="auto", choices=["auto", "all", "texture", "shape"])
     a.add_argument("--k", type=int, default=None, help="W+ slots trained per step (auto preset)")
     a.add_argument("--mixing", type=float, default=0.0)
-    a.add_argument("--clip", default="ViT-B-32,ViT-B-16", help="comma-separated open_clip names, or 'tiny'")
+    a.add_argument("--clip", default=None, help="comma-separated open_clip names, or 'tiny' "
+                                                "(default: ViT-B-32,ViT-B-16)")
     a.add_argument("--clip-weights", default=None)
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--preview-every", type=int, default=50)
     a.add_argument("--snapshot-every", type=int, default=50)
     a.add_argument("--out", default=None, help="run folder (default: library/<source>-to-<target>)")
-    a.add_argument("--resume", default=None, help="continue the run in this folder")
+    a.add_argument("--resume", default=None, help="continue the run in this folder with its own recipe (base, "
+                                                   "prompts, style images, CLIP models, iterations); recipe options "
+                                                   "are ignored")
+    a.add_argument("--json", action="store_true", help="one JSON object per line and event on stdout (step, total, "
+                                                       "loss, losses, sec_per_step, eta, clip_score, diversity, "
+                                                       "identity, collapse when measured, message, checkpoint, "
+                                                       "save_error) instead of the progress bar")
+    a.add_argument("--no-diagnostics", action="store_true", help="skip the directional score, diversity and "
+                                                                 "identity measured on each preview")
+    a.add_argument("--identity", default="auto", choices=["auto", "on", "off"],
+                   help="face identity distance in the diagnostics (auto: when the previews show faces)")
     a.add_argument("--device", default=None)
     a.set_defaults(fn=cmd_adapt)
 

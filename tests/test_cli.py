@@ -63,3 +63,63 @@ def test_invert_writes_crop_reconstruction_stylised_and_pasted(tmp_path, capsys)
     (tmp_path / "empty.png").write_bytes(b"")
     assert main(["invert", str(tmp_path / "empty.png"), "--base", "tiny", "--out", str(tmp_path / "o2")]) == 1
     assert "could not read the image" in capsys.readouterr().err
+
+
+def test_adapt_json_lines_then_resume_shows_the_saved_recipe(tmp_path, capsys):
+    import json
+
+    out = tmp_path / "run"
+    assert main(["adapt", "--base", "tiny", "--clip", "tiny", "--source", "photo", "--target", "pencil sketch",
+                 "--iters", "3", "--preview-every", "2", "--snapshot-every", "3", "--identity", "off",
+                 "--out", str(out), "--json"]) == 0
+    captured = capsys.readouterr()
+    records = [json.loads(line) for line in captured.out.splitlines()]  # every stdout line is one JSON object
+    assert records[0]["kind"] == "start" and records[0]["recipe"]["target"] == "pencil sketch"
+    steps = [r for r in records if r["kind"] == "step"]
+    assert [r["step"] for r in steps] == [1, 2, 3] and all(r["total"] == 3 for r in steps)
+    for r in steps:
+        assert isinstance(r["loss"], float) and set(r["losses"]) == {"tiny", "total"}
+        assert r["sec_per_step"] > 0 and r["eta"] >= 0
+    assert steps[-1]["eta"] == 0
+    measured = [r["step"] for r in steps if "clip_score" in r]
+    assert measured == [1, 2, 3]  # first, every 2nd, last (and snapshot) steps
+    assert all(isinstance(r["diversity"], float) and r["identity"] is None for r in steps)
+    final = records[-1]
+    assert final["kind"] == "done" and final["step"] == 3 and final["save_error"] is None
+    assert final["checkpoint"] == str(out / "final.safetensors") and "clip_score" in final
+    assert "[" not in captured.err  # no progress bar in JSON mode
+
+    # resume with none of the recipe options: the banner (and the run) follow the saved recipe
+    assert main(["adapt", "--resume", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "adapting tiny on cpu: 'photo' -> 'pencil sketch', resuming at step 3, 3 steps, CLIP tiny" in err
+    assert "300 steps" not in err and "ViT" not in err
+
+
+@pytest.mark.parametrize("as_json", [False, True], ids=["human", "json"])
+def test_adapt_reports_a_failed_final_save_and_returns_1(tmp_path, capsys, monkeypatch, as_json):
+    import json
+    from pathlib import Path
+
+    import nada_core.adapt as adapt
+
+    real = adapt.save_generator
+
+    def no_space_for_final(G, path, meta=None):
+        if Path(path).name == "final.safetensors":
+            raise OSError(28, "No space left on device")
+        return real(G, path, meta)
+
+    monkeypatch.setattr(adapt, "save_generator", no_space_for_final)
+    out = tmp_path / "run"
+    argv = ["adapt", "--base", "tiny", "--clip", "tiny", "--target", "sketch", "--iters", "2", "--snapshot-every", "1",
+            "--no-diagnostics", "--out", str(out)]
+    assert main(argv + (["--json"] if as_json else [])) == 1
+    captured = capsys.readouterr()
+    assert "None" not in captured.out and not (out / "final.safetensors").exists()
+    assert "error: trained 2 steps but the final model could not be saved (OSError: [Errno 28] No space left" in captured.err
+    assert f"the newest snapshot is {out / 'snapshots' / 'step_00002.safetensors'}" in captured.err
+    if as_json:
+        final = json.loads(captured.out.splitlines()[-1])
+        assert final["kind"] == "done" and final["checkpoint"] is None
+        assert final["save_error"].startswith("OSError") and "clip_score" not in final
