@@ -18,8 +18,10 @@ from nada_core.checkpoints import export_rosinality, load_generator
 from nada_core.freezing import STARTER_PRESETS, starter_settings
 from nada_core.images import from_pil, grid, open_image, to_pil
 from nada_core.library import new_run_dir, prune_snapshots, restore, set_aside
+from nada_core.mapper import MapperRecipe, MapperTrainer, identity_for
 from nada_core.sampling import latents_for_seeds, render
 
+from .latent_tools import stream_trainer
 from .state import Studio
 from .ui import Slider, fmt_seconds, friendly, number, progress_html
 
@@ -103,6 +105,18 @@ def build(studio: Studio):
                     w1 = gr.Number(1.0, label=f"weight {studio.clip_names()[0]}")
                     w2 = gr.Number(1.0, label=f"weight {studio.clip_names()[-1]}", visible=len(studio.clip_names()) > 1)
                 preview_seconds = Slider(0.5, 30, value=PREVIEW_SECONDS, step=0.5, label="Preview every N seconds")
+            with gr.Accordion("Focus the domain (latent mapper)", open=False, elem_id="adapt-focus"):
+                gr.Markdown("For large shape changes (dog -> cat) the adapted model also makes in-between images. A "
+                            "latent mapper trained on it with the target text moves every latent into the target "
+                            "region (with the embedding-norm loss against artefacts). Use it in Sample, Edit and Selfie.",
+                            elem_classes=["nada-small"])
+                focus_model = gr.Dropdown([(e.label, e.id) for e in studio.library() if e.kind == "run"], value=None,
+                                          label="Adapted model", allow_custom_value=True)  # ids, checked on the server
+                with gr.Row():
+                    focus_text = gr.Textbox("", label="Text (default: the model's target)", max_lines=1, max_length=300,
+                                            min_width=140)
+                    focus_steps = gr.Number(500, label="Steps", step=1, min_width=90)
+                focus_go = gr.Button("Focus the domain", elem_id="adapt-focus-go")
         with gr.Column(scale=3, min_width=300):
             status = gr.HTML(progress_html(None, "Ready.", "idle"), elem_id="adapt-status")
             preview = gr.Image(format="png", label="Source (top) and adapted (bottom), same latents", type="pil",
@@ -260,6 +274,7 @@ def build(studio: Studio):
             text += f" Saving failed ({adapter.save_error}); the model is kept in memory: free disk space, then Retry."
         elif short:
             set_aside(out)
+            downloads = []  # the files moved with the run; Keep brings them back
             text += " It was a short run, so it is not in the library unless you keep it."
         elif ev.checkpoint:
             if ev.kind == "done":
@@ -304,6 +319,37 @@ def build(studio: Studio):
         if studio.cancel_training(_session(request)):
             return progress_html(None, "Stopping after the current step...", "warn")
         return gr.update()
+
+    # ------------------------------------------------------------------ focus the domain
+    @friendly
+    def focus(model_id, text, steps, models, weight1, weight2, request: gr.Request):
+        session = _session(request)
+        if studio.training and studio.training["session"] == session:
+            raise gr.Error(f"Already training ({studio.training_status()}).")
+        if not model_id:
+            raise gr.Error("choose the adapted model to focus (train one first)")
+        entry = studio.entry(model_id)
+        text = (text or "").strip() or entry.recipe.get("target") or ""
+        names, model_weights = _clip_choice(studio, models, weight1, weight2)
+        n = number(steps, "Steps", 1, 100_000)
+        recipe = MapperRecipe(text=text, iterations=n, clip_models=names, clip_weights=model_weights, preview_every=n,
+                              snapshot_every=max(1, n // 5), train_size=500 if studio.tiny else 5000,
+                              test_size=100 if studio.tiny else 1000)
+        recipe.validate()
+        G = studio.model(model_id)
+        id_fn, note = identity_for("auto", None, "tiny" if studio.tiny else entry.base, studio.device)
+        out = new_run_dir(model_id, text, studio.mapper_root)
+        trainer = MapperTrainer(G, recipe, studio.clip(names, model_weights), studio.device, out, model_name=model_id,
+                                id_fn=id_fn)
+        gr.Info(note)
+        running = gr.update(interactive=True)
+        for status_html, img, ev in stream_trainer(studio, trainer, session, f"Focusing {entry.name} on '{text}'"):
+            if ev is None:
+                yield status_html, img, running
+                continue
+            done = ev.checkpoint is not None
+            extra = f" Saved as mapper <b>{out.name}</b>: choose it under Latent mapper in Sample, Edit or Selfie." if done else ""
+            yield status_html.replace("</span>", extra + "</span>"), img, gr.update(interactive=False)
 
     # ------------------------------------------------------------------ snapshots
     @friendly
@@ -380,12 +426,15 @@ def build(studio: Studio):
         api_name="train", concurrency_limit=1, concurrency_id="device", show_progress="minimal",
         show_progress_on=[status])
     stop.click(stop_training, None, status, api_name="stop", show_progress="hidden")
+    focus_go.click(before_start, None, status, api_visibility="private", show_progress="hidden").success(
+        focus, [focus_model, focus_text, focus_steps, clip_models, w1, w2], [status, preview, stop], api_name="focus",
+        concurrency_limit=1, concurrency_id="device", show_progress="minimal", show_progress_on=[status])
     retry.click(retry_saving, run_dir, [status, retry], api_visibility="private", show_progress="hidden")
     keep_run.click(keep_short_run, run_dir, [status, keep_run], api_visibility="private", show_progress="hidden")
     snapshot.release(show_snapshot, [snapshot, run_dir], snapshot_preview, api_name="snapshot",
                      show_progress_on=[snapshot_preview])
     keep.click(keep_snapshot, [snapshot, run_dir], status, api_visibility="private", show_progress="hidden")
-    return base
+    return base, focus_model
 
 
 def _preset_text(name: str, settings: dict | None, kept: set) -> str:

@@ -7,6 +7,7 @@ import gradio as gr
 from nada_core import weights
 
 from . import adapt_tab, edit_tab, library_panel, sample_tab, selfie_tab
+from .latent_tools import mapper_choices
 from .sample_tab import model_choices
 from .state import Studio
 from .ui import banner, get_started
@@ -37,13 +38,13 @@ def build_demo(studio: Studio) -> gr.Blocks:
         banner(studio)
         get_started(studio)
         with gr.Tab("Adapt") as t1:
-            adapt_tab.build(studio)
+            adapt_base, focus_model = adapt_tab.build(studio)
         with gr.Tab("Sample") as t2:
-            sample_models = sample_tab.build(studio)
+            sample_models, sample_mapper = sample_tab.build(studio)
         with gr.Tab("Edit") as t3:
-            edit_base, edit_models, edit_controls = edit_tab.build(studio)
+            edit_base, edit_models, edit_controls, edit_mapper = edit_tab.build(studio)
         with gr.Tab("Selfie") as t4:
-            selfie_base, selfie_models, selfie_controls = selfie_tab.build(studio)
+            selfie_base, selfie_models, selfie_controls, selfie_mapper = selfie_tab.build(studio)
         listing, thumbs, pick, usage = library_panel.build(studio)
 
         def on_load(edit_base_name, selfie_base_name):
@@ -55,13 +56,16 @@ def build_demo(studio: Studio) -> gr.Blocks:
             for controls, base_name in ((edit_controls, edit_base_name), (selfie_controls, selfie_base_name)):
                 updates += _configure(studio, controls, base_name)
             updates += [library_panel.table(studio), library_panel.thumbnails(studio),
-                        gr.update(choices=[e.id for e in studio.library()]), library_panel.usage_text(studio)]
+                        gr.update(choices=[e.id for e in studio.library()]), library_panel.usage_text(studio),
+                        gr.update(choices=[(e.label, e.id) for e in studio.library() if e.kind == "run"])]
+            updates += [gr.update(choices=mapper_choices(studio, g)) for g in (None, edit_base_name, selfie_base_name)]
             return updates
 
         outputs = [*sample_models, edit_models, selfie_models]
         for controls in (edit_controls, selfie_controls):
             outputs += controls.configured()
-        outputs += [listing, thumbs, pick, usage]
+        outputs += [listing, thumbs, pick, usage, focus_model]
+        outputs += [sample_mapper.choice, edit_mapper.choice, selfie_mapper.choice]
         demo.load(on_load, [edit_base, selfie_base], outputs, api_visibility="private", show_progress="hidden")
         for tab in (t1, t2, t3, t4):  # models trained meanwhile show up when a tab is opened
             tab.select(on_load, [edit_base, selfie_base], outputs, api_visibility="private", show_progress="hidden")

@@ -12,6 +12,7 @@ from nada_core.images import grid
 from nada_core.sampling import interpolation_frames, latents_for_seeds, parse_seeds, render, save_gif
 from nada_core.video import save_mp4
 
+from .latent_tools import MapperPicker
 from .state import Studio
 from .ui import Slider, friendly, number, optional_download
 
@@ -38,6 +39,7 @@ def build(studio: Studio):
                 truncation = Slider(0, 1, value=0.7, step=0.05, label="Truncation psi")
                 noise = gr.Radio(["const", "random", "none"], value="const", label="Noise")
             strength = Slider(0, 1, value=1.0, step=0.05, label="Strength: theta = (1-a) source + a adapted")
+            mapper = MapperPicker(studio, None)
             go = gr.Button("Generate", variant="primary", elem_id="sample-go")
             with gr.Accordion("Blend with a second adapted model", open=False):
                 other = gr.Dropdown(model_choices(studio), label="Second model (same base)",
@@ -73,11 +75,12 @@ def build(studio: Studio):
         return G_src, G
 
     @friendly
-    def generate(model_id, seed_text, psi, noise_mode, a, other_id, m):
+    def generate(model_id, seed_text, psi, noise_mode, a, other_id, m, mapper_id=None, mapper_strength=1.0):
         if noise_mode not in ("const", "random", "none"):
             raise gr.Error("noise must be const, random or none")
         G_src, G = adapted_generator(model_id, a, other_id, m)
         w = latents_for_seeds(G_src, parse_seeds(seed_text, limit=16), number(psi, "Truncation", 0, 1, integer=False))
+        w = MapperPicker.apply(studio, w, mapper_id, mapper_strength, G_src.n_latent)
         return grid(render([G_src, G], w, noise_mode), tile=max(128, min(512, G.size)))
 
     @friendly
@@ -98,11 +101,18 @@ def build(studio: Studio):
         choices = model_choices(studio)
         return gr.update(choices=choices), gr.update(choices=choices)
 
-    inputs = [model, seeds, truncation, noise, strength, other, mix]
+    inputs = [model, seeds, truncation, noise, strength, other, mix, *mapper.inputs]
     go.click(generate, inputs, out, api_name="sample", concurrency_id="render", show_progress_on=[out])
     strength.release(generate, inputs, out, api_visibility="private", concurrency_id="render", show_progress="hidden")
     mix.release(generate, inputs, out, api_visibility="private", concurrency_id="render", show_progress="hidden")
     make.click(make_video, [model, strength, other, mix, seed_a, seed_b, frames, mode, truncation], [video, gif_file],
                api_name="interpolate", concurrency_limit=1, concurrency_id="device", show_progress_on=[video])
     refresh.click(refresh_models, None, [model, other], api_name="sample_refresh")
-    return [model, other]
+    def when_chosen(model_id, *rest):
+        return generate(model_id, *rest) if model_id else gr.update()
+
+    mapper.strength.release(when_chosen, inputs, out, api_visibility="private", concurrency_id="render",
+                            show_progress="hidden")
+    mapper.choice.change(when_chosen, inputs, out, api_visibility="private", concurrency_id="render",
+                         show_progress="hidden")
+    return [model, other], mapper

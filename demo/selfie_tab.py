@@ -7,12 +7,14 @@ import threading
 
 import gradio as gr
 
-from nada_core.align import detect, draw_faces, load_photo, paste_back
+from nada_core.align import detect, draw_faces, load_photo
 from nada_core.editing import apply_edits
 from nada_core.sampling import render
-from nada_core.selfie import encoder_for, invert_face, prepare_face
+from nada_core.mapper import identity_for, optimise_edit
+from nada_core.selfie import encoder_for, invert_faces, paste_faces, prepare_face, prepare_faces
 
 from .edit_tab import DirectionControls
+from .latent_tools import Cancelled, MapperPicker, mapper_choices, run_with_progress
 from .sample_tab import model_choices
 from .state import Studio
 from .ui import Slider, friendly, number, optional_download, progress_html
@@ -20,8 +22,7 @@ from .ui import Slider, friendly, number, optional_download, progress_html
 ENCODER, REFINE, OPTIMISE = "Encoder (e4e): instant", "Encoder + optimisation", "Optimisation"
 
 
-class Cancelled(Exception):
-    pass
+MAX_FACES = 8
 
 
 def methods_for(studio: Studio, base_name: str) -> list[str]:
@@ -50,6 +51,17 @@ def build(studio: Studio):
             with gr.Row():
                 go = gr.Button("Stylise me", variant="primary", elem_id="selfie-go", min_width=100)
                 cancel = gr.Button("Cancel", elem_id="selfie-cancel", min_width=100)
+            with gr.Row():
+                every_face = gr.Checkbox(False, label=f"Every face (group photo, up to {MAX_FACES})", min_width=160)
+                face_pick = gr.CheckboxGroup([f"Face {k + 1}" for k in range(MAX_FACES)], value=[], label="Faces to stylise",
+                                             visible=False, min_width=160)
+            mapper = MapperPicker(studio, base_default)
+            with gr.Accordion("Edit by text", open=False):
+                with gr.Row():
+                    edit_text = gr.Textbox("", label="Edit", placeholder="e.g. smiling", max_lines=1, max_length=300,
+                                           min_width=150)
+                    edit_steps = gr.Number(40, label="Steps", step=1, min_width=80)
+                text_go = gr.Button("Apply the text edit")
             with gr.Accordion("Inversion settings and webcam", open=False):
                 steps = Slider(10, 1000, value=100 if studio.tiny else 300, step=10, label="Optimisation steps")
                 fit_noise = gr.Checkbox(False, label="Also fit noise maps (closer reconstruction; styles never use them)")
@@ -66,7 +78,7 @@ def build(studio: Studio):
                                  height=256, min_width=200)
             stylised = gr.Gallery(format="png", label="Stylised", columns=3, height=300, allow_preview=True,
                                   elem_id="selfie-result", object_fit="contain")
-            pasted = gr.Gallery(format="jpeg", label="Pasted back into your photo", columns=2, height=320,
+            pasted = gr.Gallery(format="png", label="Pasted back into your photo", columns=2, height=320,
                                 allow_preview=True, object_fit="contain")
     session = gr.State(None)
 
@@ -75,25 +87,43 @@ def build(studio: Studio):
         """Right after upload: the photo with every detected face boxed, before anything heavy runs."""
         img = file if file else cam
         if img is None:
-            return None, progress_html(None, "Upload a photo with a visible face.", "idle")
+            return None, progress_html(None, "Upload a photo with a visible face.", "idle"), gr.update(visible=False)
         picture = load_photo(img)
         faces = detect(picture)
         if not faces.count:
-            return draw_faces(picture, faces), progress_html(None, "No face found: try a frontal, well-lit photo.", "warn")
-        more = f" {faces.count} faces found; the largest (green) is used." if faces.count > 1 else " Face found."
-        return draw_faces(picture, faces), progress_html(None, more.strip() + " Choose styles, then Stylise me.", "idle")
+            return (draw_faces(picture, faces), progress_html(None, "No face found: try a frontal, well-lit photo.", "warn"),
+                    gr.update(value=[], visible=False))
+        more = (f" {faces.count} faces found (numbered, largest first); the largest is used unless you tick Every face."
+                if faces.count > 1 else " Face found.")
+        labels = [f"Face {k + 1}" for k in range(min(faces.count, MAX_FACES))]
+        return (draw_faces(picture, faces), progress_html(None, more.strip() + " Choose styles, then Stylise me.", "idle"),
+                gr.update(choices=labels, value=labels, visible=faces.count > 1))
 
-    def outputs_for(state, values):
-        face, inv, base_name, ids = state["face"], state["inv"], state["base"], state["ids"]
-        w = apply_edits(inv.w_plus, DirectionControls.edits(studio, base_name, values))
-        gens = [studio.model(i) for i in ids]
-        rows = render(gens, w) if gens else []    # each model's own noise: the photo's detail stays out of the style
-        faces = [r[0] for r in rows]
+    def latent(state, face_index, mapper_id, mapper_strength, values):
+        inv = state["invs"][face_index]
+        w = apply_edits(inv.w_plus, DirectionControls.edits(studio, state["base"], values))
+        w = MapperPicker.apply(studio, w, mapper_id, mapper_strength, w.shape[1])
+        delta = state.get("deltas", {}).get(face_index)
+        return w + delta.to(w.device) if delta is not None else w
+
+    def outputs_for(state, mapper_id, mapper_strength, values):
+        """Every chosen face through every style (each model's own noise: the photo's detail stays out of
+        the style), then all of them pasted back into one photo per style."""
+        faces, ids = state["faces"], state["ids"]
         names = [studio.entry(i).name for i in ids]
-        return list(zip(faces, names)), [(paste_back(face.photo, f, face.quad), n) for f, n in zip(faces, names)]
+        per_style = []
+        for model_id in ids:
+            G = studio.model(model_id)
+            per_style.append([render([G], latent(state, k, mapper_id, mapper_strength, values))[0][0]
+                              for k in range(len(faces))])
+        gallery = [(img, f"{name}" + (f" (face {k + 1})" if len(faces) > 1 else ""))
+                   for name, imgs in zip(names, per_style) for k, img in enumerate(imgs)]
+        pasted = [(paste_faces(faces[0].photo, faces, imgs), name) for name, imgs in zip(names, per_style)]
+        return gallery, pasted
 
     @friendly
-    def run(file, cam, base_name, ids, how, n_steps, noise, request: gr.Request, *values):
+    def run(file, cam, base_name, ids, how, n_steps, noise, every_face, chosen, mapper_id, mapper_strength,
+            request: gr.Request, *values):
         img = file if file else cam
         if img is None:
             raise gr.Error("upload a photo first (JPEG or PNG with a visible face)")
@@ -107,60 +137,81 @@ def build(studio: Studio):
             raise gr.Error(f"'{how}' is not available for {base_name}; choose {OPTIMISE}")
         n = 0 if how == ENCODER else number(n_steps, "Optimisation steps", 1, 1000)
         DirectionControls.edits(studio, base_name, values)
+        if mapper_id:
+            studio.mapper(mapper_id, G.n_latent)
         flag = cancel_flags.setdefault(_session(request), threading.Event())
         flag.clear()
         yield progress_html(0, "Aligning the face...", "run"), gr.update(), None, None, [], [], None
-        face = prepare_face(img, output_size=max(256, min(G.size, 1024)))  # shown at >= 256 px
-        note = f"{face.faces_found} faces found; using the largest. " if face.faces_found > 1 else ""
+        size = max(256, min(G.size, 1024))  # shown at >= 256 px
+        if every_face:
+            found = prepare_faces(img, output_size=size, max_faces=MAX_FACES)
+            picked = [k for k in range(len(found)) if f"Face {k + 1}" in (chosen or [f"Face {k + 1}"])]
+            faces = [found[k] for k in picked] or found[:1]
+            note = f"{len(faces)} of {found[0].faces_found} faces stylised. "
+        else:
+            faces = [prepare_face(img, output_size=size)]
+            note = f"{faces[0].faces_found} faces found; using the largest. " if faces[0].faces_found > 1 else ""
         enc = None
         if how in (ENCODER, REFINE):
             enc, why = encoder_for(base_name, G, studio.device)
             if why:
                 raise gr.Error(why)
         perceptual, loss_name = studio.perceptual() if n > 0 else ({}, "")
-        yield progress_html(0, f"{note}Face aligned. Inverting...", "run"), gr.update(), face.overlay(), None, [], [], None
+        yield progress_html(0, f"{note}Aligned. Inverting...", "run"), gr.update(), faces[0].overlay(), None, [], [], None
 
-        updates = []
+        def work(report):
+            return invert_faces(faces, G, enc, n, perceptual=perceptual, progress=report, optimize_noise=bool(noise))
 
-        def report(s, total, loss):
-            if flag.is_set():
-                raise Cancelled()
-            updates.append((s, total, loss))
-
-        result: dict = {}
-
-        def work():
-            try:
-                result["inv"] = invert_face(face, G, enc, n, perceptual=perceptual, progress=report,
-                                            optimize_noise=bool(noise))
-            except BaseException as e:  # noqa: BLE001 - handed back to the handler
-                result["error"] = e
-
-        worker = threading.Thread(target=work, daemon=True)
-        worker.start()
-        while worker.is_alive():
-            worker.join(0.5)
-            if updates:
-                s, total, loss = updates[-1]
-                yield (progress_html(s / total, f"Inverting: step {s}/{total} · loss {loss:.4f}", "run"), gr.update(),
-                       gr.update(), gr.update(), gr.update(), gr.update(), gr.update())
-        if isinstance(result.get("error"), Cancelled):
+        try:
+            for kind, value in run_with_progress(work, lambda u: f"Inverting: step {u[0]}/{u[1]} · loss {u[2]:.4f}",
+                                                 cancel=flag):
+                if kind == "progress":
+                    yield (progress_html(None, value, "run"), gr.update(), gr.update(), gr.update(), gr.update(),
+                           gr.update(), gr.update())
+                else:
+                    invs = value
+        except Cancelled:
             yield progress_html(None, "Cancelled.", "warn"), gr.update(), gr.update(), None, [], [], None
             return
-        if "error" in result:
-            raise result["error"]
-        inv = result["inv"]
-        state = {"face": face, "inv": inv, "base": base_name, "ids": ids}
-        gal, pas = outputs_for(state, values)
+        state = {"faces": faces, "invs": invs, "base": base_name, "ids": ids, "deltas": {}}
+        gal, pas = outputs_for(state, mapper_id, mapper_strength, values)
         loss_note = f" Reconstruction loss: {loss_name}." if loss_name else ""
-        msg = f"{note}Inverted with {inv.method}.{loss_note}" + ("" if ids else " Choose styles to see yourself in them.")
-        yield progress_html(1.0, msg, "done"), gr.update(), face.overlay(), inv.reconstruction, gal, pas, state
+        msg = f"{note}Inverted with {invs[0].method}.{loss_note}" + ("" if ids else " Choose styles to see yourself in them.")
+        yield progress_html(1.0, msg, "done"), gr.update(), faces[0].overlay(), invs[0].reconstruction, gal, pas, state
 
     @friendly
-    def re_edit(state, *values):
+    def text_edit(state, text, steps, mapper_id, mapper_strength, *values):
+        """StyleCLIP's optimisation on each inverted face (identity kept where dlib or ArcFace is available)."""
+        if not state:
+            raise gr.Error("stylise a photo first, then edit it by text")
+        if not (text or "").strip():
+            raise gr.Error("type the edit first, e.g. 'smiling' or 'blue hair'")
+        n = number(steps, "Steps", 1, 300)
+        G = studio.base(state["base"])
+        names = studio.clip_names()
+        clip = studio.clip(names, [1.0] * len(names))
+        id_fn, _ = identity_for("auto", None, "tiny" if studio.tiny else state["base"], studio.device)
+        starts = [latent(state, k, mapper_id, mapper_strength, values) for k in range(len(state["faces"]))]
+
+        def work(report):
+            return [optimise_edit(G, w, text.strip(), clip, steps=n, id_fn=id_fn, progress=report) for w in starts]
+
+        for kind, value in run_with_progress(work, lambda u: f"Editing '{text.strip()}': step {u[0]}/{u[1]}"):
+            if kind == "progress":
+                yield progress_html(None, value, "run"), gr.update(), gr.update(), gr.update()
+            else:
+                deltas = dict(state.get("deltas", {}))
+                for k, (w0, w1) in enumerate(zip(starts, value)):
+                    deltas[k] = (w1 - w0).cpu() + (deltas[k] if k in deltas else 0)
+                state = {**state, "deltas": deltas}
+                gal, pas = outputs_for(state, mapper_id, mapper_strength, values)
+                yield progress_html(1.0, f"Text edit '{text.strip()}' applied.", "done"), gal, pas, state
+
+    @friendly
+    def re_edit(state, mapper_id, mapper_strength, *values):
         if not state:
             return gr.update(), gr.update()
-        return outputs_for(state, values)
+        return outputs_for(state, mapper_id, mapper_strength, values)
 
     def stop(request: gr.Request):
         flag = cancel_flags.get(_session(request))
@@ -172,19 +223,32 @@ def build(studio: Studio):
         methods = methods_for(studio, base_name)
         return gr.update(choices=model_choices(studio, base_name), value=[]), gr.update(choices=methods, value=methods[0])
 
-    upload.change(show_faces, [upload, webcam], [photo, status], api_visibility="private", show_progress_on=[photo])
-    webcam.change(show_faces, [upload, webcam], [photo, status], api_visibility="private", show_progress="hidden")
-    go.click(run, [upload, webcam, base, models, method, steps, fit_noise, *controls.inputs],
+    upload.change(show_faces, [upload, webcam], [photo, status, face_pick], api_visibility="private",
+                  show_progress_on=[photo])
+    webcam.change(show_faces, [upload, webcam], [photo, status, face_pick], api_visibility="private",
+                  show_progress="hidden")
+    go.click(run, [upload, webcam, base, models, method, steps, fit_noise, every_face, face_pick, *mapper.inputs,
+                   *controls.inputs],
              [status, photo, aligned, recon, stylised, pasted, session], api_name="selfie",
              concurrency_limit=1, concurrency_id="device", show_progress="minimal", show_progress_on=[status])
     cancel.click(stop, None, None, api_visibility="private", show_progress="hidden")
     for s in controls.sliders:
-        s.release(re_edit, [session, *controls.inputs], [stylised, pasted], api_visibility="private",
+        s.release(re_edit, [session, *mapper.inputs, *controls.inputs], [stylised, pasted], api_visibility="private",
                   concurrency_id="render", show_progress="hidden")
+    for comp in (mapper.choice,):
+        comp.change(re_edit, [session, *mapper.inputs, *controls.inputs], [stylised, pasted], api_visibility="private",
+                    concurrency_id="render", show_progress="hidden")
+    mapper.strength.release(re_edit, [session, *mapper.inputs, *controls.inputs], [stylised, pasted],
+                            api_visibility="private", concurrency_id="render", show_progress="hidden")
+    text_go.click(text_edit, [session, edit_text, edit_steps, *mapper.inputs, *controls.inputs],
+                  [status, stylised, pasted, session], api_name="selfie_text_edit", concurrency_limit=1,
+                  concurrency_id="device", show_progress="minimal", show_progress_on=[status])
     base.change(on_base, base, [models, method], api_visibility="private")
+    base.change(lambda b: gr.update(choices=mapper_choices(studio, b), value=None), base, mapper.choice,
+                api_visibility="private", show_progress="hidden")
     controls.reset.click(lambda: [gr.update(value=0)] * len(controls.sliders), None, controls.sliders,
                          api_visibility="private")
-    return base, models, controls
+    return base, models, controls, mapper
 
 
 def _session(request: gr.Request | None) -> str:

@@ -2,6 +2,7 @@
 library, and the single training slot. Tabs call this and nada_core; nothing here draws UI."""
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -104,8 +105,8 @@ class Studio:
 
     def _trim_cache(self) -> None:
         """Drop least recently used generators until the cache fits its memory budget (the newest stays)."""
-        def nbytes(G):
-            return sum(t.numel() * t.element_size() for t in (*G.parameters(), *G.buffers()))
+        def nbytes(m):
+            return sum(t.numel() * t.element_size() for t in (*m.parameters(), *m.buffers()))
 
         while True:
             caches = [c for c in (self._models, self._bases) if c]
@@ -149,6 +150,49 @@ class Studio:
                                                 {"source": "photo", "target": a.label}, None, True, "style",
                                                 a.path.stat().st_mtime, a.path.stat().st_size))
         return entries
+
+    # ------------------------------------------------------------------ latent mappers
+    @property
+    def mapper_root(self) -> Path:
+        return self.library_root / "mappers"
+
+    def mappers(self, generator: str | None = None) -> list[dict]:
+        """Finished mapper runs: {'id', 'text', 'generator' (library id or base name), 'path'}, newest first;
+        with ``generator``, those trained on it or on its base (one latent space)."""
+        out = []
+        for rec in sorted(self.mapper_root.glob("*/mapper.json"), key=lambda p: p.stat().st_mtime, reverse=True):
+            final = rec.parent / "mapper.safetensors"
+            if not final.is_file():
+                continue
+            try:
+                saved = json.loads(rec.read_text())
+            except (OSError, ValueError):
+                continue
+            out.append({"id": rec.parent.name, "text": saved.get("recipe", {}).get("text", ""),
+                        "generator": saved.get("generator", {}).get("name", ""), "path": final})
+        if generator is None:
+            return out
+        family = {generator}
+        try:
+            family.add(self.entry(generator).base)
+        except UnknownModel:
+            family |= {e.id for e in self.library() if e.base == generator}
+        return [m for m in out if m["generator"] in family]
+
+    def mapper(self, mapper_id: object, n_latent: int):
+        """A trained latent mapper by id (never a path), checked against the generator's W+ length."""
+        from nada_core.mapper import load_mapper
+
+        match = [m for m in self.mappers() if m["id"] == mapper_id]
+        if not isinstance(mapper_id, str) or not match:
+            raise UnknownModel(mapper_id)
+        path = match[0]["path"]
+        key = ("mapper", str(path), path.stat().st_mtime)
+        with self._lock:
+            if key not in self._models:
+                self._models[key] = load_mapper(path, self.device, n_latent=n_latent)[0]
+            self._models.move_to_end(key)
+            return self._models[key]
 
     # ------------------------------------------------------------------ what is missing
     def missing(self, kinds: tuple[str, ...]) -> list:

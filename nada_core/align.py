@@ -195,6 +195,7 @@ def draw_faces(img: Image.Image, faces: Faces, max_side: int = 768) -> Image.Ima
     for i, (box, lm) in enumerate(zip(faces.boxes, faces.landmarks)):
         colour = (40, 220, 90) if i == 0 else (250, 200, 40)
         d.rectangle([v * scale for v in box], outline=colour, width=width)
+        d.text((box[0] * scale + width + 2, box[1] * scale + width + 1), str(i + 1), fill=colour)
         r = max(1.0, width * 0.6)
         for x, y in lm * scale:
             d.ellipse([x - r, y - r, x + r, y + r], fill=colour)

@@ -605,11 +605,13 @@ def _styleclip_lr(t: float, lr: float, rampdown: float = 0.25, rampup: float = 0
 def optimise_edit(G: Generator, w_plus: torch.Tensor, text: str, clip: list[ClipMember], steps: int = 100,
                   l2_lambda: float = 0.008, id_fn: Callable | None = None,
                   progress: Callable[[int, int, dict], None] | None = None, lr: float = 0.1,
-                  id_lambda: float = 0.005, noise_mode: str = "const") -> torch.Tensor:
+                  id_lambda: float = 0.005, noise_mode: str = "const",
+                  on_latent: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
     """StyleCLIP's latent optimisation ("edit" mode): Adam (lr 0.1, cosine ramp-down over the last quarter,
     ramp-up over the first 5%) on a copy of ``w_plus`` for CLIP loss (the mapper's pooled ``1 - cos`` to
     ``text``, summed over ``clip``) + ``l2_lambda * |w - w_start|^2`` (+ ``id_lambda`` * identity when
-    ``id_fn`` is differentiable). ``progress(step, steps, losses)`` is called after each step.
+    ``id_fn`` is differentiable). ``progress(step, steps, losses)`` is called after each step, and
+    ``on_latent(step, w)`` with the current code (detached) for live previews.
     Returns the edited W+ (same shape as ``w_plus``, detached)."""
     if steps < 1:
         raise ValueError("steps must be at least 1")
@@ -643,4 +645,6 @@ def optimise_edit(G: Generator, w_plus: torch.Tensor, text: str, clip: list[Clip
         parts["total"] = float(loss.detach())
         if progress:
             progress(i + 1, steps, parts)
+        if on_latent:
+            on_latent(i + 1, w.detach())
     return w.detach()  # W+ even for a (B, D) start: the edit moves the slots independently

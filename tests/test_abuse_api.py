@@ -39,7 +39,7 @@ def error_of(fn) -> str:
 
 def still_serves(client, studio):
     model = studio.library()[0].id
-    img = Image.open(client.predict(model, "0", 0.7, "const", 1.0, None, 0.5, api_name="/sample"))
+    img = Image.open(client.predict(model, "0", 0.7, "const", 1.0, None, 0.5, None, 1.0, api_name="/sample"))
     assert img.size == (128, 2 * 128 + 4)
 
 
@@ -51,8 +51,8 @@ def test_models_are_chosen_by_name_never_by_path(app):
               studio.library()[0].path.as_posix()]        # even the library file's own path is not a name
     answers = set()
     for p in probes:
-        answers.add(error_of(lambda: client.predict(p, "0", 0.7, "const", 1.0, None, 0.5, api_name="/sample")))
-        answers.add(error_of(lambda: client.predict("tiny", [p], 0, 0.7, 1, 0, *SLIDERS, *RANGES, None, 0,
+        answers.add(error_of(lambda: client.predict(p, "0", 0.7, "const", 1.0, None, 0.5, None, 1.0, api_name="/sample")))
+        answers.add(error_of(lambda: client.predict("tiny", [p], 0, 0.7, 1, 0, None, 1.0, *SLIDERS, *RANGES, None, 0,
                                                     api_name="/edit")))
     # one identical answer whether the path exists or not: nothing reveals what is on disk
     assert len(answers) == 1 and "unknown model: choose one from the library list" in answers.pop()
@@ -87,7 +87,7 @@ def test_bad_numbers_name_their_field(app):
         assert "event: error" in stream and field in stream, stream[-300:]
         assert "Traceback" not in stream
     model = json.dumps(studio.library()[0].id)
-    stream = raw_call(client.src, "sample", f'{{"data": [{model}, "0", NaN, "const", 1.0, null, 0.5]}}')
+    stream = raw_call(client.src, "sample", f'{{"data": [{model}, "0", NaN, "const", 1.0, null, 0.5, null, 1.0]}}')
     assert "event: error" in stream and "Truncation" in stream
     stream = raw_call(client.src, "interpolate", f'{{"data": [{model}, 1.0, null, 0.5, 0, 1, 1000000, "seeds", 0.7]}}')
     assert "event: error" in stream and "Frames" in stream
@@ -111,7 +111,8 @@ def test_bad_images_get_clear_messages(app, tmp_path):
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
 
     def selfie(path):
-        return client.predict(handle_file(str(path)), None, "tiny", [model], "Optimisation", 10, False, *SLIDERS,
+        return client.predict(handle_file(str(path)), None, "tiny", [model], "Optimisation", 10, False, False, [], None, 1.0,
+                              *SLIDERS,
                               *RANGES, None, 0, api_name="/selfie")
 
     msg = error_of(lambda: selfie(tmp_path / "huge.png"))

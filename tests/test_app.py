@@ -36,7 +36,8 @@ def train(client, *overrides):
 
 
 def run_selfie(client, photo, model_id):
-    job = client.submit(handle_file(str(photo)), None, "tiny", [model_id], "Optimisation", 10, False, *([0.0] * 12),
+    job = client.submit(handle_file(str(photo)), None, "tiny", [model_id], "Optimisation", 10, False, False, [], None, 1.0,
+                        *([0.0] * 12),
                         *(["all layers"] * 12), None, 0, api_name="/selfie")
     outs = list(job)
     job.result()
@@ -80,9 +81,9 @@ def test_sample_blend_and_interpolate(app):
     if not studio.library():
         train(client)
     path = studio.library()[0].id
-    grid = client.predict(path, "0-2", 0.7, "const", 1.0, None, 0.5, api_name="/sample")
+    grid = client.predict(path, "0-2", 0.7, "const", 1.0, None, 0.5, None, 1.0, api_name="/sample")
     assert Image.open(grid).size == (3 * 128 + 2 * 4, 2 * 128 + 4)  # tiny 32 px tiles shown at 128 px
-    half = Image.open(client.predict(path, "0-2", 0.7, "const", 0.0, None, 0.5, api_name="/sample"))
+    half = Image.open(client.predict(path, "0-2", 0.7, "const", 0.0, None, 0.5, None, 1.0, api_name="/sample"))
     top, bottom = half.crop((0, 0, 392, 128)), half.crop((0, 132, 392, 260))
     assert np.array_equal(np.asarray(top), np.asarray(bottom))  # strength 0 = the source weights exactly
     mp4, gif = client.predict(path, 1.0, None, 0.5, 0, 1, 5, "domains", 0.7, api_name="/interpolate")
@@ -93,7 +94,7 @@ def test_sample_blend_and_interpolate(app):
     assert len(frames) == 8 and frames[0].shape == (256, 256, 3)  # 32 px frames scaled up to play at 256 px
     assert not np.array_equal(frames[0], frames[4])
     with pytest.raises(Exception, match="seeds must look like"):
-        client.predict(path, "x-y", 0.7, "const", 1.0, None, 0.5, api_name="/sample")
+        client.predict(path, "x-y", 0.7, "const", 1.0, None, 0.5, None, 1.0, api_name="/sample")
 
 
 def test_edit_renders_source_and_adapted_side_by_side(app):
@@ -103,10 +104,10 @@ def test_edit_renders_source_and_adapted_side_by_side(app):
     path = studio.library()[0].id
     sliders = [0.0] * 12
     ranges = ["all layers"] * 12
-    plain = client.predict("tiny", [path], 3, 0.7, 1, 0, *sliders, *ranges, None, 0, api_name="/edit")
+    plain = client.predict("tiny", [path], 3, 0.7, 1, 0, None, 1.0, *sliders, *ranges, None, 0, api_name="/edit")
     assert [item["caption"] for item in plain][0] == "source (tiny)" and len(plain) == 2
     assert Image.open(plain[0]["image"]).size == (256, 256)  # shown at a readable size
-    moved = client.predict("tiny", [path], 3, 0.7, 1, 0, 3.0, *sliders[1:], *ranges, None, 0, api_name="/edit")
+    moved = client.predict("tiny", [path], 3, 0.7, 1, 0, None, 1.0, 3.0, *sliders[1:], *ranges, None, 0, api_name="/edit")
     assert not np.array_equal(np.asarray(Image.open(moved[0]["image"])), np.asarray(Image.open(plain[0]["image"])))
 
 
@@ -214,11 +215,11 @@ def test_blend_two_adapted_models(app):
     a, b = (e.id for e in studio.library()[:2])
 
     def adapted_row(other, mix):
-        img = np.asarray(Image.open(client.predict(a, "0-1", 0.7, "const", 1.0, other, mix, api_name="/sample")))
+        img = np.asarray(Image.open(client.predict(a, "0-1", 0.7, "const", 1.0, other, mix, None, 1.0, api_name="/sample")))
         return img[132:260]
 
-    only_b = np.asarray(Image.open(client.predict(b, "0-1", 0.7, "const", 1.0, None, 0.5, api_name="/sample")))[132:260]
-    only_a = np.asarray(Image.open(client.predict(a, "0-1", 0.7, "const", 1.0, None, 0.5, api_name="/sample")))[132:260]
+    only_b = np.asarray(Image.open(client.predict(b, "0-1", 0.7, "const", 1.0, None, 0.5, None, 1.0, api_name="/sample")))[132:260]
+    only_a = np.asarray(Image.open(client.predict(a, "0-1", 0.7, "const", 1.0, None, 0.5, None, 1.0, api_name="/sample")))[132:260]
     assert np.array_equal(adapted_row(b, 1.0), only_b) and np.array_equal(adapted_row(b, 0.0), only_a)
     half = adapted_row(b, 0.5).astype(int)
     assert not np.array_equal(half, only_a) and not np.array_equal(half, only_b)
@@ -236,7 +237,7 @@ def test_library_import_rename_delete(app, tmp_path):
     entry = studio.entry("my-style")
     assert entry.thumbnail is not None and entry.path.name == "final.safetensors"
     assert entry.path.parent.parent == studio.library_root  # copied into the library, not read from the upload
-    grid = client.predict("my-style", "0", 0.7, "const", 1.0, None, 0.5, api_name="/sample")
+    grid = client.predict("my-style", "0", 0.7, "const", 1.0, None, 0.5, None, 1.0, api_name="/sample")
     assert Image.open(grid).size == (128, 2 * 128 + 4)
     # a file of another architecture is refused with its own name, not a server path
     save_generator(tiny_generator(seed=1, size=64), tmp_path / "big.safetensors")
@@ -277,3 +278,69 @@ def test_a_short_stopped_run_is_kept_only_when_asked(app):
     assert {e.id for e in studio.library()} == before          # not listed
     kept = restore(studio.library_root, "photo-to-bronze-statue")  # what "Keep this short run" does
     assert kept.name in {e.id for e in studio.library()}
+
+
+def test_focus_the_domain_then_sample_with_the_mapper(app):
+    client, studio, _ = app
+    if not [e for e in studio.library() if e.kind == "run"]:
+        train(client)
+    model = next(e.id for e in studio.library() if e.kind == "run")
+    job = client.submit(model, "", 3, ["tiny"], 1.0, 1.0, api_name="/focus")
+    outs = list(job)
+    job.result()
+    assert any("step 1/3" in o[0] for o in outs) and "Saved as mapper" in outs[-1][0]
+    mappers = studio.mappers(model)
+    assert mappers and mappers[0]["generator"] == model and mappers[0]["text"] == studio.entry(model).recipe["target"]
+    mid = mappers[0]["id"]
+
+    def adapted_row(mapper, strength):
+        return np.asarray(Image.open(client.predict(model, "0-1", 0.7, "const", 1.0, None, 0.5, mapper, strength,
+                                                    api_name="/sample")))
+
+    plain = adapted_row(None, 1.0)
+    assert np.array_equal(adapted_row(mid, 0.0), plain)          # strength 0: the latents are untouched
+    assert not np.array_equal(adapted_row(mid, 2.0), plain)      # the mapper moves them
+    with pytest.raises(Exception, match="unknown model"):
+        adapted_row("/etc/passwd", 1.0)
+
+
+def test_text_edit_moves_every_model_together(app):
+    client, studio, _ = app
+    if not studio.library():
+        train(client)
+    path = studio.library()[0].id
+    sliders, ranges = [0.0] * 12, ["all layers"] * 12
+    plain = client.predict("tiny", [path], 3, 0.7, 1, 0, None, 1.0, *sliders, *ranges, None, 0, api_name="/edit")
+    job = client.submit("tiny", [path], 3, 0.7, 1, 0, None, 1.0, "a red face", 8, *sliders, *ranges, None, 0,
+                        api_name="/text_edit")
+    outs = list(job)
+    job.result()
+    status, gallery = outs[-1][0], outs[-1][1]
+    assert "Text edit &#x27;a red face&#x27; applied" in status and len(gallery) == 2
+    for before, after in zip(plain, gallery):  # the source and the adapted model both changed
+        assert not np.array_equal(np.asarray(Image.open(before["image"])), np.asarray(Image.open(after["image"])))
+
+
+def test_group_photo_stylises_every_chosen_face(app, tmp_path):
+    client, studio, _ = app
+    if not studio.library():
+        train(client)
+    model = studio.library()[0].id
+    face = Image.fromarray(data.astronaut())
+    canvas = Image.new("RGB", (1024, 512), (128, 128, 128))
+    canvas.paste(face, (0, 0))
+    canvas.paste(face.transpose(Image.FLIP_LEFT_RIGHT), (512, 0))
+    canvas.save(tmp_path / "two.png")
+    job = client.submit(handle_file(str(tmp_path / "two.png")), None, "tiny", [model], "Optimisation", 10, False, True,
+                        ["Face 1", "Face 2"], None, 1.0, *([0.0] * 12), *(["all layers"] * 12), None, 0,
+                        api_name="/selfie")
+    outs = list(job)
+    job.result()
+    status, _, _, _, stylised, pasted = outs[-1]
+    assert "2 of 2 faces stylised" in status and len(stylised) == 2 and len(pasted) == 1
+    result = np.asarray(Image.open(pasted[0]["image"])).astype(int)
+    original = np.asarray(canvas).astype(int)
+    left, right = np.abs(result[150:350, 150:350] - original[150:350, 150:350]), np.abs(
+        result[150:350, 662:862] - original[150:350, 662:862])
+    assert left.mean() > 5 and right.mean() > 5       # both faces changed
+    assert np.abs(result[480:, :] - original[480:, :]).max() <= 1  # far from both faces: untouched
