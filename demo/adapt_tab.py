@@ -18,14 +18,17 @@ from nada_core.checkpoints import export_rosinality, load_generator
 from nada_core.freezing import STARTER_PRESETS, starter_settings
 from nada_core.images import from_pil, grid, open_image, to_pil
 from nada_core.library import new_run_dir, prune_snapshots, restore, set_aside
+from nada_core.diagnostics import best_snapshot_of_run
+from nada_core.gallery import GALLERY, get as gallery_prompt
 from nada_core.mapper import MapperRecipe, MapperTrainer, identity_for
+from nada_core.prompt_check import check_prompt
+from nada_core.training import read_diagnostics
 from nada_core.sampling import latents_for_seeds, render
 
 from .latent_tools import stream_trainer
 from .state import Studio
-from .ui import Slider, fmt_seconds, friendly, number, progress_html
+from .ui import Slider, fmt_seconds, friendly, number, progress_html, scrub
 
-EXAMPLES = [["Photo", "Sketch"], ["Human", "Pixar character"], ["Photo", "Oil painting by Van Gogh"], ["Dog", "Pig"]]
 PREVIEW_SECONDS = 2.0        # default wall-clock cadence of the live preview
 SHORT_RUN = 0.10             # runs stopped before this share of their steps are set aside unless kept
 KEEP_SNAPSHOTS = 5           # snapshots kept of a finished run (plus any saved as models)
@@ -76,6 +79,7 @@ def build(studio: Studio):
             with gr.Row():
                 source = gr.Textbox("Photo", label="Source (what it makes now)", max_lines=1, max_length=300, min_width=120)
                 target = gr.Textbox("Sketch", label="Target (the new domain)", max_lines=1, max_length=300, min_width=120)
+            prompt_check = gr.Markdown("", elem_classes=["nada-small"], elem_id="adapt-prompt-check")
             iterations = gr.Number(style["iterations"], label="Iterations", step=1,
                                    elem_id="adapt-iterations")
             with gr.Row():
@@ -84,8 +88,19 @@ def build(studio: Studio):
             estimate = gr.Markdown(_estimate_text(studio, base_default, 2, studio.clip_names(), False, style["iterations"]),
                                    elem_classes=["nada-small"], elem_id="adapt-estimate")
             measure = gr.Button("Measure one step", size="sm")
-            with gr.Accordion("Examples", open=False):
-                gr.Examples(EXAMPLES, [source, target], label=None)
+            with gr.Accordion("Style gallery", open=False, elem_id="adapt-gallery"):
+                with gr.Row():
+                    pick = gr.Dropdown([(f"{g.name}: {g.source} -> {g.target}" + ("" if g.base == "ffhq" else f" ({g.base})"),
+                                         g.name) for g in GALLERY], value=None, label="Known-good prompts from the paper",
+                                       scale=3, min_width=180, elem_id="adapt-gallery-pick")
+                    use = gr.Button("Use", scale=1, min_width=70, elem_id="adapt-gallery-use")
+                gallery_note = gr.Markdown("", elem_classes=["nada-small"])
+            with gr.Accordion("Continue a run", open=False):
+                resume_run = gr.Dropdown(resumable(studio), value=None, label="Run (its recipe, snapshot and optimiser)",
+                                         allow_custom_value=True)  # ids, checked on the server
+                with gr.Row():
+                    more = gr.Number(100, label="More iterations", step=1, min_width=100)
+                    resume_go = gr.Button("Continue", min_width=100)
             with gr.Accordion("Style images (image-guided target instead of text)", open=False):
                 style_files = gr.File(label="Style images", file_count="multiple", file_types=["image"])
                 source_files = gr.File(label="Source images (optional; default: samples of the base)",
@@ -122,8 +137,14 @@ def build(studio: Studio):
             preview = gr.Image(format="png", label="Source (top) and adapted (bottom), same latents", type="pil",
                                elem_id="adapt-preview", interactive=False, height=300, show_label=True)
             with gr.Row(equal_height=False):
-                loss_plot = gr.LinePlot(x="step", y="loss", color="model", label="Loss", height=200,
-                                        elem_id="adapt-loss", min_width=200)
+                with gr.Tabs():
+                    with gr.Tab("Loss"):
+                        loss_plot = gr.LinePlot(x="step", y="loss", color="model", label="Loss", height=200,
+                                                elem_id="adapt-loss", min_width=200)
+                    with gr.Tab("Diagnostics"):
+                        diag_plot = gr.LinePlot(x="step", y="value", color="measure", label="Direction score, diversity, "
+                                                "identity distance", height=200, elem_id="adapt-diagnostics",
+                                                min_width=200)
                 heat = gr.Image(format="png", label="Layers trained (W+ slots)", type="pil", interactive=False,
                                 height=200, elem_id="adapt-heatmap", min_width=200)
             with gr.Row():
@@ -133,6 +154,7 @@ def build(studio: Studio):
                 files = gr.File(label="Download (our .safetensors and rosinality .pt)", file_count="multiple",
                                 interactive=False)
                 snapshot = Slider(0, 1, value=0, step=1, label="Snapshot at iteration", interactive=False)
+                advice = gr.Markdown("", elem_classes=["nada-small"], elem_id="adapt-best")
                 snapshot_preview = gr.Image(format="png", label="Snapshot preview", type="pil", interactive=False)
                 keep = gr.Button("Save this snapshot as a new library model")
     run_dir = gr.State("")
@@ -210,12 +232,20 @@ def build(studio: Studio):
         out = new_run_dir(recipe.source or "style", recipe.target or _images_name(recipe.style_images), studio.library_root)
         adapter = Adapter(G, recipe, clip, studio.device, out, base_name, style_images=style_images or None,
                           source_images=source_images or None)
+        yield from follow(adapter, G, base_name, every, session)
+
+    def follow(adapter, G, base_name, every, session, done_before=0):
+        """Stream a run (new or continued) into the tab: progress line, wall-clock previews measured by the
+        diagnostics observer, loss and diagnostics curves, heat map; then the ending."""
+        recipe, out = adapter.recipe, adapter.out_dir
+        selection = bool(recipe.k and recipe.k < G.n_latent and recipe.auto_layer_iters)
+        key = _estimate_key(base_name, recipe.batch, recipe.clip_models, selection)
+        observer = adapter.add_observer(adapter.diagnostics_observer(identity="auto"))
         run_id = studio.start_training(adapter, session)
-        key = _estimate_key(base_name, recipe.batch, names, bool(k_slots and k_slots < G.n_latent))
-        losses, slots, last_grid, ended, durations = [], [], None, False, []
+        losses, slots, diags, last_grid, ended, durations = [], [], [], None, False, []
         untrained = tuple(s for s in range(G.n_latent) if s >= len(G.convs) + 1)
         t_start = t_last = time.perf_counter()
-        preview_cost, t_preview = 0.0, 0.0
+        preview_cost, t_preview, warned = 0.0, 0.0, False
         keep_hidden = gr.update(visible=False)
         try:
             for ev in adapter.run():
@@ -233,24 +263,34 @@ def build(studio: Studio):
                     if ev.preview is None and now - t_preview >= max(every, 4 * preview_cost):
                         t0 = time.perf_counter()
                         ev.preview = adapter.preview()
+                        ev.diagnostics.update(observer.observe(ev) or {})
                         preview_cost = time.perf_counter() - t0
                     if ev.preview is not None:
                         last_grid, t_preview = preview_grid(ev.preview), time.perf_counter()
+                    if ev.diagnostics:
+                        diags += _diag_rows(ev.step, ev.diagnostics)
+                        if ev.diagnostics.get("collapse") and not warned:
+                            warned = True
+                            gr.Warning(f"Diversity fell to {ev.diagnostics['diversity']:.0%} of the source's at step "
+                                       f"{ev.step}: the model may be collapsing. The snapshots keep earlier iterations.")
                     text = (f"Training: step {ev.step}/{ev.total} · loss {ev.loss:.4f} · {ev.sec_per_step:.2f} s/step · "
                             f"about {fmt_seconds(ev.eta)} left")
                     yield (progress_html(ev.step / ev.total, text), last_grid if ev.preview is not None else gr.update(),
-                           pd.DataFrame(losses), heatmap(slots, G.n_latent, untrained=untrained), gr.update(),
-                           gr.update(), gr.update(), str(out), gr.update(), gr.update(interactive=True), keep_hidden,
-                           keep_hidden, gr.update())
+                           pd.DataFrame(losses), pd.DataFrame(diags, columns=DIAG_COLUMNS) if ev.diagnostics else gr.update(),
+                           heatmap(slots, G.n_latent, untrained=untrained), gr.update(), gr.update(), gr.update(),
+                           gr.update(), str(out), gr.update(), gr.update(interactive=True), keep_hidden, keep_hidden,
+                           gr.update())
                     continue
                 ended = True
-                yield _ending(ev, adapter, out, G, losses, slots, untrained, durations, t_start, key, session)
+                if ev.diagnostics:
+                    diags += _diag_rows(ev.step, ev.diagnostics)
+                yield _ending(ev, adapter, out, G, losses, diags, slots, untrained, durations, t_start, key, session)
         finally:
             if not ended and adapter.step > 0:  # the browser went away mid-run: keep what was learned
                 adapter.save_final()
             studio.finish_training(run_id)
 
-    def _ending(ev, adapter, out, G, losses, slots, untrained, durations, t_start, key, session):
+    def _ending(ev, adapter, out, G, losses, diags, slots, untrained, durations, t_start, key, session):
         """The last update of a run: its verdict, where it went, snapshots, and what the user can do next."""
         if durations:
             studio.seconds_per_step[key] = statistics.median(durations)
@@ -290,8 +330,10 @@ def build(studio: Studio):
         snap_img = _render_snapshot(out, snaps[-1]) if snaps else None
         state = "done" if ev.kind == "done" and not adapter.save_error else "warn"
         return (progress_html(1.0 if ev.kind == "done" else ev.step / max(1, ev.total), text, state), grid_img,
-                pd.DataFrame(losses), heatmap(slots, G.n_latent, untrained=untrained) if slots else None, downloads,
-                snap_update, snap_img, str(out), gr.update(open=bool(ev.checkpoint) and not short),
+                pd.DataFrame(losses), pd.DataFrame(diags, columns=DIAG_COLUMNS),
+                heatmap(slots, G.n_latent, untrained=untrained) if slots else None, downloads,
+                snap_update, _advice_text(out) if snaps else "", snap_img, str(out),
+                gr.update(open=bool(ev.checkpoint) and not short),
                 gr.update(interactive=False), gr.update(visible=bool(adapter.save_error)),
                 gr.update(visible=bool(short) and not adapter.save_error), _estimate_text(
                     studio, key[0], key[1], list(key[2]), key[3], ev.total))
@@ -319,6 +361,64 @@ def build(studio: Studio):
         if studio.cancel_training(_session(request)):
             return progress_html(None, "Stopping after the current step...", "warn")
         return gr.update()
+
+    # ------------------------------------------------------------------ prompt checker, gallery, resume
+    def check(src, tgt, models, style_paths):
+        """As the user types (the last edit wins): how strong and consistent the text direction is per
+        CLIP model, a verdict in plain words, and a measured better wording when there is one."""
+        if style_paths or not (src or "").strip() or not (tgt or "").strip():
+            return ""
+        names = [m for m in (models or []) if m in studio.clip_names()]
+        try:
+            report = check_prompt(src, tgt, studio.clip(names, [1.0] * len(names)))
+        except Exception as e:  # noqa: BLE001 - missing CLIP weights, identical prompts: say it quietly here
+            return f"Prompt check: {scrub(str(e))[:200]}"
+        figures = "; ".join(f"{m.model}: strength {m.strength:.2f}, consistency {m.consistency:.2f}" for m in report.members)
+        text = f"Prompt check: {'; '.join(report.verdicts)}. ({figures})"
+        if report.suggestion:
+            text += f" Try **{report.suggestion.source} -> {report.suggestion.target}** (measured stronger)."
+        return text
+
+    def use_gallery(name, base_name):
+        g = gallery_prompt(name) if name else None
+        if g is None:
+            raise gr.Error("choose a prompt from the gallery")
+        bases = studio.base_names()
+        chosen = studio.default_base() if g.base == "ffhq" else g.base if g.base in bases else base_name
+        fields = g.recipe_fields(studio.n_latent(chosen))
+        note = g.note + (" " if g.note else "")
+        if g.base not in ("ffhq", *bases):
+            note += f"Needs the base '{g.base}', which this server does not offer."
+        elif g.ready_model:
+            note += f"A ready model of this style exists: '{g.ready_model}' (Sample tab, once downloaded)."
+        w = dict(zip(g.clip_models, g.clip_weights))
+        names = studio.clip_names()
+        return (chosen, g.preset, g.source, g.target, g.iterations,
+                fields["k"] or 0, fields["mixing"], w.get(names[0], 1.0), w.get(names[-1], 1.0), [],
+                _preset_text(g.preset, starter_settings(g.preset, studio.n_latent(chosen)), set()), note)
+
+    @friendly
+    def resume(run_id, extra, every_s, request: gr.Request):
+        """Continue a run from its newest snapshot with the exact state (weights, optimiser, sampler),
+        for ``extra`` more iterations."""
+        session = _session(request)
+        if studio.training and studio.training["session"] == session:
+            raise gr.Error(f"Already training ({studio.training_status()}).")
+        entry = studio.entry(run_id)
+        if entry.kind != "run" or not (entry.path.parent / "state.pt").is_file():
+            raise gr.Error(f"{entry.name} has no saved training state to continue from")
+        recipe, base_name = Adapter.saved_recipe(entry.path.parent)
+        if recipe.style_images:
+            raise gr.Error("image-guided runs continue from the command line (adapt --resume with --style-images)")
+        G = studio.base(base_name)
+        names = [m for m in recipe.clip_models if m in studio.clip_names()]
+        if names != list(recipe.clip_models):
+            raise gr.Error(f"this run used CLIP {', '.join(recipe.clip_models)}, which this server does not offer")
+        adapter = Adapter.resume(entry.path.parent, G, studio.clip(names, list(recipe.clip_weights)), studio.device)
+        adapter.recipe.iterations = adapter.step + number(extra, "More iterations", 1, 100_000)
+        gr.Info(f"continuing {entry.name} from iteration {adapter.step}")
+        yield from follow(adapter, G, base_name, number(every_s, "Preview every N seconds", 0.5, 30, integer=False),
+                          session)
 
     # ------------------------------------------------------------------ focus the domain
     @friendly
@@ -355,8 +455,10 @@ def build(studio: Studio):
     @friendly
     def show_snapshot(step, folder):
         if not folder or not step:
-            return None
-        return _render_snapshot(Path(folder), int(step))
+            return None, ""
+        folder = Path(folder)
+        text = " ".join(t for t in (_figures_text(folder, int(step)), _advice_text(folder)) if t)
+        return _render_snapshot(folder, int(step)), text
 
     def _render_snapshot(folder: Path, step: int):
         path = folder / "snapshots" / f"step_{int(step):05d}.safetensors"
@@ -418,7 +520,8 @@ def build(studio: Studio):
                   api_name="measure", concurrency_limit=1, concurrency_id="device", show_progress_on=[estimate])
     for comp in est_inputs:
         comp.change(refresh_estimate, est_inputs, estimate, api_visibility="private", show_progress="hidden")
-    train_outputs = [status, preview, loss_plot, heat, files, snapshot, snapshot_preview, run_dir, result_box, stop,
+    train_outputs = [status, preview, loss_plot, diag_plot, heat, files, snapshot, advice, snapshot_preview, run_dir,
+                     result_box, stop,
                      retry, keep_run, estimate]
     start.click(before_start, None, status, api_visibility="private", show_progress="hidden").success(
         train, [base, preset, source, target, style_files, source_files, iterations, batch, lr, k, layer_iters, mixing,
@@ -426,15 +529,52 @@ def build(studio: Studio):
         api_name="train", concurrency_limit=1, concurrency_id="device", show_progress="minimal",
         show_progress_on=[status])
     stop.click(stop_training, None, status, api_name="stop", show_progress="hidden")
+    for box in (source, target):
+        box.change(check, [source, target, clip_models, style_files], prompt_check, api_visibility="private",
+                   trigger_mode="always_last", show_progress="hidden", concurrency_id="prompt", concurrency_limit=1)
+    use.click(friendly(use_gallery), [pick, base], [base, preset, source, target, iterations, k, mixing, w1, w2, touched,
+                                                    preset_info, gallery_note], api_name="gallery", show_progress="hidden")
+    resume_go.click(before_start, None, status, api_visibility="private", show_progress="hidden").success(
+        resume, [resume_run, more, preview_seconds], train_outputs, api_name="resume", concurrency_limit=1,
+        concurrency_id="device", show_progress="minimal", show_progress_on=[status])
     focus_go.click(before_start, None, status, api_visibility="private", show_progress="hidden").success(
         focus, [focus_model, focus_text, focus_steps, clip_models, w1, w2], [status, preview, stop], api_name="focus",
         concurrency_limit=1, concurrency_id="device", show_progress="minimal", show_progress_on=[status])
     retry.click(retry_saving, run_dir, [status, retry], api_visibility="private", show_progress="hidden")
     keep_run.click(keep_short_run, run_dir, [status, keep_run], api_visibility="private", show_progress="hidden")
-    snapshot.release(show_snapshot, [snapshot, run_dir], snapshot_preview, api_name="snapshot",
+    snapshot.release(show_snapshot, [snapshot, run_dir], [snapshot_preview, advice], api_name="snapshot",
                      show_progress_on=[snapshot_preview])
     keep.click(keep_snapshot, [snapshot, run_dir], status, api_visibility="private", show_progress="hidden")
-    return base, focus_model
+    return base, focus_model, resume_run
+
+
+DIAG_COLUMNS = ["step", "value", "measure"]
+DIAG_NAMES = {"clip_score": "direction score", "diversity": "diversity (vs source)", "identity": "identity distance"}
+
+
+def _diag_rows(step: int, figures: dict) -> list[list]:
+    return [[step, float(figures[k]), name] for k, name in DIAG_NAMES.items() if figures.get(k) is not None]
+
+
+def _advice_text(folder: Path) -> str:
+    """The suggested snapshot of a run (high directional score before diversity drops), when measured."""
+    advice = best_snapshot_of_run(folder)
+    if advice is None:
+        return ""
+    return f"Suggested snapshot: iteration **{advice.step}** ({advice.reason})."
+
+
+def _figures_text(folder: Path, step: int) -> str:
+    f = read_diagnostics(folder).get(int(step))
+    if not f:
+        return ""
+    parts = [f"{name} {f[k]:.3f}" for k, name in DIAG_NAMES.items() if f.get(k) is not None]
+    return f"Iteration {int(step)}: " + ", ".join(parts) + (" (collapse alarm)" if f.get("collapse") else "") + "."
+
+
+def resumable(studio: Studio):
+    """Runs that can continue: their folder has the optimiser state and a snapshot."""
+    return [(e.label, e.id) for e in studio.library() if e.kind == "run" and (e.path.parent / "state.pt").is_file()]
 
 
 def _preset_text(name: str, settings: dict | None, kept: set) -> str:

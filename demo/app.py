@@ -38,7 +38,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
         banner(studio)
         get_started(studio)
         with gr.Tab("Adapt") as t1:
-            adapt_base, focus_model = adapt_tab.build(studio)
+            adapt_base, focus_model, resume_run = adapt_tab.build(studio)
         with gr.Tab("Sample") as t2:
             sample_models, sample_mapper = sample_tab.build(studio)
         with gr.Tab("Edit") as t3:
@@ -57,14 +57,15 @@ def build_demo(studio: Studio) -> gr.Blocks:
                 updates += _configure(studio, controls, base_name)
             updates += [library_panel.table(studio), library_panel.thumbnails(studio),
                         gr.update(choices=[e.id for e in studio.library()]), library_panel.usage_text(studio),
-                        gr.update(choices=[(e.label, e.id) for e in studio.library() if e.kind == "run"])]
+                        gr.update(choices=[(e.label, e.id) for e in studio.library() if e.kind == "run"]),
+                        gr.update(choices=adapt_tab.resumable(studio))]
             updates += [gr.update(choices=mapper_choices(studio, g)) for g in (None, edit_base_name, selfie_base_name)]
             return updates
 
         outputs = [*sample_models, edit_models, selfie_models]
         for controls in (edit_controls, selfie_controls):
             outputs += controls.configured()
-        outputs += [listing, thumbs, pick, usage, focus_model]
+        outputs += [listing, thumbs, pick, usage, focus_model, resume_run]
         outputs += [sample_mapper.choice, edit_mapper.choice, selfie_mapper.choice]
         demo.load(on_load, [edit_base, selfie_base], outputs, api_visibility="private", show_progress="hidden")
         for tab in (t1, t2, t3, t4):  # models trained meanwhile show up when a tab is opened

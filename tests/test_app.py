@@ -53,7 +53,9 @@ def test_adaptation_streams_progress_and_lands_in_the_library(app):
     assert "Finished: 4/4 steps" in final[0] and "Saved as <b>photo-to-sketch" in final[0]
     assert final[0].count("Finished") == 1  # one short status, no repeats
     assert Image.open(final[1]).size == (4 * 128 + 3 * 4, 2 * 128 + 4)  # 4 seeds, source row over adapted, 128 px tiles
-    assert sorted(p.rsplit(".", 1)[1] for p in final[4]) == ["pt", "safetensors"]
+    assert sorted(p.rsplit(".", 1)[1] for p in final[5]) == ["pt", "safetensors"]
+    measures = {row[2] for row in final[3]["data"]}   # the diagnostics curve: measured on the previews
+    assert {"direction score", "diversity (vs source)"} <= measures
     assert all("/" not in str(o) or "library" not in str(o) for o in final[:1])  # no server paths in the status
     assert any(e.name.startswith("photo-to-sketch") and e.finished for e in studio.library())
     assert "s/step" in final[-1] and "4 steps take about" in final[-1]  # the estimate uses the run's own speed
@@ -344,3 +346,26 @@ def test_group_photo_stylises_every_chosen_face(app, tmp_path):
         result[150:350, 662:862] - original[150:350, 662:862])
     assert left.mean() > 5 and right.mean() > 5       # both faces changed
     assert np.abs(result[480:, :] - original[480:, :]).max() <= 1  # far from both faces: untouched
+
+
+def test_a_run_continues_from_the_ui(app):
+    client, studio, _ = app
+    outs = train(client, (3, "Marble statue"))
+    run = next(e.id for e in studio.library() if e.id.startswith("photo-to-marble-statue"))
+    job = client.submit(run, 3, 2, api_name="/resume")
+    outs = list(job)
+    job.result()
+    steps = [o[0] for o in outs if "Training: step" in o[0]]
+    assert "step 5/7" in steps[0] and "Finished: 7/7 steps" in outs[-1][0]  # the step count goes on
+    assert studio.entry(run).path.name == "final.safetensors"
+    with pytest.raises(Exception, match="unknown model"):
+        client.predict("/etc", 3, 2, api_name="/resume")
+
+
+def test_gallery_entries_fill_the_form(app):
+    client, studio, _ = app
+    out = client.predict("Dog to cat", "tiny", api_name="/gallery")
+    base, preset, source, target, iterations, k, mixing = out[:7]
+    assert (source, target, preset) == ("Dog", "Cat", "Shape") and iterations == 400
+    assert "afhqdog" in out[-1]  # the note says which base the recipe was made for
+    assert k == round(studio.n_latent("tiny") * 2 / 3) and mixing == 0.9  # the 2/3 rule on this base's slots

@@ -202,3 +202,22 @@ def test_first_run_without_weights_leads_somewhere(browser, tmp_path, monkeypatc
         page.close()
     finally:
         demo.close()
+
+
+def test_gallery_fills_the_form_and_the_prompt_is_checked(browser, server):
+    url, _ = server
+    page = open_page(browser, url)
+    page.get_by_role("tab", name="Adapt").click()
+    page.get_by_text("Style gallery").click()
+    box = page.locator("#adapt-gallery-pick input").first
+    box.click()
+    box.fill("Werewolf")
+    page.get_by_role("option", name="Werewolf: Human -> Werewolf").click()
+    page.locator("#adapt-gallery-use").click()
+    target = page.get_by_label("Target (the new domain)")
+    wait_for(lambda: target.input_value() == "Werewolf", 30, "the gallery's target in the form")
+    assert page.get_by_label("Source (what it makes now)").input_value() == "Human"
+    check = page.locator("#adapt-prompt-check")
+    wait_for(lambda: "Prompt check:" in check.inner_text() and "strength" in check.inner_text(), 60, "the prompt check")
+    page.screenshot(path=str(SCREENS / "gallery_1280.png"))
+    page.close()
