@@ -2,6 +2,7 @@
 (confirmed), download, and import of a generator file, the only way a user's file becomes a model."""
 from __future__ import annotations
 
+import tempfile
 import time
 from pathlib import Path
 
@@ -9,7 +10,9 @@ import gradio as gr
 import numpy as np
 import pandas as pd
 
-from nada_core.library import delete_model, disk_use, import_model, rename_model
+from nada_core import weights
+from nada_core.delta import apply_delta, delta_info, export_delta
+from nada_core.library import add_model, delete_model, disk_use, import_model, rename_model
 from nada_core.images import grid
 from nada_core.sampling import latents_for_seeds, render
 
@@ -36,6 +39,17 @@ def thumbnails(studio: Studio):
     return [(str(e.thumbnail) if e.thumbnail else np.full((64, 64, 3), 200, np.uint8), e.name) for e in studio.library()]
 
 
+def _is_delta(path: Path) -> bool:
+    """A style delta says so in its safetensors metadata (read without touching the tensors)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return "nada-delta" in (f.metadata() or {})
+    except (SafetensorError, OSError, ValueError):
+        return False
+
+
 def _size(n: int) -> str:
     return f"{n / 2 ** 30:.1f} GB" if n >= 2 ** 30 else f"{n / 2 ** 20:.1f} MB"
 
@@ -60,16 +74,18 @@ def build(studio: Studio):
                     rename = gr.Button("Rename", size="sm", min_width=80)
                 with gr.Row():
                     download = gr.Button("Download", size="sm", min_width=80)
+                    delta = gr.Button("Download style delta", size="sm", min_width=80)
                     delete = gr.Button("Delete...", size="sm", variant="stop", min_width=80)
                     confirm = gr.Button("Yes, delete it", size="sm", variant="stop", visible=False, min_width=80,
                                         elem_id="library-confirm")
                 files = gr.File(label="Files", interactive=False, file_count="multiple", visible=False)
             with gr.Column(min_width=280):
-                upload = gr.File(label="Import a generator (.pt, .pkl, .safetensors; up to 2 GB)",
+                upload = gr.File(label="Import a generator or a style delta (.pt, .pkl, .safetensors, .nada.safetensors)",
                                  file_types=[".pt", ".pkl", ".safetensors"], elem_id="library-import")
                 import_base = gr.Dropdown([(studio.base_label(n), n) for n in studio.base_names()],
                                           value=studio.default_base(), label="It was adapted from", allow_custom_value=True)  # names are checked on the server
                 import_btn = gr.Button("Import", size="sm")
+                check_weights = gr.Button("Check downloaded weights (repair damaged files)", size="sm")
         message = gr.HTML("")
 
     def refreshed(text: str, state: str = "done"):
@@ -108,6 +124,26 @@ def build(studio: Studio):
         return gr.update(value=[str(p) for p in paths], visible=True)
 
     @friendly
+    def do_delta(model_id):
+        """Only the trained layers' difference from the base (fp16) with the base's fingerprint: a few MB
+        to share instead of the whole generator."""
+        entry = studio.entry(model_id)
+        folder = Path(tempfile.mkdtemp(prefix="nada_delta_"))
+        meta = {"source_model": entry.base, "recipe": entry.recipe, "name": entry.name}
+        path = export_delta(studio.model(model_id), studio.base(entry.base), meta, folder / f"{entry.name}.nada.safetensors")
+        return gr.update(value=[str(path)], visible=True)
+
+    @friendly
+    def do_check_weights(progress=gr.Progress()):
+        results = weights.repair(progress=lambda name, done, total: progress(done / total if total else 0,
+                                                                             desc=f"fetching {name} again"))
+        if not results:
+            return progress_html(None, "No downloaded weights to check yet.", "idle")
+        bad = [f"{n}: {r}" for n, r in results if r not in ("ok",)]
+        text = f"{len(results)} file(s) checked; " + ("all verified." if not bad else "; ".join(bad) + ".")
+        return progress_html(None, text, "done" if not any("failed" in b for b in bad) else "warn")
+
+    @friendly
     def do_import(file, base_name, progress=gr.Progress()):
         if not file:
             raise gr.Error("choose a generator file to import")
@@ -115,7 +151,14 @@ def build(studio: Studio):
         display = upload_path.name
         base = studio.base(base_name)
         progress(0.3, desc=f"checking {display}")
-        folder = import_model(studio.library_root, upload_path, display, base_name, base, MAX_IMPORT_BYTES)
+        if _is_delta(upload_path):
+            G = apply_delta(upload_path, base)
+            info = delta_info(upload_path)
+            recipe = {**(info.get("meta") or {}).get("recipe", {}), "imported_from": display}
+            stem = display.split(".")[0]
+            folder = add_model(studio.library_root, stem, G, base_name, recipe)
+        else:
+            folder = import_model(studio.library_root, upload_path, display, base_name, base, MAX_IMPORT_BYTES)
         progress(0.8, desc="rendering a thumbnail")
         G = studio.model(folder.name)
         w = latents_for_seeds(base, [0, 1, 2, 3], 0.7)
@@ -126,6 +169,9 @@ def build(studio: Studio):
     delete.click(ask, pick, confirm, api_visibility="private", show_progress="hidden")
     confirm.click(do_delete, pick, [*outs, confirm], api_name="library_delete")
     download.click(do_download, pick, files, api_name="library_download")
+    delta.click(do_delta, pick, files, api_name="library_delta", concurrency_id="device", concurrency_limit=1)
+    check_weights.click(do_check_weights, None, message, api_name="weights_check", concurrency_id="downloads",
+                        concurrency_limit=1, show_progress_on=[message])
     import_btn.click(do_import, [upload, import_base], outs, api_name="library_import", concurrency_limit=1,
                     concurrency_id="device")
     return listing, thumbs, pick, usage

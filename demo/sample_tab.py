@@ -7,7 +7,8 @@ from pathlib import Path
 
 import gradio as gr
 
-from nada_core.editing import blend_generators
+from nada_core.editing import blend_generators, combine_styles
+from nada_core.library import add_model
 from nada_core.images import grid
 from nada_core.sampling import interpolation_frames, latents_for_seeds, parse_seeds, render, save_gif
 from nada_core.video import save_mp4
@@ -15,6 +16,9 @@ from nada_core.video import save_mp4
 from .latent_tools import MapperPicker
 from .state import Studio
 from .ui import Slider, friendly, number, optional_download
+
+
+MIX_SLOTS = 4
 
 
 def model_choices(studio: Studio, base: str | None = None):
@@ -45,6 +49,20 @@ def build(studio: Studio):
                 other = gr.Dropdown(model_choices(studio), label="Second model (same base)",
                                  allow_custom_value=True)  # checked on the server: ids only
                 mix = Slider(0, 1, value=0.5, step=0.05, label="Second model share")
+            with gr.Accordion("Mix styles (domain arithmetic)", open=False, elem_id="sample-mix"):
+                gr.Markdown("theta = theta_base + sum of a_i (theta_i - theta_base) over styles of one base; negative "
+                            "weights subtract a style. The grid shows the base over the mix.", elem_classes=["nada-small"])
+                mix_styles, mix_weights = [], []
+                for i in range(MIX_SLOTS):
+                    with gr.Row():
+                        mix_styles.append(gr.Dropdown(model_choices(studio), value=None, label=f"Style {i + 1}", scale=3,
+                                                      min_width=150, allow_custom_value=True))  # ids, checked on the server
+                        mix_weights.append(Slider(-2, 2, value=1.0 if i == 0 else 0.5, step=0.05, label="weight",
+                                                  scale=2, min_width=120))
+                mix_go = gr.Button("Preview the mix")
+                with gr.Row():
+                    mix_name = gr.Textbox("", label="Save the mix as", max_lines=1, max_length=80, min_width=140)
+                    mix_save = gr.Button("Save to the library", min_width=120)
             with gr.Accordion("Interpolation video", open=False):
                 with gr.Row():
                     seed_a = gr.Number(0, label="Seed A", step=1, min_width=80)
@@ -97,17 +115,59 @@ def build(studio: Studio):
         mp4 = save_mp4(imgs, folder / f"{stem}.mp4", min_size=256)
         return str(mp4), str(gif)
 
+    def mixed_generator(pairs):
+        """The base and theta_base + sum a_i (theta_i - theta_base) for the chosen (style id, weight) pairs."""
+        chosen = [(mid, number(a, f"Weight of style {i + 1}", -2, 2, integer=False))
+                  for i, (mid, a) in enumerate(pairs) if mid]
+        if not chosen:
+            raise gr.Error("choose at least one style to mix")
+        entries = [studio.entry(mid) for mid, _ in chosen]
+        base_name = entries[0].base
+        if any(e.base != base_name for e in entries):
+            raise gr.Error("every style in a mix must come from the same base model")
+        G_base = studio.base(base_name)
+        G = combine_styles(G_base, [(studio.model(mid), a) for mid, a in chosen])
+        formula = " + ".join(f"{a:g} x ({e.name} - base)" for e, (_, a) in zip(entries, chosen))
+        return G_base, G, base_name, formula
+
+    @friendly
+    def preview_mix(seed_text, psi, *pairs):
+        G_base, G, _, formula = mixed_generator(list(zip(pairs[:MIX_SLOTS], pairs[MIX_SLOTS:])))
+        w = latents_for_seeds(G_base, parse_seeds(seed_text, limit=16), number(psi, "Truncation", 0, 1, integer=False))
+        gr.Info(f"base + {formula}")
+        return grid(render([G_base, G], w), tile=max(128, min(512, G.size)))
+
+    @friendly
+    def save_mix(name, *pairs):
+        G_base, G, base_name, formula = mixed_generator(list(zip(pairs[:MIX_SLOTS], pairs[MIX_SLOTS:])))
+        if not (name or "").strip():
+            raise gr.Error("give the mix a name")
+        recipe = {"source": base_name, "target": name.strip(), "formula": f"base + {formula}",
+                  "styles": [[mid, a] for mid, a in zip(pairs[:MIX_SLOTS], pairs[MIX_SLOTS:]) if mid]}
+        folder = add_model(studio.library_root, name.strip(), G, base_name, recipe)
+        w = latents_for_seeds(G_base, [0, 1, 2, 3], 0.7)
+        grid(render([G_base, G], w), tile=max(128, min(256, G.size))).save(folder / "thumb.png")
+        choices = model_choices(studio)
+        return gr.update(choices=choices, value=folder.name), gr.update(choices=choices)
+
     def refresh_models():
         choices = model_choices(studio)
         return gr.update(choices=choices), gr.update(choices=choices)
 
     inputs = [model, seeds, truncation, noise, strength, other, mix, *mapper.inputs]
-    go.click(generate, inputs, out, api_name="sample", concurrency_id="render", show_progress_on=[out])
+    go.click(generate, inputs, out, api_name="sample", concurrency_id="render", show_progress="minimal")
     strength.release(generate, inputs, out, api_visibility="private", concurrency_id="render", show_progress="hidden")
     mix.release(generate, inputs, out, api_visibility="private", concurrency_id="render", show_progress="hidden")
     make.click(make_video, [model, strength, other, mix, seed_a, seed_b, frames, mode, truncation], [video, gif_file],
                api_name="interpolate", concurrency_limit=1, concurrency_id="device", show_progress_on=[video])
     refresh.click(refresh_models, None, [model, other], api_name="sample_refresh")
+    mix_inputs = [*mix_styles, *mix_weights]
+    mix_go.click(preview_mix, [seeds, truncation, *mix_inputs], out, api_name="mix", concurrency_id="render",
+                 show_progress="minimal")
+    for slider in mix_weights:
+        slider.release(preview_mix, [seeds, truncation, *mix_inputs], out, api_visibility="private",
+                       concurrency_id="render", show_progress="hidden")
+    mix_save.click(save_mix, [mix_name, *mix_inputs], [model, other], api_name="mix_save", show_progress="minimal")
     def when_chosen(model_id, *rest):
         return generate(model_id, *rest) if model_id else gr.update()
 
@@ -115,4 +175,4 @@ def build(studio: Studio):
                             show_progress="hidden")
     mapper.choice.change(when_chosen, inputs, out, api_visibility="private", concurrency_id="render",
                          show_progress="hidden")
-    return [model, other], mapper
+    return [model, other, *mix_styles], mapper

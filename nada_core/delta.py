@@ -112,6 +112,9 @@ def apply_delta(path: str | os.PathLike, G_base: Generator) -> Generator:
     unknown = sorted(set(diffs) - set(state))
     if unknown:
         raise DeltaError(f"{path}: tensors {unknown[:3]} do not exist in the base")
+    wrong = [k for k, d in diffs.items() if tuple(d.shape) != tuple(state[k].shape)]
+    if wrong:
+        raise DeltaError(f"{path}: tensors {wrong[:3]} have other shapes than the base's")
     for name, d in diffs.items():
         t = state[name]
         t.copy_((t.float() + d.to(t.device).float()).to(t.dtype))

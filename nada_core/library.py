@@ -57,9 +57,14 @@ def slugify(text: str) -> str:
 def new_run_dir(source: str, target: str, root: Path | None = None) -> Path:
     """Create and return a fresh, empty folder for a run: never an earlier model's. The folder is
     created exclusively (mkdir fails if it exists), so two runs started at once never share one."""
+    return new_model_dir(f"{source}-to-{target}", root)
+
+
+def new_model_dir(name: str, root: Path | None = None) -> Path:
+    """A fresh folder named after ``name`` (slugified; '-2', '-3' ... when taken), created exclusively."""
     root = Path(root or library_dir())
     root.mkdir(parents=True, exist_ok=True)
-    stem = slugify(f"{source}-to-{target}")
+    stem = slugify(name)
     for i in range(1, 10_000):
         p = root / (stem if i == 1 else f"{stem}-{i}")
         try:
@@ -232,8 +237,6 @@ def import_model(root: Path, upload: Path, display_name: str, base_name: str, ba
                  max_bytes: int = 2 << 30) -> Path:
     """Make a user's generator file a library model: read it with the safe loaders (never as a path a
     client chose for rendering), check it fits the chosen base, and copy it in as our safetensors."""
-    from .checkpoints import save_generator
-
     if upload.stat().st_size > max_bytes:
         raise ValueError(f"{display_name}: file too large ({upload.stat().st_size >> 20} MiB); the limit is {max_bytes >> 20} MiB")
     G, info = load_generator(upload, "cpu", display_name=display_name)
@@ -242,11 +245,15 @@ def import_model(root: Path, upload: Path, display_name: str, base_name: str, ba
         raise ValueError(f"{display_name} is a {G.config['size']} px generator with a different architecture from the "
                          f"base {base_name!r} ({base.config['size']} px); choose the base it was adapted from")
     stem = Path(display_name).stem
-    name = check_new_name(stem, root) if not (root / slugify(stem)).exists() else new_run_dir("imported", stem, root).name
-    folder = root / name
-    folder.mkdir(parents=True, exist_ok=False)
     recipe = {"source": base_name, "target": stem, "imported_from": display_name, "format": info.get("format")}
-    G = base_like(base, G)
+    return add_model(root, stem, base_like(base, G), base_name, recipe)
+
+
+def add_model(root: Path, name: str, G: Generator, base_name: str, recipe: dict) -> Path:
+    """Write a generator into the library as a model folder (final weights, recipe) under a fresh name."""
+    from .checkpoints import save_generator
+
+    folder = new_model_dir(name, root)
     save_generator(G, folder / "final.safetensors", {"source_model": base_name, "recipe": recipe, "step": None})
     (folder / "recipe.json").write_text(json.dumps({"base": base_name, "config": G.config, "recipe": recipe}, indent=2))
     return folder

@@ -2,6 +2,7 @@
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -369,3 +370,75 @@ def test_gallery_entries_fill_the_form(app):
     assert (source, target, preset) == ("Dog", "Cat", "Shape") and iterations == 400
     assert "afhqdog" in out[-1]  # the note says which base the recipe was made for
     assert k == round(studio.n_latent("tiny") * 2 / 3) and mixing == 0.9  # the 2/3 rule on this base's slots
+
+
+def test_domain_arithmetic_mixes_and_saves(app):
+    client, studio, _ = app
+    while len([e for e in studio.library() if e.kind == "run"]) < 2:
+        train(client, (3, f"Bronze {len(studio.library())}"))
+    a, b = [e.id for e in studio.library() if e.kind == "run"][:2]
+
+    def mixed(styles, weights):
+        return np.asarray(Image.open(client.predict("0-1", 0.7, *styles, *weights, api_name="/mix")))
+
+    only_a = np.asarray(Image.open(client.predict(a, "0-1", 0.7, "const", 1.0, None, 0.5, None, 1.0, api_name="/sample")))
+    assert np.array_equal(mixed([a, None, None, None], [1.0, 0, 0, 0])[132:260], only_a[132:260])  # one style at 1
+    zero = mixed([a, None, None, None], [0.0, 0, 0, 0])
+    assert np.array_equal(zero[132:260], zero[:128])                                          # at 0: the base
+    both = mixed([a, b, None, None], [1.0, -0.5, 0, 0])
+    assert not np.array_equal(both[132:260], only_a[132:260])
+    model_update, _ = client.predict("A minus half B", a, b, None, None, 1.0, -0.5, 0, 0, api_name="/mix_save")
+    saved = studio.entry("a-minus-half-b")
+    assert "1 x (" in saved.recipe["formula"] and "-0.5 x (" in saved.recipe["formula"]
+    row = np.asarray(Image.open(client.predict("a-minus-half-b", "0-1", 0.7, "const", 1.0, None, 0.5, None, 1.0,
+                                               api_name="/sample")))[132:260]
+    assert np.abs(row.astype(int) - both[132:260].astype(int)).max() <= 1  # the saved model renders the mix
+
+
+def test_style_delta_round_trip_through_the_library(app, tmp_path):
+    import shutil
+
+    client, studio, _ = app
+    if not [e for e in studio.library() if e.kind == "run"]:
+        train(client)
+    model = next(e.id for e in studio.library() if e.kind == "run")
+    files = client.predict(model, api_name="/library_delta")
+    path = next(f for f in (files["value"] if isinstance(files, dict) else files) if str(f).endswith(".nada.safetensors"))
+    path = path["path"] if isinstance(path, dict) else path
+    full = studio.entry(model).path.stat().st_size
+    shutil.copy(path, tmp_path / "shared style.nada.safetensors")
+    status, *_ = client.predict(handle_file(str(tmp_path / "shared style.nada.safetensors")), "tiny",
+                                api_name="/library_import")
+    assert "Imported" in status and "shared-style" in status
+    a = np.asarray(Image.open(client.predict(model, "0-1", 0.7, "const", 1.0, None, 0.5, None, 1.0, api_name="/sample")))
+    b = np.asarray(Image.open(client.predict("shared-style", "0-1", 0.7, "const", 1.0, None, 0.5, None, 1.0,
+                                             api_name="/sample")))
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 2  # float16 differences: the same images
+    assert Path(path).stat().st_size < full
+
+
+def test_weights_check_button_repairs_a_damaged_file(app, tmp_path, monkeypatch):
+    import hashlib
+    import json
+
+    from nada_core import weights
+    from tests.http_server import Files, serve
+
+    client, _, _ = app
+    payload = b"generator weights" * 5000
+    Files.reset({"/g.pkl": payload})
+    srv, base = serve()
+    manifest = {"version": 1, "assets": {"g": {"kind": "generator", "file": "generators/g.pkl", "url": base + "/g.pkl",
+                                               "sha256": hashlib.sha256(payload).hexdigest(), "size": len(payload)}}}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setattr(weights, "MANIFEST_PATH", tmp_path / "manifest.json")
+    monkeypatch.setenv("NADA_WEIGHTS_DIR", str(tmp_path / "w"))
+    try:
+        (tmp_path / "w" / "generators").mkdir(parents=True)
+        (tmp_path / "w" / "generators" / "g.pkl").write_bytes(payload[:-1] + b"X")   # one flipped byte
+        html = client.predict(api_name="/weights_check")
+        assert "1 file(s) checked; g: repaired (was sha256 mismatch)" in html
+        assert (tmp_path / "w" / "generators" / "g.pkl").read_bytes() == payload
+        assert "all verified" in client.predict(api_name="/weights_check")
+    finally:
+        srv.shutdown()
