@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -101,7 +102,13 @@ def cmd_adapt(args) -> int:
                         snapshot_every=args.snapshot_every, style_images=[str(p) for p in style_paths],
                         source_images=[str(p) for p in source_paths])
         out = Path(args.out) if args.out else new_run_dir(args.source, args.target or "style")
-        ad = Adapter(G, recipe, clip, device, out, base_name, style_images=style_images, source_images=source_images)
+        try:
+            ad = Adapter(G, recipe, clip, device, out, base_name, style_images=style_images, source_images=source_images)
+        except BaseException:
+            if not args.out:  # the folder made for this run stays empty: a refused recipe leaves nothing behind
+                with contextlib.suppress(OSError):
+                    out.rmdir()
+            raise
     if not args.no_diagnostics:
         ad.add_observer(ad.diagnostics_observer(identity={"auto": "auto", "on": True, "off": False}[args.identity]))
     r = ad.recipe

@@ -34,8 +34,10 @@ def test_cli_errors_are_one_clear_line(tmp_path, capsys, monkeypatch):
     assert main(["adapt", "--base", "ffhq-256", "--clip", "tiny", "--target", "sketch"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error:") and "weights download ffhq-256" in err and "Traceback" not in err
+    monkeypatch.setenv("NADA_LIBRARY_DIR", str(tmp_path / "lib"))
     assert main(["adapt", "--base", "tiny", "--clip", "tiny", "--source", "dog", "--target", "Dog"]) == 1
     assert "no direction" in capsys.readouterr().err
+    assert list((tmp_path / "lib").iterdir()) == []  # a refused recipe leaves no empty run folder behind
     assert main(["sample", "--model", str(tmp_path / "nope.safetensors")]) == 1
     assert "no such file" in capsys.readouterr().err
 
