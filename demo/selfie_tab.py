@@ -11,6 +11,7 @@ from nada_core.align import detect, draw_faces, load_photo
 from nada_core.editing import apply_edits
 from nada_core.sampling import render
 from nada_core.mapper import identity_for, optimise_edit
+from nada_core.psp import sketch_to_w
 from nada_core.selfie import encoder_for, invert_faces, paste_faces, prepare_face, prepare_faces
 
 from .edit_tab import DirectionControls
@@ -33,6 +34,7 @@ def methods_for(studio: Studio, base_name: str) -> list[str]:
 
 def build(studio: Studio):
     optional_download(studio, ("encoder",), "the e4e encoder for instant selfies on FFHQ 1024")
+    optional_download(studio, ("psp-encoder",), "pSp's sketch and segmentation encoders (draw a face)")
     base_default = studio.default_base()
     cancel_flags: dict[str, threading.Event] = {}
     with gr.Row(equal_height=False):
@@ -62,6 +64,13 @@ def build(studio: Studio):
                                            min_width=150)
                     edit_steps = gr.Number(40, label="Steps", step=1, min_width=80)
                 text_go = gr.Button("Apply the text edit")
+            with gr.Accordion("Draw a face (pSp sketch-to-face)", open=False, elem_id="selfie-sketch"):
+                gr.Markdown("Draw dark lines on white; pixel2style2pixel's sketch encoder turns the drawing into a "
+                            "latent of the FFHQ 1024 model, shown through the source and every chosen style.",
+                            elem_classes=["nada-small"])
+                sketch = gr.Sketchpad(label="Sketch", type="pil", height=300, canvas_size=(512, 512),
+                                      elem_id="selfie-sketchpad")
+                sketch_go = gr.Button("Render the drawing")
             with gr.Accordion("Inversion settings and webcam", open=False):
                 steps = Slider(10, 1000, value=100 if studio.tiny else 300, step=10, label="Optimisation steps")
                 fit_noise = gr.Checkbox(False, label="Also fit noise maps (closer reconstruction; styles never use them)")
@@ -208,6 +217,27 @@ def build(studio: Studio):
                 yield progress_html(1.0, f"Text edit '{text.strip()}' applied.", "done"), gal, pas, state
 
     @friendly
+    def render_sketch(drawing, base_name, ids, mapper_id, mapper_strength):
+        """A drawing -> pSp's sketch encoder -> W+ of FFHQ 1024 -> the source and every chosen style."""
+        if drawing is None:
+            raise gr.Error("draw a face first")
+        if base_name != "ffhq-1024":
+            raise gr.Error("the sketch encoder was trained for the FFHQ 1024 base; choose it as the base model")
+        G = studio.base(base_name)
+        ids = list(ids or [])
+        for e in (studio.entry(i) for i in ids):
+            if e.base != base_name:
+                raise gr.Error(f"the style {e.name} needs the base {e.base}")
+        image = drawing.get("composite") if isinstance(drawing, dict) else drawing
+        if image is None:
+            raise gr.Error("draw a face first")
+        w = sketch_to_w(image, studio.psp("psp-sketch"))
+        w = MapperPicker.apply(studio, w, mapper_id, mapper_strength, G.n_latent)
+        gens = [G] + [studio.model(i) for i in ids]
+        names = ["source"] + [studio.entry(i).name for i in ids]
+        return [(row[0], name) for row, name in zip(render(gens, w), names)]
+
+    @friendly
     def re_edit(state, mapper_id, mapper_strength, *values):
         if not state:
             return gr.update(), gr.update()
@@ -232,6 +262,8 @@ def build(studio: Studio):
              [status, photo, aligned, recon, stylised, pasted, session], api_name="selfie",
              concurrency_limit=1, concurrency_id="device", show_progress="minimal", show_progress_on=[status])
     cancel.click(stop, None, None, api_visibility="private", show_progress="hidden")
+    sketch_go.click(render_sketch, [sketch, base, models, *mapper.inputs], stylised, api_name="sketch",
+                    concurrency_limit=1, concurrency_id="device", show_progress_on=[stylised])
     for s in controls.sliders:
         s.release(re_edit, [session, *mapper.inputs, *controls.inputs], [stylised, pasted], api_visibility="private",
                   concurrency_id="render", show_progress="hidden")

@@ -194,6 +194,19 @@ class Studio:
             self._models.move_to_end(key)
             return self._models[key]
 
+    def psp(self, name: str):
+        """A pSp conditional encoder (psp-sketch / psp-seg) from the weights folder, loaded once."""
+        from nada_core.psp import load_psp
+
+        if self.tiny:
+            raise weights.WeightsError("the pSp encoders work with the real FFHQ 1024 model, not the tiny test models")
+        with self._lock:
+            key = ("psp", name)
+            if key not in self._models:
+                self._models[key] = load_psp(weights.require(name), self.device)
+            self._models.move_to_end(key)
+            return self._models[key]
+
     # ------------------------------------------------------------------ what is missing
     def missing(self, kinds: tuple[str, ...]) -> list:
         if self.tiny:

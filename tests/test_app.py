@@ -442,3 +442,12 @@ def test_weights_check_button_repairs_a_damaged_file(app, tmp_path, monkeypatch)
         assert "all verified" in client.predict(api_name="/weights_check")
     finally:
         srv.shutdown()
+
+
+def test_sketch_needs_the_ffhq_1024_base(app, tmp_path):
+    client, _, _ = app
+    drawing = Image.new("RGB", (256, 256), "white")
+    drawing.save(tmp_path / "sketch.png")
+    with pytest.raises(Exception, match="trained for the FFHQ 1024 base"):
+        client.predict({"background": handle_file(str(tmp_path / "sketch.png")), "layers": [],
+                        "composite": handle_file(str(tmp_path / "sketch.png"))}, "tiny", [], None, 1.0, api_name="/sketch")
