@@ -146,7 +146,8 @@ class Adapter(Trainer):
             self.w_avg = self.G_frozen.w_avg()
             self.preview_z = seeds_to_z(recipe.preview_seeds, base.style_dim, self.device)
             self.directions = self._target_directions(style_images, source_images)
-            self.global_targets = self._global_targets(style_images) if recipe.lambda_global or self._auto else []
+            self.global_targets = self._global_targets(style_images) if recipe.lambda_global else []
+            self.selection_targets = self._global_targets(style_images, "{}") if self._auto else []
         self._open_run_dir({"base": base_name, "config": base.config, "recipe": recipe.to_dict()}, _resuming)
 
     # ------------------------------------------------------------ set-up
@@ -167,11 +168,12 @@ class Adapter(Trainer):
             source = torch.cat([self.G_frozen(c.to(self.device)) for c in z.split(4)])
         return [m.image_direction(style, source) for m in self.clip]
 
-    def _global_targets(self, style_images) -> list[torch.Tensor]:
-        """What the global loss (layer selection, ``lambda_global``) pulls towards, per CLIP model: the text
-        'a {target}', or for an image-guided run the mean unit image embedding of the style images."""
+    def _global_targets(self, style_images, template: str = "a {}") -> list[torch.Tensor]:
+        """What a global loss pulls towards, per CLIP model: the target text in ``template`` ('a {target}' for
+        ``lambda_global``, the bare target for layer selection, as the official code), or for an image-guided
+        run the mean unit image embedding of the style images."""
         if not style_images:
-            return [m.global_text(self.recipe.target) for m in self.clip]
+            return [m.global_text(self.recipe.target, template) for m in self.clip]
         style = fit_images(style_images, self.G_frozen.size).to(self.device)
         return [F.normalize(m.encode_images(style), dim=-1).mean(0) for m in self.clip]
 
@@ -186,7 +188,8 @@ class Adapter(Trainer):
         return w
 
     def _global_loss(self, images: torch.Tensor) -> torch.Tensor:
-        return sum(m.weight * global_loss(m.encode_images(images), t) for m, t in zip(self.clip, self.global_targets))
+        """The layer-selection objective: weighted global CLIP loss towards ``selection_targets``."""
+        return sum(m.weight * global_loss(m.encode_images(images), t) for m, t in zip(self.clip, self.selection_targets))
 
     # ------------------------------------------------------------ one iteration
     def train_step(self) -> StepResult:

@@ -124,9 +124,10 @@ class ClipMember:
     def text_direction(self, source: str, target: str) -> torch.Tensor:
         return F.normalize((self.text_features(target) - self.text_features(source)).mean(0), dim=-1)
 
-    def global_text(self, target: str) -> torch.Tensor:
-        """E_T('a {target}') unit vector for the global loss."""
-        return self.text_features(target, templates=("a {}",))[0]
+    def global_text(self, target: str, template: str = "a {}") -> torch.Tensor:
+        """E_T(template.format(target)) unit vector for the global loss: 'a {target}' as the official
+        ``lambda_global`` term; the bare '{}' as its layer-selection pass (``determine_opt_layers``)."""
+        return self.text_features(target, templates=(template,))[0]
 
     @torch.no_grad()
     def image_direction(self, style_images: torch.Tensor, source_images: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,8 @@ import math
 from pathlib import Path
 
 import pytest
+
+from nada_core.clip_guide import encode_text_templates
 import torch
 
 from nada_core.adapt import Adapter, Recipe
@@ -418,16 +420,21 @@ def test_image_guided_layer_selection_pulls_towards_the_style_images(clip):
     with torch.no_grad():
         e = model.encode_image(((torch.cat(style) + 1) / 2 - mean) / std)
     expected = (e / e.norm(dim=1, keepdim=True)).mean(0)
-    assert torch.allclose(ad.global_targets[0], expected, atol=1e-5)
+    assert torch.allclose(ad.selection_targets[0], expected, atol=1e-5)
     text = clip[0].global_text("")
-    assert not torch.allclose(F.normalize(ad.global_targets[0], dim=-1), text, atol=1e-2)  # not the text "a "
+    assert not torch.allclose(F.normalize(ad.selection_targets[0], dim=-1), text, atol=1e-2)  # not the text "a "
     img = ad.G_train.synthesis(ad._sample_ws(2))
     with torch.no_grad():
         f = model.encode_image(((img + 1) / 2 - mean) / std)
     by_hand = (1 - (f @ expected) / (f.norm(dim=1) * expected.norm())).mean()
     assert ad._global_loss(img).item() == pytest.approx(by_hand.item(), abs=1e-5)
-    # a text run still aims its selection at "a sketch"
-    txt = Adapter(tiny_generator(), recipe(k=3), clip)
-    assert torch.allclose(txt.global_targets[0], clip[0].global_text("sketch"))
+    # a text run aims its selection at the bare target text (official determine_opt_layers) and its
+    # lambda_global term at "a sketch"
+    txt = Adapter(tiny_generator(), recipe(k=3, lambda_global=1.0), clip)
+    bare = encode_text_templates(clip[0].model, clip[0].tokenizer, "sketch", ("{}",))[0]
+    assert torch.allclose(txt.selection_targets[0], bare, atol=1e-6)
+    assert torch.allclose(txt.global_targets[0], encode_text_templates(clip[0].model, clip[0].tokenizer, "sketch",
+                                                                       ("a {}",))[0], atol=1e-6)
+    assert not torch.allclose(txt.selection_targets[0], txt.global_targets[0], atol=1e-3)
     with pytest.raises(ValueError, match="image-guided"):
         Adapter(tiny_generator(), recipe(style_images=["a.png"], target=""), clip)
