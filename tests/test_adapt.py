@@ -2,13 +2,11 @@ import math
 from pathlib import Path
 
 import pytest
-
-from nada_core.clip_guide import encode_text_templates
 import torch
 
 from nada_core.adapt import Adapter, Recipe
 from nada_core.checkpoints import load_generator
-from nada_core.clip_guide import directional_loss, load_clip
+from nada_core.clip_guide import directional_loss, encode_text_templates, load_clip
 from nada_core.tiny import tiny_generator
 
 
