@@ -247,12 +247,7 @@ def cmd_mapper(args) -> int:
           f"steps, output {out}; {id_note}", file=sys.stderr)
     last = None
     for ev in trainer.run():
-        if ev.kind == "warning":
-            print(f"\nwarning: {ev.message}", file=sys.stderr)
-        elif ev.kind == "step":
-            print(_bar(ev.step, ev.total, f"step {ev.step}/{ev.total} loss {ev.loss:.4f} "
-                                          f"{ev.sec_per_step:.2f}s/it ETA {_fmt_time(ev.eta)}"),
-                  end="", file=sys.stderr, flush=True)
+        _show_event(ev)
         last = ev
     print(file=sys.stderr)
     if last is not None and last.preview is not None:

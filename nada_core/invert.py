@@ -44,6 +44,11 @@ class BottleneckIRSE(nn.Module):
         return self.shortcut_layer(x) + self.res_layer(x)
 
 
+def upsample_add(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The feature-pyramid merge of e4e's and pSp's encoders: bilinear (align_corners) up to y's size, plus y."""
+    return F.interpolate(x, size=y.shape[-2:], mode="bilinear", align_corners=True) + y
+
+
 def ir_se_50_units() -> list[BottleneckIRSE]:
     units = []
     for in_c, depth, n in [(64, 64, 3), (64, 128, 4), (128, 256, 14), (256, 512, 3)]:
@@ -84,7 +89,7 @@ class E4EEncoder(nn.Module):
 
     @staticmethod
     def _upsample_add(x, y):
-        return F.interpolate(x, size=y.shape[-2:], mode="bilinear", align_corners=True) + y
+        return upsample_add(x, y)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.input_layer(x)

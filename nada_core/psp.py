@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from .invert import GradualStyleBlock, ir_se_50_units
+from .invert import GradualStyleBlock, ir_se_50_units, upsample_add
 
 INPUT_SIZE = 256
 COARSE_END, MIDDLE_END = 3, 7  # pSp's coarse_ind / middle_ind: slots read the 16 / 32 / 64 px features
@@ -61,9 +61,7 @@ class GradualStyleEncoder(nn.Module):
         self.latlayer2 = nn.Conv2d(128, 512, 1)
         self.n_styles, self.input_nc = n_styles, input_nc
 
-    @staticmethod
-    def _upsample_add(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.interpolate(x, size=y.shape[-2:], mode="bilinear", align_corners=True) + y
+    _upsample_add = staticmethod(upsample_add)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.input_layer(x)
