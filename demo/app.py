@@ -28,6 +28,13 @@ CSS = """
    so the Edit tab's result can stay in view (sticky) while the sliders scroll */
 .gradio-container {overflow: clip !important;}
 @media (min-width: 900px) { .nada-sticky {position: sticky; top: 8px; align-self: flex-start;} }
+/* phones: the Edit result comes first and stays at the top while the sliders scroll under it */
+@media (max-width: 899px) {
+  .nada-result-first {flex-direction: column-reverse !important;}
+  .nada-result-first > .nada-sticky {position: sticky; top: 0; z-index: 50; isolation: isolate;
+                                     background: var(--body-background-fill); padding-bottom: 6px;}
+  .nada-result-first #edit-result {height: 42vh !important; background: var(--body-background-fill);}
+}
 """
 
 

@@ -88,7 +88,7 @@ class DirectionControls:
 def build(studio: Studio):
     optional_download(studio, ("direction",), "InterFaceGAN face directions for the FFHQ 1024 base")
     base_names = studio.base_names()
-    with gr.Row(equal_height=False):
+    with gr.Row(equal_height=False, elem_classes=["nada-result-first"]):
         with gr.Column(scale=2, min_width=300):
             base = gr.Dropdown([(studio.base_label(n), n) for n in base_names], value=studio.default_base(),
                                label="Base model", allow_custom_value=True)  # names are checked on the server

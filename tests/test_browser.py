@@ -159,6 +159,13 @@ def test_edit_result_stays_in_view_while_dragging(browser, server):
     assert after != before and in_viewport(page, "#edit-result")
     page.screenshot(path=str(SCREENS / "edited_1280.png"))
     page.close()
+    phone = open_page(browser, url, 390, 844)   # on a phone the result comes first and stays at the top
+    phone.get_by_role("tab", name="Edit").click()
+    phone.get_by_label("range slider for PC5").first.scroll_into_view_if_needed()
+    time.sleep(0.5)
+    assert in_viewport(phone, "#edit-result") and in_viewport(phone, "[aria-label='range slider for PC5']")
+    phone.screenshot(path=str(SCREENS / "edited_390.png"))
+    phone.close()
 
 
 def test_selfie_shows_the_photo_with_its_face_at_once(browser, server, tmp_path):
