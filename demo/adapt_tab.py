@@ -544,7 +544,7 @@ def build(studio: Studio):
     keep_run.click(keep_short_run, run_dir, [status, keep_run], api_visibility="private", show_progress="hidden")
     snapshot.release(show_snapshot, [snapshot, run_dir], [snapshot_preview, advice], api_name="snapshot",
                      show_progress_on=[snapshot_preview])
-    keep.click(keep_snapshot, [snapshot, run_dir], status, api_visibility="private", show_progress="hidden")
+    keep.click(keep_snapshot, [snapshot, run_dir], status, api_name="keep_snapshot", show_progress="hidden")
     return base, focus_model, resume_run
 
 

@@ -126,6 +126,26 @@ def test_bad_images_get_clear_messages(app, tmp_path):
     still_serves(client, studio)
 
 
+def test_oversized_photo_files_are_refused_before_decoding(tmp_path):
+    big = tmp_path / "holiday.jpg"
+    with open(big, "wb") as f:
+        f.truncate(26 * 2 ** 20)   # 26 MB on disk (sparse), over the 25 MB limit for photos
+    with pytest.raises(ValueError, match=r"holiday.jpg: file too large \(26 MB\); the limit is 25 MB"):
+        open_image(big)
+
+
+def test_stale_part_files_are_removed_when_the_studio_starts(tmp_path, monkeypatch):
+    from demo.state import Studio
+
+    monkeypatch.setenv("NADA_LIBRARY_DIR", str(tmp_path))
+    run = tmp_path / "_tiny" / "photo-to-sketch" / "snapshots"
+    run.mkdir(parents=True)
+    (run / ".step_00010.safetensors.abc123.part").write_bytes(b"half a file")   # left by kill -9 mid-save
+    (run / "step_00005.safetensors").write_bytes(b"kept")
+    Studio(device="cpu", tiny=True)
+    assert not list(tmp_path.rglob("*.part")) and (run / "step_00005.safetensors").read_bytes() == b"kept"
+
+
 def test_high_bit_depth_photos_are_scaled_not_clipped(tmp_path):
     ramp = (np.linspace(0, 1, 64 * 64).reshape(64, 64) * 65535).astype(np.uint16)
     Image.fromarray(ramp).save(tmp_path / "grey16.png")

@@ -451,3 +451,23 @@ def test_sketch_needs_the_ffhq_1024_base(app, tmp_path):
     with pytest.raises(Exception, match="trained for the FFHQ 1024 base"):
         client.predict({"background": handle_file(str(tmp_path / "sketch.png")), "layers": [],
                         "composite": handle_file(str(tmp_path / "sketch.png"))}, "tiny", [], None, 1.0, api_name="/sketch")
+
+
+def test_snapshots_are_iterations_and_a_kept_one_gets_a_thumbnail(app):
+    client = Client(app[2], verbose=False)   # one client = one browser session: the run folder stays in its state
+    studio = app[1]
+    args = list(TRAIN_ARGS)
+    args[3], args[6] = "Charcoal", 20                  # 20 iterations: a snapshot every 2
+    final = client.predict(*args, api_name="/train")
+    snapshot_update = final[6]
+    assert snapshot_update["maximum"] == 20 and snapshot_update["step"] == 2 and snapshot_update["value"] == 20
+    assert snapshot_update["minimum"] == 12            # the newest 5 snapshots are kept
+    assert final[8] is not None                        # the newest snapshot's preview shows at once
+    status = client.predict(14, api_name="/keep_snapshot")
+    assert "Iteration 14 saved as" in status
+    kept = studio.entry("photo-to-charcoal-step14")
+    assert kept.thumbnail is not None and kept.path.name == "final.safetensors"
+    with pytest.raises(Exception, match="no snapshot at iteration 13"):
+        client.predict(13, api_name="/keep_snapshot")
+    with pytest.raises(Exception, match="Snapshot at iteration: Value 3 is less than minimum value 12"):
+        client.predict(3, api_name="/keep_snapshot")    # pruned: the scrubber's own range says so

@@ -32,7 +32,7 @@ def test_app_py_serves_the_page(tmp_path):
     finally:
         proc.terminate()
         out = proc.communicate(timeout=30)[0]
-    assert "NADA Studio on cpu with tiny untrained models" in out
+    assert "NADA Studio on cpu with tiny untrained models; reachable by only this computer" in out
 
 
 def test_app_py_refuses_a_missing_gpu_and_a_busy_port():
@@ -48,3 +48,15 @@ def test_app_py_refuses_a_missing_gpu_and_a_busy_port():
         r = subprocess.run([sys.executable, "app.py", "--tiny", "--port", str(port)], cwd=ROOT, capture_output=True,
                            text=True, timeout=120)
     assert r.returncode == 1 and f"cannot serve on 127.0.0.1:{port}" in r.stderr
+
+
+def test_a_public_link_needs_a_password_or_an_explicit_no():
+    r = subprocess.run([sys.executable, "app.py", "--tiny", "--share"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and "--auth USER:PASS" in r.stderr and "--no-auth" in r.stderr
+    r = subprocess.run([sys.executable, "app.py", "--tiny", "--auth", "nopassword"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and "--auth takes USER:PASS" in r.stderr
+    from app import reach
+    assert reach("0.0.0.0", False, None) == "anyone who can reach this machine's network"
+    assert reach("127.0.0.1", True, ("a", "b")) == "anyone with the public link (password protected)"
