@@ -3,9 +3,8 @@
 of a long job (a mapper's training, an optimisation) into a tab's progress line and preview."""
 from __future__ import annotations
 
-import threading
 import time
-from typing import Callable, Iterator
+from typing import Iterator
 
 import gradio as gr
 import torch
@@ -13,7 +12,7 @@ import torch
 from nada_core.images import grid, to_pil
 
 from .state import Studio
-from .ui import Slider, fmt_seconds, number, progress_html
+from .ui import Cancelled, Slider, fmt_seconds, number, progress_html, run_with_progress  # noqa: F401 (re-exported)
 
 PREVIEW_SECONDS = 2.0
 
@@ -76,35 +75,3 @@ def stream_trainer(studio: Studio, trainer, session: str, what: str, every: floa
         if last is None and trainer.step > 0:
             trainer.save_final()
         studio.finish_training(run_id)
-
-
-def run_with_progress(work: Callable[[Callable], object], describe: Callable[[tuple], str],
-                      cancel: threading.Event | None = None, every: float = 0.5) -> Iterator[tuple]:
-    """Run ``work(report)`` in a thread; ``report(*progress)`` may raise to cancel. Yields
-    ('progress', html) while it runs and ('result', value) at the end (re-raising its error)."""
-    updates, result = [], {}
-
-    def report(*args):
-        if cancel is not None and cancel.is_set():
-            raise Cancelled()
-        updates.append(args)
-
-    def target():
-        try:
-            result["value"] = work(report)
-        except BaseException as e:  # noqa: BLE001 - handed back to the handler's thread
-            result["error"] = e
-
-    worker = threading.Thread(target=target, daemon=True)
-    worker.start()
-    while worker.is_alive():
-        worker.join(every)
-        if updates:
-            yield "progress", describe(updates[-1])
-    if "error" in result:
-        raise result["error"]
-    yield "result", result.get("value")
-
-
-class Cancelled(Exception):
-    pass

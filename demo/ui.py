@@ -10,7 +10,9 @@ import math
 import re
 import sys
 import tempfile
+import threading
 import traceback
+from typing import Callable, Iterator
 
 import gradio as gr
 
@@ -163,22 +165,11 @@ def get_started(studio: Studio):
 
     def fetch(name):
         pack = packs[name]
-        updates = []
-
-        def report(frac, text):
-            updates.append(progress_html(frac, text))
-
         try:
-            import threading
-            result: dict = {}
-            worker = threading.Thread(target=lambda: result.setdefault("names", _safe(download_pack, pack, report, result)))
-            worker.start()
-            while worker.is_alive():
-                worker.join(0.5)
-                if updates:
-                    yield updates[-1], gr.update()
-            if "error" in result:
-                raise result["error"]
+            for kind, value in run_with_progress(lambda report: download_pack(pack, report),
+                                                 lambda u: progress_html(u[0], u[1])):
+                if kind == "progress":
+                    yield value, gr.update()
         except Exception as e:  # noqa: BLE001
             raise _as_gr_error(e, "download_pack") from None
         yield (progress_html(1.0, f"{pack.label}: done. Reload the page to use the new models.", "done"),
@@ -188,14 +179,6 @@ def get_started(studio: Studio):
         button.click(functools.partial(fetch, name), None, [status, lines], api_visibility="private",
                      show_progress="hidden", concurrency_id="downloads", concurrency_limit=1)
     return panel
-
-
-def _safe(fn, pack, report, result):
-    try:
-        return fn(pack, report)
-    except Exception as e:  # noqa: BLE001 - handed to the UI thread
-        result["error"] = e
-        return None
 
 
 def optional_download(studio: Studio, kinds: tuple[str, ...], what: str):
@@ -231,3 +214,35 @@ class Slider(gr.Slider):
         except gr.Error as e:
             log.info("refused %s: %s", self.label, e.message)
             raise gr.Error(f"{self.label}: {e.message}", print_exception=False) from None
+
+
+def run_with_progress(work: Callable[[Callable], object], describe: Callable[[tuple], str],
+                      cancel: threading.Event | None = None, every: float = 0.5) -> Iterator[tuple]:
+    """Run ``work(report)`` in a thread; ``report(*progress)`` may raise to cancel. Yields
+    ('progress', html) while it runs and ('result', value) at the end (re-raising its error)."""
+    updates, result = [], {}
+
+    def report(*args):
+        if cancel is not None and cancel.is_set():
+            raise Cancelled()
+        updates.append(args)
+
+    def target():
+        try:
+            result["value"] = work(report)
+        except BaseException as e:  # noqa: BLE001 - handed back to the handler's thread
+            result["error"] = e
+
+    worker = threading.Thread(target=target, daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(every)
+        if updates:
+            yield "progress", describe(updates[-1])
+    if "error" in result:
+        raise result["error"]
+    yield "result", result.get("value")
+
+
+class Cancelled(Exception):
+    """Raised inside a job's progress report once the user pressed Cancel."""
