@@ -17,10 +17,12 @@ the bench runs:
   files   what handlers returning png_file(image), a path, instead of the PIL image do: the PNG is written
           once, atomically, to a file named by its content hash, and Gradio copies it into its cache with
           save_file_to_cache (staging file + os.replace; an existing identical copy is reused, never rewritten).
+  cached-files  the same, with the files written inside Gradio's cache folder: Gradio serves them as
+          they are (no copy), so nothing depends on how Gradio copies files.
   atomic  Gradio's save_pil_to_cache itself made to write a staging file and os.replace it.
 
 Usage: python bench/load.py [--users 4] [--requests 10] [--tiny | --base NAME] [--url URL --model ID]
-                            [--vary] [--workaround none|files|atomic] [--alone 10] [--keep] [--verbose]
+                            [--vary] [--workaround none|files|cached-files|atomic] [--alone 10] [--keep] [--verbose]
 """
 from __future__ import annotations
 
@@ -73,10 +75,13 @@ def apply_workaround(kind: str) -> None:
         processing_utils.save_pil_to_cache = save_pil_to_cache
         return
 
-    # "files": every PIL image an Image or Gallery returns goes out as a file path, exactly as if the handler
-    # returned png_file(image) (the helper proposed for demo/ui.py): the PNG bytes Gradio itself would have
-    # encoded, written once under a name of their own content hash with a staging file and os.replace
-    outputs = WORK / "outputs"
+    # "files", "cached-files": every PIL image an Image or Gallery returns goes out as a file path, exactly as if
+    # the handler returned png_file(image) (the helper proposed for demo/ui.py): the PNG bytes Gradio itself would
+    # have encoded, written once under a name of their own content hash with a staging file and os.replace; in a
+    # folder of our own (Gradio copies it into its cache) or inside Gradio's cache folder (served as it is)
+    from gradio import utils as gradio_utils
+
+    outputs = WORK / "outputs" if kind == "files" else Path(gradio_utils.get_upload_folder()) / "nada_outputs"
 
     def png_file(img: Image.Image, name: str = "image") -> str:
         buf = io.BytesIO()
@@ -363,7 +368,7 @@ def main():
     ap.add_argument("--size", type=int, default=None, help="base resolution, to check image sizes with --url")
     ap.add_argument("--seeds", type=int, default=4, help="seeds per /sample request")
     ap.add_argument("--vary", action="store_true", help="each user its own seeds (distinct images)")
-    ap.add_argument("--workaround", choices=["none", "files", "atomic"], default="none")
+    ap.add_argument("--workaround", choices=["none", "files", "cached-files", "atomic"], default="none")
     ap.add_argument("--alone", type=float, default=10.0,
                     help="seconds the training runs alone before the users start, and again after they end")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (Gradio cache, downloads, library)")
