@@ -27,7 +27,7 @@ from nada_core.sampling import latents_for_seeds, render
 
 from .latent_tools import stream_trainer
 from .state import Studio
-from .ui import Slider, fmt_seconds, friendly, number, progress_html, scrub
+from .ui import Slider, fmt_seconds, friendly, image_file, number, progress_html, scrub
 
 PREVIEW_SECONDS = 2.0        # default wall-clock cadence of the live preview
 SHORT_RUN = 0.10             # runs stopped before this share of their steps are set aside unless kept
@@ -266,7 +266,7 @@ def build(studio: Studio):
                         ev.diagnostics.update(observer.observe(ev) or {})
                         preview_cost = time.perf_counter() - t0
                     if ev.preview is not None:
-                        last_grid, t_preview = preview_grid(ev.preview), time.perf_counter()
+                        last_grid, t_preview = image_file(preview_grid(ev.preview)), time.perf_counter()
                     if ev.diagnostics:
                         diags += _diag_rows(ev.step, ev.diagnostics)
                         if ev.diagnostics.get("collapse") and not warned:
@@ -460,14 +460,15 @@ def build(studio: Studio):
         text = " ".join(t for t in (_figures_text(folder, int(step)), _advice_text(folder)) if t)
         return _render_snapshot(folder, int(step)), text
 
-    def _render_snapshot(folder: Path, step: int):
+    def _render_snapshot(folder: Path, step: int) -> str | None:
+        """The snapshot's preview grid as a served image file (None when that snapshot is gone)."""
         path = folder / "snapshots" / f"step_{int(step):05d}.safetensors"
         if not path.is_file():
             return None
         G, info = load_generator(path, studio.device)
         base_G = studio.base(json.loads((folder / "recipe.json").read_text())["base"])
         w = latents_for_seeds(base_G, info["meta"]["recipe"]["preview_seeds"], 0.7)
-        return grid(render([base_G, G], w), tile=max(128, min(256, G.size)))
+        return image_file(grid(render([base_G, G], w), tile=max(128, min(256, G.size))))
 
     @friendly
     def keep_snapshot(step, folder):
@@ -485,7 +486,7 @@ def build(studio: Studio):
         shutil.copy(folder / "recipe.json", dest / "recipe.json")
         thumb = _render_snapshot(folder, int(step))
         if thumb is not None:
-            thumb.save(dest / "thumb.png")
+            shutil.copy(thumb, dest / "thumb.png")
         gr.Info(f"saved iteration {int(step)} as {dest.name}")
         return progress_html(1.0, f"Iteration {int(step)} saved as **{dest.name}**.", "done")
 

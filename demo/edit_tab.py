@@ -16,7 +16,7 @@ from nada_core.sampling import edited_latent, render
 from .latent_tools import MapperPicker, mapper_choices, run_with_progress, stream_trainer
 from .sample_tab import model_choices
 from .state import Studio
-from .ui import Slider, friendly, number, optional_download, progress_html
+from .ui import Slider, friendly, image_file, number, optional_download, progress_html
 
 N_SLOTS = 12            # slider rows; each is bound to whatever direction the base offers at that index
 LAYER_RANGES = {"all layers": None, "coarse (pose, shape)": (0, 4), "middle (features)": (4, 8), "fine (colour, texture)": (8, 99)}
@@ -158,7 +158,7 @@ def build(studio: Studio):
         max_res = PREVIEW_RES if preview and not studio.device.startswith("cuda") and G.size > PREVIEW_RES else None
         rows = render(gens, w, max_resolution=max_res)
         shown = max(256, G.size) if max_res is None else 256
-        return [(r[0].resize((shown, shown), Image.LANCZOS) if r[0].width < shown else r[0], label)
+        return [(image_file(r[0].resize((shown, shown), Image.LANCZOS) if r[0].width < shown else r[0]), label)
                 for r, label in zip(rows, labels)]
 
     def render_edit(base_name, ids, seed_value, psi, mseed, cross, mapper_id, mapper_strength, delta, *values,
@@ -220,7 +220,7 @@ def build(studio: Studio):
             yield html, (gr.update() if ev is None else gr.update(choices=mapper_choices(studio, base_name),
                                                                   value=out.name if ev.checkpoint else None))
         shown = max(256, G.size) if max_res is None else 256
-        return [(r[0].resize((shown, shown), Image.LANCZOS) if r[0].width < shown else r[0], label)
+        return [(image_file(r[0].resize((shown, shown), Image.LANCZOS) if r[0].width < shown else r[0]), label)
                 for r, label in zip(rows, labels)]
 
     def automatic(preview):

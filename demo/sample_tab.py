@@ -15,7 +15,7 @@ from nada_core.video import save_mp4
 
 from .latent_tools import MapperPicker
 from .state import Studio
-from .ui import Slider, friendly, number, optional_download
+from .ui import Slider, friendly, image_file, number, optional_download
 
 
 MIX_SLOTS = 4
@@ -99,7 +99,7 @@ def build(studio: Studio):
         G_src, G = adapted_generator(model_id, a, other_id, m)
         w = latents_for_seeds(G_src, parse_seeds(seed_text, limit=16), number(psi, "Truncation", 0, 1, integer=False))
         w = MapperPicker.apply(studio, w, mapper_id, mapper_strength, G_src.n_latent)
-        return grid(render([G_src, G], w, noise_mode), tile=max(128, min(512, G.size)))
+        return image_file(grid(render([G_src, G], w, noise_mode), tile=max(128, min(512, G.size))))
 
     @friendly
     def make_video(model_id, a, other_id, m, sa, sb, n, how, psi):
@@ -135,7 +135,7 @@ def build(studio: Studio):
         G_base, G, _, formula = mixed_generator(list(zip(pairs[:MIX_SLOTS], pairs[MIX_SLOTS:])))
         w = latents_for_seeds(G_base, parse_seeds(seed_text, limit=16), number(psi, "Truncation", 0, 1, integer=False))
         gr.Info(f"base + {formula}")
-        return grid(render([G_base, G], w), tile=max(128, min(512, G.size)))
+        return image_file(grid(render([G_base, G], w), tile=max(128, min(512, G.size))))
 
     @friendly
     def save_mix(name, *pairs):

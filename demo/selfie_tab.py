@@ -18,7 +18,7 @@ from .edit_tab import DirectionControls
 from .latent_tools import Cancelled, MapperPicker, mapper_choices, run_with_progress
 from .sample_tab import model_choices
 from .state import Studio
-from .ui import Slider, friendly, number, optional_download, progress_html
+from .ui import Slider, friendly, image_file, number, optional_download, progress_html
 
 ENCODER, REFINE, OPTIMISE = "Encoder (e4e): instant", "Encoder + optimisation", "Optimisation"
 
@@ -125,9 +125,9 @@ def build(studio: Studio):
             G = studio.model(model_id)
             per_style.append([render([G], latent(state, k, mapper_id, mapper_strength, values))[0][0]
                               for k in range(len(faces))])
-        gallery = [(img, f"{name}" + (f" (face {k + 1})" if len(faces) > 1 else ""))
+        gallery = [(image_file(img), f"{name}" + (f" (face {k + 1})" if len(faces) > 1 else ""))
                    for name, imgs in zip(names, per_style) for k, img in enumerate(imgs)]
-        pasted = [(paste_faces(faces[0].photo, faces, imgs), name) for name, imgs in zip(names, per_style)]
+        pasted = [(image_file(paste_faces(faces[0].photo, faces, imgs)), name) for name, imgs in zip(names, per_style)]
         return gallery, pasted
 
     @friendly
@@ -235,7 +235,7 @@ def build(studio: Studio):
         w = MapperPicker.apply(studio, w, mapper_id, mapper_strength, G.n_latent)
         gens = [G] + [studio.model(i) for i in ids]
         names = ["source"] + [studio.entry(i).name for i in ids]
-        return [(row[0], name) for row, name in zip(render(gens, w), names)]
+        return [(image_file(row[0]), name) for row, name in zip(render(gens, w), names)]
 
     @friendly
     def re_edit(state, mapper_id, mapper_strength, *values):

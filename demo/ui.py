@@ -3,18 +3,23 @@ checked numbers, the progress line, the untrained-model banner and the 'get star
 from __future__ import annotations
 
 import functools
+import hashlib
 import html
 import inspect
+import io
 import logging
 import math
+import os
 import re
 import sys
 import tempfile
 import threading
 import traceback
+from pathlib import Path
 from typing import Callable, Iterator
 
 import gradio as gr
+import gradio.utils as gradio_utils
 
 from nada_core import weights
 from nada_core.align import FaceError
@@ -90,6 +95,25 @@ def number(value, field: str, lo: float, hi: float, integer: bool = True):
     if not math.isfinite(x) or not lo <= x <= hi or (integer and x != int(x)):
         raise gr.Error(f"{field} must be {kind} between {lo:g} and {hi:g} (got {str(value)[:30]})")
     return int(x) if integer else x
+
+
+def image_file(img, format: str = "png", name: str = "image") -> str:
+    """An output image written once, atomically, in Gradio's cache folder (named by its content's hash), from
+    where Gradio serves it as is. Returning the PIL image instead makes Gradio rewrite <cache>/<hash>/image.png
+    in place for every identical result, and a download of the same file running meanwhile is cut short
+    ('Too little data for declared Content-Length'; see bench/load.py)."""
+    buf = io.BytesIO()
+    img.save(buf, format=format)
+    data = buf.getvalue()
+    folder = Path(gradio_utils.get_upload_folder()) / "nada_outputs" / hashlib.sha256(data).hexdigest()[:32]
+    path = folder / f"{name}.{format}"
+    if not path.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, staging = tempfile.mkstemp(dir=folder, prefix=".part-")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(staging, path)
+    return str(path)
 
 
 def fmt_seconds(seconds: float | None) -> str:
