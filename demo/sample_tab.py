@@ -75,8 +75,8 @@ def build(studio: Studio):
             out = gr.Image(format="png", label="Source (top) and adapted (bottom), same latents", type="pil",
                            interactive=False, elem_id="sample-grid", height=420)
             video = gr.Video(label="Interpolation", interactive=False, autoplay=True, loop=True, elem_id="sample-video",
-                             height=300)
-            gif_file = gr.File(label="Download the GIF", interactive=False)
+                             height=300, visible=False)
+            gif_file = gr.File(label="Download the GIF", interactive=False, visible=False)
 
     def adapted_generator(model_id, a, other_id, m):
         if not model_id:
@@ -113,7 +113,7 @@ def build(studio: Studio):
         gif = folder / f"{stem}.gif"
         save_gif(imgs, gif)
         mp4 = save_mp4(imgs, folder / f"{stem}.mp4", min_size=256)
-        return str(mp4), str(gif)
+        return gr.update(value=str(mp4), visible=True), gr.update(value=str(gif), visible=True)
 
     def mixed_generator(pairs):
         """The base and theta_base + sum a_i (theta_i - theta_base) for the chosen (style id, weight) pairs."""

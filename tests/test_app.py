@@ -90,6 +90,8 @@ def test_sample_blend_and_interpolate(app):
     top, bottom = half.crop((0, 0, 392, 128)), half.crop((0, 132, 392, 260))
     assert np.array_equal(np.asarray(top), np.asarray(bottom))  # strength 0 = the source weights exactly
     mp4, gif = client.predict(path, 1.0, None, 0.5, 0, 1, 5, "domains", 0.7, api_name="/interpolate")
+    mp4, gif = (x.get("value", x) if isinstance(x, dict) and "__type__" in x else x for x in (mp4, gif))
+    gif = gif.get("path", gif) if isinstance(gif, dict) else gif
     assert Image.open(gif).n_frames == 8  # 5 frames, ping-pong
     import av
     with av.open(mp4["video"] if isinstance(mp4, dict) else mp4) as video:
