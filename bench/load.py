@@ -11,24 +11,17 @@ By default every user asks for the SAME images (same model, same seeds) at the s
 the case in which Gradio writes every identical output to one cache path, and the one in which
 truncated downloads were seen. --vary gives each user its own seeds (distinct images, distinct paths).
 
---workaround (in-process only, an experiment: the app's code is not changed) patches Gradio while
-the bench runs:
-  none    Gradio as it is.
-  files   what handlers returning png_file(image), a path, instead of the PIL image do: the PNG is written
-          once, atomically, to a file named by its content hash, and Gradio copies it into its cache with
-          save_file_to_cache (staging file + os.replace; an existing identical copy is reused, never rewritten).
-  cached-files  the same, with the files written inside Gradio's cache folder: Gradio serves them as
-          they are (no copy), so nothing depends on how Gradio copies files.
-  atomic  Gradio's save_pil_to_cache itself made to write a staging file and os.replace it.
+--pil (in-process only, an experiment) makes the app's handlers return PIL images again instead of the
+files demo/ui.py's image_file writes once, atomically: Gradio then rewrites <cache>/<hash>/image.png in place for
+every identical result, which reproduces the truncated downloads the app used to have.
 
 Usage: python bench/load.py [--users 4] [--requests 10] [--tiny | --base NAME] [--url URL --model ID]
-                            [--vary] [--workaround none|files|cached-files|atomic] [--alone 10] [--keep] [--verbose]
+                            [--vary] [--pil] [--alone 10] [--keep] [--verbose]
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import logging
 import os
 import re
@@ -52,65 +45,13 @@ from PIL import Image  # noqa: E402
 TOO_LITTLE = "Too little data for declared Content-Length"
 
 
-# ---------------------------------------------------------------------------------------- workarounds
-def apply_workaround(kind: str) -> None:
-    """Patch Gradio in this process only (an experiment standing in for a change of demo/)."""
-    if kind == "none":
-        return
-    import gradio as gr
-    from gradio import processing_utils
+# ---------------------------------------------------------------------------------------- the old behaviour
+def return_pil_images() -> None:
+    """Undo the app's fix in this process only: handlers hand Gradio PIL images again."""
+    from demo import adapt_tab, edit_tab, sample_tab, selfie_tab
 
-    if kind == "atomic":
-        def save_pil_to_cache(img, cache_dir, name="image", format="webp"):
-            data = processing_utils.encode_pil_to_bytes(img, format)
-            folder = Path(cache_dir) / processing_utils.hash_bytes(data)
-            folder.mkdir(exist_ok=True, parents=True)
-            target = (folder / f"{name}.{format}").resolve()
-            fd, staging = tempfile.mkstemp(dir=folder, prefix=f".{name}.")
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(staging, target)
-            return str(target)
-
-        processing_utils.save_pil_to_cache = save_pil_to_cache
-        return
-
-    # "files", "cached-files": every PIL image an Image or Gallery returns goes out as a file path, exactly as if
-    # the handler returned png_file(image) (the helper proposed for demo/ui.py): the PNG bytes Gradio itself would
-    # have encoded, written once under a name of their own content hash with a staging file and os.replace; in a
-    # folder of our own (Gradio copies it into its cache) or inside Gradio's cache folder (served as it is)
-    from gradio import utils as gradio_utils
-
-    outputs = WORK / "outputs" if kind == "files" else Path(gradio_utils.get_upload_folder()) / "nada_outputs"
-
-    def png_file(img: Image.Image, name: str = "image") -> str:
-        buf = io.BytesIO()
-        img.save(buf, format="png")
-        data = buf.getvalue()
-        folder = outputs / hashlib.sha256(data).hexdigest()[:32]
-        path = folder / f"{name}.png"
-        if not path.exists():
-            folder.mkdir(parents=True, exist_ok=True)
-            fd, staging = tempfile.mkstemp(dir=folder, prefix=".part-")
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(staging, path)
-        return str(path)
-
-    def as_file(value):
-        return png_file(value) if isinstance(value, Image.Image) else value
-
-    image_post, gallery_post = gr.Image.postprocess, gr.Gallery.postprocess
-
-    def image_postprocess(self, value):
-        return image_post(self, as_file(value))
-
-    def gallery_postprocess(self, value):
-        if isinstance(value, list):
-            value = [(as_file(v[0]), *v[1:]) if isinstance(v, tuple) else as_file(v) for v in value]
-        return gallery_post(self, value)
-
-    gr.Image.postprocess, gr.Gallery.postprocess = image_postprocess, gallery_postprocess
+    for module in (adapt_tab, edit_tab, sample_tab, selfie_tab):
+        module.image_file = lambda img, *a, **k: img
 
 
 class ProtocolErrors(logging.Handler):
@@ -310,7 +251,7 @@ def expected_sizes(size: int | None, n_seeds: int) -> dict:
 def report(args, rows, training, t0, t1, alone_windows, protocol_errors, size):
     want = expected_sizes(size, args.seeds)
     print(f"\n{args.users} users x {args.requests} requests ({'distinct' if args.vary else 'identical'} images), "
-          f"workaround: {args.workaround}, load {t1 - t0:.1f} s")
+          f"{'PIL images (the old behaviour)' if args.pil else 'the app as it is'}, load {t1 - t0:.1f} s")
     print(f"{'endpoint':8} {'requests':>8} {'median s':>9} {'max s':>7} {'errors':>6} {'images':>6} {'truncated':>9} "
           f"{'wrong size':>10} {'distinct':>8}")
     totals = {"images": 0, "truncated": 0, "errors": 0, "wrong": 0}
@@ -368,7 +309,7 @@ def main():
     ap.add_argument("--size", type=int, default=None, help="base resolution, to check image sizes with --url")
     ap.add_argument("--seeds", type=int, default=4, help="seeds per /sample request")
     ap.add_argument("--vary", action="store_true", help="each user its own seeds (distinct images)")
-    ap.add_argument("--workaround", choices=["none", "files", "cached-files", "atomic"], default="none")
+    ap.add_argument("--pil", action="store_true", help="return PIL images as the app used to (reproduces truncation)")
     ap.add_argument("--alone", type=float, default=10.0,
                     help="seconds the training runs alone before the users start, and again after they end")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (Gradio cache, downloads, library)")
@@ -383,11 +324,12 @@ def main():
 
     demo, protocol_errors, size = None, None, args.size
     if args.url:
-        if args.workaround != "none":
-            ap.error("--workaround patches Gradio in this process: only without --url")
+        if args.pil:
+            ap.error("--pil changes the app in this process: only without --url")
         url = args.url if args.url.endswith("/") else args.url + "/"
     else:
-        apply_workaround(args.workaround)
+        if args.pil:
+            return_pil_images()
         demo, studio, url = launch_in_process(tiny=base == "tiny")
         protocol_errors = ProtocolErrors()  # after the launch: uvicorn's logging set-up replaces its loggers' handlers
         logging.getLogger("uvicorn.error").addHandler(protocol_errors)
