@@ -2,6 +2,7 @@
 clock, loss curve, layer heat map); afterwards the snapshot scrubber, downloads and Retry."""
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import statistics
@@ -13,11 +14,13 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
+from nada_core import weights
 from nada_core.adapt import Adapter, Recipe
 from nada_core.checkpoints import export_rosinality, load_generator
+from nada_core.clip_guide import ClipLoadError
 from nada_core.freezing import STARTER_PRESETS, starter_settings
 from nada_core.images import from_pil, grid, open_image, to_pil
-from nada_core.library import new_run_dir, prune_snapshots, restore, set_aside
+from nada_core.library import new_model_dir, new_run_dir, prune_snapshots, restore, set_aside
 from nada_core.diagnostics import best_snapshot_of_run
 from nada_core.gallery import GALLERY, get as gallery_prompt
 from nada_core.mapper import MapperRecipe, MapperTrainer, identity_for
@@ -27,9 +30,12 @@ from nada_core.sampling import latents_for_seeds, render
 
 from .latent_tools import stream_trainer
 from .state import Studio
-from .ui import Slider, fmt_seconds, friendly, image_file, number, progress_html, scrub
+from .ui import Slider, fmt_seconds, friendly, image_file, named_copy, number, progress_html, scrub, status_on_error
 
+PREVIEW_LABEL = "Source (top) and adapted (bottom), same latents"
 PREVIEW_SECONDS = 2.0        # default wall-clock cadence of the live preview
+N_TRAIN_OUTPUTS = 15         # status, preview, loss, diagnostics, heat map, files, snapshot, advice, snapshot
+                             # preview, run folder, result box, Stop, Retry, Keep, estimate
 SHORT_RUN = 0.10             # runs stopped before this share of their steps are set aside unless kept
 KEEP_SNAPSHOTS = 5           # snapshots kept of a finished run (plus any saved as models)
 MAX_STYLE_IMAGES = 16
@@ -40,15 +46,15 @@ def heatmap(slot_history: list[list[int]], n_latent: int, rows: int = 24, untrai
     Labelled with slot numbers and the resolution each slot's convolution works at; slots that no
     trainable layer reads (the last one feeds only a ToRGB) are hatched."""
     recent = slot_history[-rows:] or [[]]
-    cell_w, cell_h, top, left = 28, 5, 30, 4
-    w, h = left + n_latent * cell_w, top + len(recent) * cell_h + 16
+    cell_w, cell_h, top, left = 28, 5, 44, 4
+    w, h = max(left + n_latent * cell_w, 250), top + len(recent) * cell_h + 30
     img = Image.new("RGB", (w, h), (250, 250, 250))
     d = ImageDraw.Draw(img)
     for s in range(n_latent):
         x = left + s * cell_w
         res = "rgb" if s in untrained else 4 if s == 0 else 2 ** (3 + (s - 1) // 2)
-        d.text((x + 4, 2), str(s), fill=(40, 40, 40))
-        d.text((x + 2, 14), str(res), fill=(110, 110, 110))
+        d.text((x + 4, 16), str(s), fill=(40, 40, 40))
+        d.text((x + 2, 28), str(res), fill=(110, 110, 110))
         for i, slots in enumerate(recent):
             y = top + i * cell_h
             lit = s in slots
@@ -56,7 +62,9 @@ def heatmap(slot_history: list[list[int]], n_latent: int, rows: int = 24, untrai
         if s in untrained:
             for y in range(top, top + len(recent) * cell_h, 6):
                 d.line([x, y, x + cell_w - 2, y + 5], fill=(170, 170, 170))
-    d.text((left, h - 13), "slot (top) / resolution in px; orange = trained this step", fill=(90, 90, 90))
+    d.text((left, 2), "Layers trained per step (W+ slots)", fill=(30, 30, 30))
+    d.text((left, h - 27), "columns: slot / resolution (px)", fill=(90, 90, 90))
+    d.text((left, h - 14), "orange: trained; hatched: ToRGB only", fill=(90, 90, 90))
     return img
 
 
@@ -70,6 +78,30 @@ def build(studio: Studio):
     base_default = studio.default_base()
     n_latent = studio.n_latent(base_default)
     style = starter_settings("Style", n_latent)
+
+    def check(src, tgt, models, style_paths):
+        """As the user types (the last edit wins): how strong and consistent the text direction is per
+        CLIP model, a verdict in plain words, and a measured better wording when there is one."""
+        if style_paths or not (src or "").strip() or not (tgt or "").strip():
+            return ""
+        names = tuple(m for m in (models or []) if m in studio.clip_names())
+        try:
+            report = checked(src.strip(), tgt.strip(), names)
+        except (ClipLoadError, weights.WeightsError):
+            return ""   # CLIP is not downloaded yet: the get-started panel says so
+        except Exception as e:  # noqa: BLE001 - identical prompts and the like: say it quietly here
+            return f"Prompt check: {scrub(str(e))[:200]}"
+        figures = "; ".join(f"{m.model}: strength {m.strength:.2f}, consistency {m.consistency:.2f}" for m in report.members)
+        text = f"Prompt check: {'; '.join(report.verdicts)}. ({figures})"
+        if report.suggestion:
+            text += f" Try **{report.suggestion.source} -> {report.suggestion.target}** (measured stronger)."
+        return text
+
+    @functools.lru_cache(maxsize=256)
+    def checked(src, tgt, names):
+        """Reports are remembered: every visitor opening the page asks for the default prompt's."""
+        return check_prompt(src, tgt, studio.clip(list(names), [1.0] * len(names)))
+
     with gr.Row(equal_height=False):
         with gr.Column(scale=2, min_width=300):
             base = gr.Dropdown([(studio.base_label(n), n) for n in studio.base_names()], value=base_default,
@@ -79,7 +111,8 @@ def build(studio: Studio):
             with gr.Row():
                 source = gr.Textbox("Photo", label="Source (what it makes now)", max_lines=1, max_length=300, min_width=120)
                 target = gr.Textbox("Sketch", label="Target (the new domain)", max_lines=1, max_length=300, min_width=120)
-            prompt_check = gr.Markdown("", elem_classes=["nada-small"], elem_id="adapt-prompt-check")
+            prompt_check = gr.Markdown(lambda: check("Photo", "Sketch", studio.clip_names(), None),  # on each page load
+                                       elem_classes=["nada-small"], elem_id="adapt-prompt-check")
             iterations = gr.Number(style["iterations"], label="Iterations", step=1,
                                    elem_id="adapt-iterations")
             with gr.Row():
@@ -134,19 +167,19 @@ def build(studio: Studio):
                 focus_go = gr.Button("Focus the domain", elem_id="adapt-focus-go")
         with gr.Column(scale=3, min_width=300):
             status = gr.HTML(progress_html(None, "Ready.", "idle"), elem_id="adapt-status")
-            preview = gr.Image(format="png", label="Source (top) and adapted (bottom), same latents", type="pil",
+            preview = gr.Image(format="png", label=PREVIEW_LABEL, type="pil",
                                elem_id="adapt-preview", interactive=False, height=300, show_label=True)
             with gr.Row(equal_height=False):
-                with gr.Tabs():
+                with gr.Tabs(elem_classes=["nada-plots"]):
                     with gr.Tab("Loss"):
-                        loss_plot = gr.LinePlot(x="step", y="loss", color="model", label="Loss", height=200,
-                                                elem_id="adapt-loss", min_width=200)
+                        loss_plot = gr.LinePlot(x="step", y="loss", color="model", label="Loss", height=250,
+                                                elem_id="adapt-loss", min_width=200, show_label=False)
                     with gr.Tab("Diagnostics"):
                         diag_plot = gr.LinePlot(x="step", y="value", color="measure", label="Direction score, diversity, "
-                                                "identity distance", height=200, elem_id="adapt-diagnostics",
-                                                min_width=200)
+                                                "identity distance", height=250, elem_id="adapt-diagnostics",
+                                                min_width=200, show_label=False)
                 heat = gr.Image(format="png", label="Layers trained (W+ slots)", type="pil", interactive=False,
-                                height=200, elem_id="adapt-heatmap", min_width=200)
+                                height=250, elem_id="adapt-heatmap", min_width=200, show_label=False)
             with gr.Row():
                 retry = gr.Button("Retry saving", visible=False, variant="primary")
                 keep_run = gr.Button("Keep this short run in the library", visible=False)
@@ -204,6 +237,7 @@ def build(studio: Studio):
             return progress_html(None, f"Waiting: another run is training ({running}); yours starts when it ends.", "wait")
         return progress_html(0, "Starting: loading the models...", "run")
 
+    @status_on_error(0, N_TRAIN_OUTPUTS)
     @friendly
     def train(base_name, preset_name, src, tgt, style_paths, source_paths, iters, bsz, lr_value, k_value, sel_iters, mix,
               models, weight1, weight2, seed_value, every_s, request: gr.Request):
@@ -275,7 +309,8 @@ def build(studio: Studio):
                                        f"{ev.step}: the model may be collapsing. The snapshots keep earlier iterations.")
                     text = (f"Training: step {ev.step}/{ev.total} · loss {ev.loss:.4f} · {ev.sec_per_step:.2f} s/step · "
                             f"about {fmt_seconds(ev.eta)} left")
-                    yield (progress_html(ev.step / ev.total, text), last_grid if ev.preview is not None else gr.update(),
+                    yield (progress_html(ev.step / ev.total, text),
+                           gr.update(value=last_grid, label=PREVIEW_LABEL) if ev.preview is not None else gr.update(),
                            pd.DataFrame(losses), pd.DataFrame(diags, columns=DIAG_COLUMNS) if ev.diagnostics else gr.update(),
                            heatmap(slots, G.n_latent, untrained=untrained), gr.update(), gr.update(), gr.update(),
                            gr.update(), str(out), gr.update(), gr.update(interactive=True), keep_hidden, keep_hidden,
@@ -299,7 +334,8 @@ def build(studio: Studio):
         if ev.checkpoint:
             try:
                 grid_img.save(out / "thumb.png")
-                downloads = [ev.checkpoint, str(export_rosinality(adapter.G_train, out / f"{out.name}.pt"))]
+                pt = export_rosinality(adapter.G_train, out / f"{out.name}.pt")
+                downloads = [named_copy(ev.checkpoint, f"{out.name}.safetensors"), named_copy(pt, pt.name)]
             except Exception as e:  # noqa: BLE001 - the model itself is saved; say what is missing
                 notes.append(f"the thumbnail or .pt export failed ({type(e).__name__})")
         elapsed = fmt_seconds(time.perf_counter() - t_start)
@@ -363,22 +399,6 @@ def build(studio: Studio):
         return gr.update()
 
     # ------------------------------------------------------------------ prompt checker, gallery, resume
-    def check(src, tgt, models, style_paths):
-        """As the user types (the last edit wins): how strong and consistent the text direction is per
-        CLIP model, a verdict in plain words, and a measured better wording when there is one."""
-        if style_paths or not (src or "").strip() or not (tgt or "").strip():
-            return ""
-        names = [m for m in (models or []) if m in studio.clip_names()]
-        try:
-            report = check_prompt(src, tgt, studio.clip(names, [1.0] * len(names)))
-        except Exception as e:  # noqa: BLE001 - missing CLIP weights, identical prompts: say it quietly here
-            return f"Prompt check: {scrub(str(e))[:200]}"
-        figures = "; ".join(f"{m.model}: strength {m.strength:.2f}, consistency {m.consistency:.2f}" for m in report.members)
-        text = f"Prompt check: {'; '.join(report.verdicts)}. ({figures})"
-        if report.suggestion:
-            text += f" Try **{report.suggestion.source} -> {report.suggestion.target}** (measured stronger)."
-        return text
-
     def use_gallery(name, base_name):
         g = gallery_prompt(name) if name else None
         if g is None:
@@ -397,6 +417,7 @@ def build(studio: Studio):
                 fields["k"] or 0, fields["mixing"], w.get(names[0], 1.0), w.get(names[-1], 1.0), [],
                 _preset_text(g.preset, starter_settings(g.preset, studio.n_latent(chosen)), set()), note)
 
+    @status_on_error(0, N_TRAIN_OUTPUTS)
     @friendly
     def resume(run_id, extra, every_s, request: gr.Request):
         """Continue a run from its newest snapshot with the exact state (weights, optimiser, sampler),
@@ -421,6 +442,7 @@ def build(studio: Studio):
                           session)
 
     # ------------------------------------------------------------------ focus the domain
+    @status_on_error(0, 3)
     @friendly
     def focus(model_id, text, steps, models, weight1, weight2, request: gr.Request):
         session = _session(request)
@@ -438,12 +460,15 @@ def build(studio: Studio):
         recipe.validate()
         G = studio.model(model_id)
         id_fn, note = identity_for("auto", None, "tiny" if studio.tiny else entry.base, studio.device)
-        out = new_run_dir(model_id, text, studio.mapper_root)
+        out = new_model_dir(f"{model_id}-focus", studio.mapper_root)
         trainer = MapperTrainer(G, recipe, studio.clip(names, model_weights), studio.device, out, model_name=model_id,
                                 id_fn=id_fn)
-        gr.Info(note)
+        if id_fn is not None:
+            gr.Info(note)
         running = gr.update(interactive=True)
         for status_html, img, ev in stream_trainer(studio, trainer, session, f"Focusing {entry.name} on '{text}'"):
+            if not isinstance(img, dict):   # a new picture (not a no-op update): say what it shows
+                img = gr.update(value=img, label="Before (top) and after the mapper (bottom), same latents")
             if ev is None:
                 yield status_html, img, running
                 continue
@@ -524,29 +549,30 @@ def build(studio: Studio):
     train_outputs = [status, preview, loss_plot, diag_plot, heat, files, snapshot, advice, snapshot_preview, run_dir,
                      result_box, stop,
                      retry, keep_run, estimate]
-    start.click(before_start, None, status, api_visibility="private", show_progress="hidden").success(
+    trained = start.click(before_start, None, status, api_visibility="private", show_progress="hidden").success(
         train, [base, preset, source, target, style_files, source_files, iterations, batch, lr, k, layer_iters, mixing,
                 clip_models, w1, w2, seed, preview_seconds], train_outputs,
         api_name="train", concurrency_limit=1, concurrency_id="device", show_progress="minimal",
-        show_progress_on=[status])
+        show_progress_on=[status], scroll_to_output=True)
     stop.click(stop_training, None, status, api_name="stop", show_progress="hidden")
     for box in (source, target):
         box.change(check, [source, target, clip_models, style_files], prompt_check, api_visibility="private",
                    trigger_mode="always_last", show_progress="hidden", concurrency_id="prompt", concurrency_limit=1)
     use.click(friendly(use_gallery), [pick, base], [base, preset, source, target, iterations, k, mixing, w1, w2, touched,
                                                     preset_info, gallery_note], api_name="gallery", show_progress="hidden")
-    resume_go.click(before_start, None, status, api_visibility="private", show_progress="hidden").success(
+    resumed = resume_go.click(before_start, None, status, api_visibility="private", show_progress="hidden").success(
         resume, [resume_run, more, preview_seconds], train_outputs, api_name="resume", concurrency_limit=1,
-        concurrency_id="device", show_progress="minimal", show_progress_on=[status])
-    focus_go.click(before_start, None, status, api_visibility="private", show_progress="hidden").success(
+        concurrency_id="device", show_progress="minimal", show_progress_on=[status], scroll_to_output=True)
+    focused = focus_go.click(before_start, None, status, api_visibility="private", show_progress="hidden").success(
         focus, [focus_model, focus_text, focus_steps, clip_models, w1, w2], [status, preview, stop], api_name="focus",
-        concurrency_limit=1, concurrency_id="device", show_progress="minimal", show_progress_on=[status])
+        concurrency_limit=1, concurrency_id="device", show_progress="minimal", show_progress_on=[status],
+        scroll_to_output=True)
     retry.click(retry_saving, run_dir, [status, retry], api_visibility="private", show_progress="hidden")
-    keep_run.click(keep_short_run, run_dir, [status, keep_run], api_visibility="private", show_progress="hidden")
+    kept_run = keep_run.click(keep_short_run, run_dir, [status, keep_run], api_visibility="private", show_progress="hidden")
     snapshot.release(show_snapshot, [snapshot, run_dir], [snapshot_preview, advice], api_name="snapshot",
                      show_progress_on=[snapshot_preview])
-    keep.click(keep_snapshot, [snapshot, run_dir], status, api_name="keep_snapshot", show_progress="hidden")
-    return base, focus_model, resume_run
+    kept_snapshot = keep.click(keep_snapshot, [snapshot, run_dir], status, api_name="keep_snapshot", show_progress="hidden")
+    return base, focus_model, resume_run, [trained, resumed, focused, kept_run, kept_snapshot]
 
 
 DIAG_COLUMNS = ["step", "value", "measure"]

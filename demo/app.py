@@ -24,6 +24,9 @@ CSS = """
 .nada-bar {height: 6px; background: var(--border-color-primary); border-radius: 3px; margin-bottom: 4px; overflow: hidden;}
 .nada-bar > div {height: 100%; background: var(--color-accent); transition: width 0.3s;}
 .nada-optional {align-items: center;}
+/* result galleries keep their column count even with one image (a lone tile would fill the width and be cropped) */
+#edit-result .grid-container, #selfie-result .grid-container {--grid-cols: 3 !important;}
+@media (max-width: 899px) { #edit-result .grid-container, #selfie-result .grid-container {--grid-cols: 2 !important;} }
 /* 'clip' (not 'hidden') keeps the page from scrolling sideways without becoming a scroll container,
    so the Edit tab's result can stay in view (sticky) while the sliders scroll */
 .gradio-container {overflow: clip !important;}
@@ -45,14 +48,14 @@ def build_demo(studio: Studio) -> gr.Blocks:
         banner(studio)
         get_started(studio)
         with gr.Tab("Adapt") as t1:
-            adapt_base, focus_model, resume_run = adapt_tab.build(studio)
+            adapt_base, focus_model, resume_run, adapt_changes = adapt_tab.build(studio)
         with gr.Tab("Sample") as t2:
-            sample_models, sample_mapper = sample_tab.build(studio)
+            sample_models, sample_mapper, sample_changes = sample_tab.build(studio)
         with gr.Tab("Edit") as t3:
             edit_base, edit_models, edit_controls, edit_mapper = edit_tab.build(studio)
         with gr.Tab("Selfie") as t4:
             selfie_base, selfie_models, selfie_controls, selfie_mapper = selfie_tab.build(studio)
-        listing, thumbs, pick, usage = library_panel.build(studio)
+        listing, thumbs, pick, usage, library_changes = library_panel.build(studio)
 
         def on_load(edit_base_name, selfie_base_name):
             """Fresh library lists and slider labels for every visitor (models trained since start-up)."""
@@ -77,6 +80,8 @@ def build_demo(studio: Studio) -> gr.Blocks:
         demo.load(on_load, [edit_base, selfie_base], outputs, api_visibility="private", show_progress="hidden")
         for tab in (t1, t2, t3, t4):  # models trained meanwhile show up when a tab is opened
             tab.select(on_load, [edit_base, selfie_base], outputs, api_visibility="private", show_progress="hidden")
+        for change in (*adapt_changes, *sample_changes, *library_changes):  # and every list right after a change
+            change.then(on_load, [edit_base, selfie_base], outputs, api_visibility="private", show_progress="hidden")
         selfie_base.change(lambda b: _configure(studio, selfie_controls, b), selfie_base,
                            selfie_controls.configured(), api_visibility="private", show_progress="hidden")
     return demo

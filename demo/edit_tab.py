@@ -9,7 +9,7 @@ import gradio as gr
 from PIL import Image
 
 from nada_core import weights
-from nada_core.library import new_run_dir
+from nada_core.library import new_model_dir
 from nada_core.mapper import MapperRecipe, MapperTrainer, identity_for, optimise_edit
 from nada_core.sampling import edited_latent, render
 
@@ -121,7 +121,7 @@ def build(studio: Studio):
                     text_go = gr.Button("Optimise this latent", min_width=120)
                     text_mapper_go = gr.Button("Train an edit mapper", min_width=120)
                     text_clear = gr.Button("Remove the text edit", size="sm", min_width=100)
-                    text_stop = gr.Button("Stop training", size="sm", variant="stop", min_width=100)
+                    text_stop = gr.Button("Stop training", size="sm", variant="stop", min_width=100, interactive=False)
             render_btn = gr.Button("Render", variant="primary")
         with gr.Column(scale=3, min_width=300, elem_classes=["nada-sticky"]):
             status = gr.HTML("", elem_id="edit-status")
@@ -212,13 +212,16 @@ def build(studio: Studio):
                               test_size=100 if studio.tiny else 1000)
         recipe.validate()
         id_fn, _ = identity_for("auto", None, "tiny" if studio.tiny else base_name, studio.device)
-        out = new_run_dir(base_name, recipe.text, studio.mapper_root)
+        out = new_model_dir(f"{base_name}-{recipe.text}", studio.mapper_root)
         trainer = MapperTrainer(G, recipe, studio.clip(names, [1.0] * len(names)), studio.device, out,
                                 model_name=base_name, id_fn=id_fn)
         for html, img, ev in stream_trainer(studio, trainer, request.session_hash if request else "",
                                             f"Training the edit mapper '{recipe.text}'"):
-            yield html, (gr.update() if ev is None else gr.update(choices=mapper_choices(studio, base_name),
-                                                                  value=out.name if ev.checkpoint else None))
+            if ev is None:
+                yield html, gr.update(), gr.update(interactive=True)
+            else:
+                yield (html, gr.update(choices=mapper_choices(studio, base_name), value=out.name if ev.checkpoint else None),
+                       gr.update(interactive=False))
         shown = max(256, G.size) if max_res is None else 256
         return [(image_file(r[0].resize((shown, shown), Image.LANCZOS) if r[0].width < shown else r[0]), label)
                 for r, label in zip(rows, labels)]
@@ -262,7 +265,7 @@ def build(studio: Studio):
     text_go.click(text_edit, [*inputs[:9], edit_text, edit_steps, *controls.inputs], [status, gallery, text_delta],
                   api_name="text_edit", concurrency_limit=1, concurrency_id="device", show_progress="minimal",
                   show_progress_on=[status])
-    text_mapper_go.click(train_edit_mapper, [base, edit_text, edit_steps], [status, mapper.choice],
+    text_mapper_go.click(train_edit_mapper, [base, edit_text, edit_steps], [status, mapper.choice, text_stop],
                          api_name="edit_mapper", concurrency_limit=1, concurrency_id="device", show_progress="minimal",
                          show_progress_on=[status])
     text_clear.click(lambda: None, None, text_delta, api_visibility="private", show_progress="hidden").then(

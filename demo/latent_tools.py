@@ -69,7 +69,8 @@ def stream_trainer(studio: Studio, trainer, session: str, what: str, every: floa
             last = ev
             img = grid([to_pil(ev.preview[0]), to_pil(ev.preview[1])], tile=128) if ev.preview is not None else gr.update()
             verdict = {"done": "Finished", "cancelled": "Stopped", "error": "Stopped by an error"}[ev.kind]
-            text = f"{what}: {verdict.lower()} after {ev.step}/{ev.total} steps. {ev.message}."
+            text = f"{what}: {verdict.lower()} after {ev.step}/{ev.total} steps." + (
+                f" {ev.message[0].upper()}{ev.message[1:]}." if ev.kind != "done" else "")
             yield progress_html(ev.step / max(1, ev.total), text, "done" if ev.kind == "done" else "warn"), img, ev
     finally:
         if last is None and trainer.step > 0:

@@ -2,6 +2,7 @@
 (confirmed), download, and import of a generator file, the only way a user's file becomes a model."""
 from __future__ import annotations
 
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -11,13 +12,14 @@ import numpy as np
 import pandas as pd
 
 from nada_core import weights
+from nada_core.checkpoints import export_rosinality
 from nada_core.delta import apply_delta, delta_info, export_delta
 from nada_core.library import add_model, delete_model, disk_use, import_model, rename_model
 from nada_core.images import grid
 from nada_core.sampling import latents_for_seeds, render
 
 from .state import Studio
-from .ui import friendly, progress_html
+from .ui import friendly, named_copy, progress_html
 
 COLUMNS = ["model", "from -> to", "base", "steps", "date", "size"]
 MAX_IMPORT_BYTES = 2 << 30
@@ -27,9 +29,10 @@ def table(studio: Studio) -> pd.DataFrame:
     rows = []
     for e in studio.library():
         r = e.recipe
-        steps = r.get("iterations") if e.kind == "run" else None
+        planned, trained = (r.get("iterations"), _trained_steps(e.path)) if e.kind == "run" else (None, None)
+        steps = "" if planned is None else str(planned) if trained in (None, planned) else f"{trained} of {planned}"
         rows.append([e.name, f"{r.get('source', '?')} -> {r.get('target') or 'image style'}", e.base,
-                     "" if steps is None else (str(steps) if e.finished else f"{steps} (unfinished)"),
+                     steps + ("" if e.finished or not steps else " (unfinished)"),
                      time.strftime("%Y-%m-%d %H:%M", time.localtime(e.created)) if e.created else "",
                      _size(e.size_bytes)])
     return pd.DataFrame(rows, columns=COLUMNS)
@@ -37,6 +40,20 @@ def table(studio: Studio) -> pd.DataFrame:
 
 def thumbnails(studio: Studio):
     return [(str(e.thumbnail) if e.thumbnail else np.full((64, 64, 3), 200, np.uint8), e.name) for e in studio.library()]
+
+
+def _trained_steps(path: Path) -> int | None:
+    """The step a model file was saved at (our safetensors metadata; read without the tensors)."""
+    import json
+
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            step = json.loads((f.metadata() or {}).get("nada", "{}")).get("meta", {}).get("step")
+        return int(step) if step is not None else None
+    except (SafetensorError, OSError, ValueError, TypeError):
+        return None
 
 
 def _is_delta(path: Path) -> bool:
@@ -89,6 +106,7 @@ def build(studio: Studio):
         message = gr.HTML("")
 
     def refreshed(text: str, state: str = "done"):
+        gr.Info(re.sub(r"</?b>|\*\*", "", text))
         ids = [e.id for e in studio.library()]
         return (progress_html(None, text, state), table(studio), thumbnails(studio), gr.update(choices=ids, value=None),
                 usage_text(studio))
@@ -120,8 +138,11 @@ def build(studio: Studio):
         entry = studio.entry(model_id)
         if entry.kind != "run":
             raise gr.Error(f"{entry.name} is a ready style: its source is listed in weights/manifest.json")
-        paths = [entry.path, *entry.path.parent.glob("*.pt")]
-        return gr.update(value=[str(p) for p in paths], visible=True)
+        pt = entry.path.parent / f"{entry.id}.pt"
+        if not pt.is_file():  # imports, mixes and kept snapshots get their rosinality file on first download
+            export_rosinality(studio.model(model_id), pt)
+        files = [named_copy(entry.path, f"{entry.id}.safetensors"), named_copy(pt, pt.name)]
+        return gr.update(value=files, visible=True)
 
     @friendly
     def do_delta(model_id):
@@ -165,13 +186,13 @@ def build(studio: Studio):
         grid(render([base, G], w), tile=max(128, min(256, G.size))).save(folder / "thumb.png")
         return refreshed(f"Imported **{display}** as **{folder.name}**.")
 
-    rename.click(do_rename, [pick, new_name], outs, api_name="library_rename")
+    renamed = rename.click(do_rename, [pick, new_name], outs, api_name="library_rename")
     delete.click(ask, pick, confirm, api_visibility="private", show_progress="hidden")
-    confirm.click(do_delete, pick, [*outs, confirm], api_name="library_delete")
+    deleted = confirm.click(do_delete, pick, [*outs, confirm], api_name="library_delete")
     download.click(do_download, pick, files, api_name="library_download")
     delta.click(do_delta, pick, files, api_name="library_delta", concurrency_id="device", concurrency_limit=1)
     check_weights.click(do_check_weights, None, message, api_name="weights_check", concurrency_id="downloads",
                         concurrency_limit=1, show_progress_on=[message])
-    import_btn.click(do_import, [upload, import_base], outs, api_name="library_import", concurrency_limit=1,
+    imported = import_btn.click(do_import, [upload, import_base], outs, api_name="library_import", concurrency_limit=1,
                     concurrency_id="device")
-    return listing, thumbs, pick, usage
+    return listing, thumbs, pick, usage, [renamed, deleted, imported]

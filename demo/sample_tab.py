@@ -39,12 +39,12 @@ def build(studio: Studio):
                                  allow_custom_value=True)  # checked on the server: ids only
                 refresh = gr.Button("Refresh", scale=1, min_width=80, size="sm")
             seeds = gr.Textbox("0-3", label="Seeds (e.g. 0-7 or 1,5,9)", max_lines=1)
+            go = gr.Button("Generate", variant="primary", elem_id="sample-go")
             with gr.Row():
                 truncation = Slider(0, 1, value=0.7, step=0.05, label="Truncation psi")
                 noise = gr.Radio(["const", "random", "none"], value="const", label="Noise")
             strength = Slider(0, 1, value=1.0, step=0.05, label="Strength: theta = (1-a) source + a adapted")
             mapper = MapperPicker(studio, None)
-            go = gr.Button("Generate", variant="primary", elem_id="sample-go")
             with gr.Accordion("Blend with a second adapted model", open=False):
                 other = gr.Dropdown(model_choices(studio), label="Second model (same base)",
                                  allow_custom_value=True)  # checked on the server: ids only
@@ -71,12 +71,12 @@ def build(studio: Studio):
                 mode = gr.Radio([("Between seeds", "seeds"), ("Across domains (source -> adapted)", "domains")],
                                 value="domains", label="Path")
                 make = gr.Button("Make video")
+                video = gr.Video(label="Interpolation", interactive=False, autoplay=True, loop=True,
+                                 elem_id="sample-video", height=300, visible=False)
+                gif_file = gr.File(label="Download the GIF", interactive=False, visible=False)
         with gr.Column(scale=3, min_width=300):
             out = gr.Image(format="png", label="Source (top) and adapted (bottom), same latents", type="pil",
                            interactive=False, elem_id="sample-grid", height=420)
-            video = gr.Video(label="Interpolation", interactive=False, autoplay=True, loop=True, elem_id="sample-video",
-                             height=300, visible=False)
-            gif_file = gr.File(label="Download the GIF", interactive=False, visible=False)
 
     def adapted_generator(model_id, a, other_id, m):
         if not model_id:
@@ -148,26 +148,29 @@ def build(studio: Studio):
         w = latents_for_seeds(G_base, [0, 1, 2, 3], 0.7)
         grid(render([G_base, G], w), tile=max(128, min(256, G.size))).save(folder / "thumb.png")
         choices = model_choices(studio)
-        return gr.update(choices=choices, value=folder.name), gr.update(choices=choices)
+        gr.Info(f"saved the mix as {folder.name} (base + {formula})")
+        return gr.update(choices=choices), gr.update(choices=choices)
 
     def refresh_models():
         choices = model_choices(studio)
         return gr.update(choices=choices), gr.update(choices=choices)
 
     inputs = [model, seeds, truncation, noise, strength, other, mix, *mapper.inputs]
-    go.click(generate, inputs, out, api_name="sample", concurrency_id="render", show_progress="minimal")
+    go.click(generate, inputs, out, api_name="sample", concurrency_id="render", show_progress="minimal",
+             scroll_to_output=True)
     strength.release(generate, inputs, out, api_visibility="private", concurrency_id="render", show_progress="hidden")
     mix.release(generate, inputs, out, api_visibility="private", concurrency_id="render", show_progress="hidden")
     make.click(make_video, [model, strength, other, mix, seed_a, seed_b, frames, mode, truncation], [video, gif_file],
-               api_name="interpolate", concurrency_limit=1, concurrency_id="device", show_progress_on=[video])
+               api_name="interpolate", concurrency_limit=1, concurrency_id="device", show_progress="minimal",
+               show_progress_on=[make], scroll_to_output=True)
     refresh.click(refresh_models, None, [model, other], api_name="sample_refresh")
     mix_inputs = [*mix_styles, *mix_weights]
     mix_go.click(preview_mix, [seeds, truncation, *mix_inputs], out, api_name="mix", concurrency_id="render",
-                 show_progress="minimal")
+                 show_progress="minimal", scroll_to_output=True)
     for slider in mix_weights:
         slider.release(preview_mix, [seeds, truncation, *mix_inputs], out, api_visibility="private",
                        concurrency_id="render", show_progress="hidden")
-    mix_save.click(save_mix, [mix_name, *mix_inputs], [model, other], api_name="mix_save", show_progress="minimal")
+    saved_mix = mix_save.click(save_mix, [mix_name, *mix_inputs], [model, other], api_name="mix_save", show_progress="minimal")
     def when_chosen(model_id, *rest):
         return generate(model_id, *rest) if model_id else gr.update()
 
@@ -175,4 +178,4 @@ def build(studio: Studio):
                             show_progress="hidden")
     mapper.choice.change(when_chosen, inputs, out, api_visibility="private", concurrency_id="render",
                          show_progress="hidden")
-    return [model, other, *mix_styles], mapper
+    return [model, other, *mix_styles], mapper, [saved_mix]

@@ -7,7 +7,7 @@ import threading
 
 import gradio as gr
 
-from nada_core.align import detect, draw_faces, load_photo
+from nada_core.align import FaceError, detect, draw_faces, load_photo
 from nada_core.editing import apply_edits
 from nada_core.sampling import render
 from nada_core.mapper import identity_for, optimise_edit
@@ -18,7 +18,7 @@ from .edit_tab import DirectionControls
 from .latent_tools import Cancelled, MapperPicker, mapper_choices, run_with_progress
 from .sample_tab import model_choices
 from .state import Studio
-from .ui import Slider, friendly, image_file, number, optional_download, progress_html
+from .ui import Slider, friendly, image_file, number, optional_download, progress_html, scrub, status_on_error
 
 ENCODER, REFINE, OPTIMISE = "Encoder (e4e): instant", "Encoder + optimisation", "Optimisation"
 
@@ -78,26 +78,29 @@ def build(studio: Studio):
             controls = DirectionControls(z_attributes=False, open=False)  # an inverted face has no z
         with gr.Column(scale=3, min_width=300):
             status = gr.HTML(progress_html(None, "Upload a photo with a visible face.", "idle"), elem_id="selfie-status")
-            photo = gr.Image(format="jpeg", label="Your photo: detected faces (green = the one used)", type="pil",
-                             interactive=False, height=280, elem_id="selfie-photo")
-            with gr.Row():
+            with gr.Row(equal_height=False):
+                photo = gr.Image(format="jpeg", label="Your photo: detected faces (green = the one used)", type="pil",
+                                 interactive=False, height=240, elem_id="selfie-photo", min_width=200, scale=3)
                 aligned = gr.Image(format="png", label="Aligned face with landmarks", type="pil", interactive=False,
-                                   height=256, min_width=200)
-                recon = gr.Image(format="png", label="Reconstruction (source model)", type="pil", interactive=False,
-                                 height=256, min_width=200)
-            stylised = gr.Gallery(format="png", label="Stylised", columns=3, height=300, allow_preview=True,
+                                   height=240, min_width=160, scale=2)
+            stylised = gr.Gallery(format="png", label="Stylised", columns=3, height=260, allow_preview=True,
                                   elem_id="selfie-result", object_fit="contain")
             pasted = gr.Gallery(format="png", label="Pasted back into your photo", columns=2, height=320,
                                 allow_preview=True, object_fit="contain")
+            recon = gr.Image(format="png", label="Reconstruction (the inverted latent through the source model)",
+                             type="pil", interactive=False, height=256)
     session = gr.State(None)
 
-    @friendly
     def show_faces(file, cam):
-        """Right after upload: the photo with every detected face boxed, before anything heavy runs."""
+        """Right after upload: the photo with every detected face boxed, before anything heavy runs. A photo
+        that cannot be read is said in the status line (no error overlay on the photo)."""
         img = file if file else cam
         if img is None:
             return None, progress_html(None, "Upload a photo with a visible face.", "idle"), gr.update(visible=False)
-        picture = load_photo(img)
+        try:
+            picture = load_photo(img)
+        except FaceError as e:
+            return None, progress_html(None, scrub(str(e)), "warn"), gr.update(visible=False)
         faces = detect(picture)
         if not faces.count:
             return (draw_faces(picture, faces), progress_html(None, "No face found: try a frontal, well-lit photo.", "warn"),
@@ -130,6 +133,7 @@ def build(studio: Studio):
         pasted = [(image_file(paste_faces(faces[0].photo, faces, imgs)), name) for name, imgs in zip(names, per_style)]
         return gallery, pasted
 
+    @status_on_error(0, 7)
     @friendly
     def run(file, cam, base_name, ids, how, n_steps, noise, every_face, chosen, mapper_id, mapper_strength,
             request: gr.Request, *values):
@@ -185,7 +189,9 @@ def build(studio: Studio):
         state = {"faces": faces, "invs": invs, "base": base_name, "ids": ids, "deltas": {}}
         gal, pas = outputs_for(state, mapper_id, mapper_strength, values)
         loss_note = f" Reconstruction loss: {loss_name}." if loss_name else ""
-        msg = f"{note}Inverted with {invs[0].method}.{loss_note}" + ("" if ids else " Choose styles to see yourself in them.")
+        styles = (f" Your face in {len(ids)} style(s) is below; the sliders and text edits act on it." if ids
+                  else " Choose styles to see yourself in them.")
+        msg = f"{note}Inverted with {invs[0].method}.{loss_note}{styles}"
         yield progress_html(1.0, msg, "done"), gr.update(), faces[0].overlay(), invs[0].reconstruction, gal, pas, state
 
     @friendly
@@ -253,14 +259,15 @@ def build(studio: Studio):
         methods = methods_for(studio, base_name)
         return gr.update(choices=model_choices(studio, base_name), value=[]), gr.update(choices=methods, value=methods[0])
 
-    upload.change(show_faces, [upload, webcam], [photo, status, face_pick], api_visibility="private",
-                  show_progress_on=[photo])
-    webcam.change(show_faces, [upload, webcam], [photo, status, face_pick], api_visibility="private",
+    upload.change(friendly(show_faces), [upload, webcam], [photo, status, face_pick], api_visibility="private",
+                  show_progress="hidden")
+    webcam.change(friendly(show_faces), [upload, webcam], [photo, status, face_pick], api_visibility="private",
                   show_progress="hidden")
     go.click(run, [upload, webcam, base, models, method, steps, fit_noise, every_face, face_pick, *mapper.inputs,
                    *controls.inputs],
              [status, photo, aligned, recon, stylised, pasted, session], api_name="selfie",
-             concurrency_limit=1, concurrency_id="device", show_progress="minimal", show_progress_on=[status])
+             concurrency_limit=1, concurrency_id="device", show_progress="minimal", show_progress_on=[status],
+             scroll_to_output=True)
     cancel.click(stop, None, None, api_visibility="private", show_progress="hidden")
     sketch_go.click(render_sketch, [sketch, base, models, *mapper.inputs], stylised, api_name="sketch",
                     concurrency_limit=1, concurrency_id="device", show_progress_on=[stylised])

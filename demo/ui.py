@@ -116,6 +116,19 @@ def image_file(img, format: str = "png", name: str = "image") -> str:
     return str(path)
 
 
+def named_copy(path, filename: str) -> str:
+    """``path`` offered for download under ``filename`` (a hard link in a fresh temporary folder, else a copy):
+    every model's weights file is called final.safetensors on disk, which would make downloads collide."""
+    import shutil
+
+    target = Path(tempfile.mkdtemp(prefix="nada_download_")) / filename
+    try:
+        os.link(path, target)
+    except OSError:
+        shutil.copy(path, target)
+    return str(target)
+
+
 def fmt_seconds(seconds: float | None) -> str:
     if seconds is None:
         return "?"
@@ -270,3 +283,21 @@ def run_with_progress(work: Callable[[Callable], object], describe: Callable[[tu
 
 class Cancelled(Exception):
     """Raised inside a job's progress report once the user pressed Cancel."""
+
+
+def status_on_error(index: int, n_outputs: int):
+    """For a streaming handler whose output ``index`` is its tab's status line: on failure the status says
+    what went wrong (so it never stays at 'Starting...') before the error is raised for the toast and the API."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def gen(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except gr.Error as e:
+                updates = [gr.update()] * n_outputs
+                updates[index] = progress_html(None, f"Not started: {e.message}" if "Already" not in e.message
+                                               else e.message, "warn")
+                yield tuple(updates)
+                raise
+        return gen
+    return wrap

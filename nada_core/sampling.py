@@ -23,7 +23,8 @@ def parse_seeds(text: str, limit: int = 256) -> list[int]:
             else:
                 seeds.append(int(part))
     except ValueError as e:
-        raise ValueError(f"seeds must look like '1-8' or '1,3,5' ({e})") from None
+        detail = str(e) if "runs backwards" in str(e) else f"got {str(text)[:40]!r}"
+        raise ValueError(f"seeds must look like '1-8' or '1,3,5' ({detail})") from None
     if not seeds:
         raise ValueError("no seeds given")
     if any(s < 0 or s >= 2 ** 32 for s in seeds):
