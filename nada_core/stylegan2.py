@@ -6,7 +6,8 @@ loads with ``strict=True``. The arithmetic is the reference arithmetic, rearrang
 
 * Modulated convolution builds one weight per sample (grouped conv, as the reference) and folds
   the activation gain and bias into it, so a layer touches its large output only twice. For CPU
-  inference a shared kernel in channels-last memory is faster still (see ``CPU_CHANNELS_LAST``).
+  inference a shared kernel in channels-last memory is faster still (see ``CPU_CHANNELS_LAST``); CPU
+  training picks per layer (see ``CPU_TRAINING_LAYOUT``).
 * The stride-2 transposed convolution runs as four dense per-phase convolutions (same FLOPs,
   several times faster on CPU than conv_transpose2d) written into the blur's padded buffer.
 * Blur/upsampling (upfirdn2d) is a zero-insertion, a pad and a depthwise convolution.
@@ -34,10 +35,27 @@ BLUR_KERNEL = (1, 3, 3, 1)
 NOISE_MODES = ("const", "random", "none")
 # CPU inference: oneDNN runs dense convolutions (transposed ones too) much faster in channels-last memory,
 # which the shared-kernel formulation allows. Under autograd its broadcasting multiplies on channels-last
-# maps made forward+backward slower at 1024 px, so training keeps the grouped per-sample kernels.
-# Both formulations are exact (tests compare each with the reference math).
+# maps made forward+backward slower at 1024 px.
 CPU_CHANNELS_LAST = True
+# CPU training (autograd, or inference inside ``grouped_kernels()``): per layer, whichever of two formulations
+# moves less data. Where the per-sample kernels are larger than the feature maps (low resolutions; the ratio
+# is SCALE_RATIO) one kernel is shared by the batch and the style scales the activations (NCHW); elsewhere
+# the per-sample kernels run as one grouped convolution over the batch folded into the channels, in
+# channels-last memory that the layers hand on to each other, with oneDNN's transposed convolution for the
+# upsampling layers and a matrix product for ToRGB. False restores the grouped NCHW formulation used on
+# other devices (bench/generator.py --compare times both). All formulations are exact (tests compare each
+# with the reference math, gradients included).
+CPU_TRAINING_LAYOUT = True
+SCALE_RATIO = 1.0
+BLOCK_DIAG_MAX_BATCH = 4   # ToRGB as one matrix product with block-diagonal kernels up to this batch, else bmm
 _path = threading.local()
+
+
+def _cpu_training_layout(x: torch.Tensor) -> bool:
+    """Whether ``x`` takes the CPU training formulation: float32 and bfloat16 (oneDNN's types) on CPU. Other
+    types keep the grouped NCHW one: PyTorch's float64 CPU convolution computed wrong weight gradients for the
+    (1, B*C, H, W) channels-last views this formulation hands on (torch 2.14)."""
+    return CPU_TRAINING_LAYOUT and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
 
 
 @contextlib.contextmanager
@@ -137,7 +155,48 @@ class Upsample(nn.Module):
         self.pad = ((p + 1) // 2 + factor - 1, p // 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = self.kernel.shape[0]
+        if _cpu_training_layout(x) and self.pad[0] - self.pad[1] == self.factor - 1 < k:
+            # the same filter as oneDNN's transposed convolution of each channel (zero insertion + convolution,
+            # cropped by k - 1 - pad): 2-4x faster on CPU than the depthwise convolution, backward included
+            b, c, h, w = x.shape
+            y = F.conv_transpose2d(x.reshape(b * c, 1, h, w), self.kernel.to(x.dtype)[None, None], stride=self.factor,
+                                   padding=k - 1 - self.pad[0])
+            return y.view(b, c, *y.shape[2:])
         return upfirdn2d(x, self.kernel, up=self.factor, pad=self.pad)
+
+
+def _dense_channels_last(t: torch.Tensor) -> torch.Tensor:
+    """A (1, C, H, W) channels-last view whose batch stride is arbitrary (as views of (B, C/B, H, W) maps get)
+    restrided as a plain channels-last tensor, so that oneDNN recognises the layout instead of copying it.
+    Only for use where autograd does not record (the backward of an autograd.Function)."""
+    if t.ndim == 4 and t.shape[0] == 1 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
+        _, c, _, w = t.shape
+        return t.as_strided(t.shape, (t.numel(), 1, w * c, c))
+    return t
+
+
+class _DepthwiseConv(torch.autograd.Function):
+    """``F.conv2d(x, kernel, bias, padding, groups=channels)`` with a constant kernel, whose backward runs as
+    a forward depthwise convolution with the flipped kernel (oneDNN's depthwise backward with a bias was
+    10-20x slower than that on CPU) and a sum for the bias."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor | None, padding: int) -> torch.Tensor:
+        ctx.save_for_backward(kernel)
+        ctx.padding, ctx.has_bias = padding, bias is not None
+        return F.conv2d(x, kernel, bias, padding=padding, groups=x.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (kernel,) = ctx.saved_tensors
+        grad_x = grad_bias = None
+        grad = _dense_channels_last(grad)
+        if ctx.needs_input_grad[0]:
+            grad_x = F.conv2d(grad, kernel.flip((2, 3)), padding=kernel.shape[-1] - 1 - ctx.padding, groups=grad.shape[1])
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad.sum((0, 2, 3))
+        return grad_x, None, grad_bias, None
 
 
 class ModulatedConv2d(nn.Module):
@@ -171,9 +230,13 @@ class ModulatedConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor, style: torch.Tensor, gain: float = 1.0,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
-        if (CPU_CHANNELS_LAST and x.device.type == "cpu" and not torch.is_grad_enabled()
-                and not getattr(_path, "grouped", False)):
-            return self._forward_shared_kernel(x, style, gain, bias)
+        if x.device.type == "cpu" and CPU_CHANNELS_LAST:
+            if not torch.is_grad_enabled() and not getattr(_path, "grouped", False):
+                return self._forward_shared_kernel(x, style, gain, bias)
+            if _cpu_training_layout(x) and (not self.upsample or self.blur.pad[0] == self.blur.pad[1]):
+                if self.scales_activations(x.shape[2] * x.shape[3]):
+                    return self._forward_scaled(x, style, gain, bias)
+                return self._forward_per_sample_cl(x, style, gain, bias)
         b, c, h, w_ = x.shape
         w = self.sample_weights(style, gain).to(x.dtype)
         k = self.kernel_size
@@ -184,6 +247,75 @@ class ModulatedConv2d(nn.Module):
             return out.view(b, self.out_channel, h, w_)
         out = self._upsample_conv(x, w, b).view(b, self.out_channel, 2 * h, 2 * w_)
         return out if bias is None else out.add_(bias.to(x.dtype).view(1, -1, 1, 1))
+
+    # ------------------------------------------------------------ CPU training (autograd) paths
+    def scales_activations(self, pixels: int) -> bool:
+        """CPU training: scale the activations (one kernel for the batch) where the per-sample kernels hold more
+        numbers than the feature maps they read and write (``pixels`` per input map), else per-sample kernels."""
+        k2 = self.kernel_size ** 2
+        out_pixels = pixels * (4 if self.upsample else 1)
+        return self.out_channel * self.in_channel * k2 >= SCALE_RATIO * (self.in_channel * pixels + self.out_channel * out_pixels)
+
+    def _styles(self, style: torch.Tensor, gain: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(s, d): the modulation (B, in) and the factor per output channel (B, out) that turn the stored
+        kernel into the sample's: ``w_b = weight * s_b[None, :] * d_b[:, None]``, where d holds the fan-in
+        scale, the gain and the demodulation ``rsqrt(sum((scale * w * s)^2) + 1e-8)`` computed from s and the
+        squared kernel's (out, in) sums (no per-sample kernel needed)."""
+        s = self.modulation(style)
+        if self.demodulate:
+            w2 = self.weight[0].pow(2).sum((2, 3))
+            d = torch.rsqrt(F.linear(s * s, w2) * self.scale ** 2 + 1e-8) * (self.scale * gain)
+        else:
+            d = s.new_full((s.shape[0], self.out_channel), self.scale * gain)
+        return s, d
+
+    def _forward_scaled(self, x: torch.Tensor, style: torch.Tensor, gain: float,
+                        bias: torch.Tensor | None) -> torch.Tensor:
+        """One kernel shared by the batch, NCHW: ``conv(x * s, w) * d + bias``."""
+        s, d = self._styles(style, gain)
+        x = x * s.to(x.dtype)[:, :, None, None]
+        w = self.weight[0].to(x.dtype)
+        if self.upsample:
+            out = self.blur(F.conv_transpose2d(x, w.transpose(0, 1), stride=2))
+        else:
+            out = F.conv2d(x, w, padding=self.padding)
+        d = d.to(out.dtype)[:, :, None, None]
+        if bias is None:
+            return out * d
+        return torch.addcmul(bias.to(out.dtype).view(1, -1, 1, 1), out, d)
+
+    def _forward_per_sample_cl(self, x: torch.Tensor, style: torch.Tensor, gain: float,
+                               bias: torch.Tensor | None) -> torch.Tensor:
+        """Per-sample kernels as one grouped convolution over the batch folded into the channels, in
+        channels-last memory (``(1, B*C, H, W)``; the layers hand it on as a (B, C, H, W) view). The stride-2
+        transposed convolution is oneDNN's, the blur a depthwise convolution carrying the bias."""
+        b, c, h, w_ = x.shape
+        o, k = self.out_channel, self.kernel_size
+        s, d = self._styles(style, gain)
+        wgt = (self.weight * (d[:, :, None] * s[:, None, :])[..., None, None]).to(x.dtype)   # (B, out, in, k, k)
+        cl = torch.channels_last
+        xg = x.reshape(1, b * c, h, w_).contiguous(memory_format=cl)
+        bb = None if bias is None else bias.to(x.dtype).repeat(b)
+        if k == 1 and not self.upsample:
+            # a 1x1 convolution (ToRGB) is a matrix product over the pixels: (H*W, B*C) @ (B*C, B*O) with the
+            # per-sample kernels on the diagonal blocks, in place of a grouped convolution (which converts layouts)
+            x2 = xg.permute(0, 2, 3, 1).reshape(h * w_, b * c)
+            if b <= BLOCK_DIAG_MAX_BATCH:
+                out = F.linear(x2, torch.block_diag(*wgt.reshape(b, o, c)), bb)
+                return out.view(h, w_, b, o).permute(2, 3, 0, 1)
+            xb = x2.view(h * w_, b, c).transpose(0, 1)
+            out = torch.bmm(xb, wgt.reshape(b, o, c).transpose(1, 2))
+            if bb is not None:
+                out = out + bb.view(b, 1, o)
+            return out.view(b, h, w_, o).permute(0, 3, 1, 2)
+        if not self.upsample:
+            out = F.conv2d(xg, wgt.reshape(b * o, c, k, k).contiguous(memory_format=cl), bb, padding=self.padding, groups=b)
+            return out.view(b, o, h, w_)
+        y = F.conv_transpose2d(xg, wgt.transpose(1, 2).reshape(b * c, o, k, k).contiguous(memory_format=cl), stride=2,
+                               groups=b)
+        kernel = torch.flip(self.blur.kernel, (0, 1)).to(y.dtype)[None, None].expand(b * o, 1, *self.blur.kernel.shape)
+        out = _DepthwiseConv.apply(y, kernel, bb, self.blur.pad[0])
+        return out.view(b, o, 2 * h, 2 * w_)
 
     def _forward_shared_kernel(self, x: torch.Tensor, style: torch.Tensor, gain: float,
                                bias: torch.Tensor | None) -> torch.Tensor:
@@ -265,6 +397,8 @@ class StyledConv(nn.Module):
         g = math.sqrt(2)
         out = self.conv(x, style, gain=g, bias=self.activate.bias * g)
         out = self.noise(out, noise, gain=g)
+        if noise is None and torch.is_grad_enabled():  # out may be a view of the convolution's output: an
+            return F.leaky_relu(out, 0.2)               # in-place op on it would make autograd copy it back
         return F.leaky_relu_(out, 0.2)  # in place: autograd keeps the result it needs
 
 
@@ -278,7 +412,10 @@ class ToRGB(nn.Module):
 
     def forward(self, x: torch.Tensor, style: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
         out = self.conv(x, style, bias=self.bias.view(3))
-        return out if skip is None else out.add_(self.upsample(skip))
+        if skip is None:
+            return out
+        # out may be a view (CPU training path): in place under autograd would make autograd copy it back
+        return out.add_(self.upsample(skip)) if not torch.is_grad_enabled() else out + self.upsample(skip)
 
 
 class ConstantInput(nn.Module):
