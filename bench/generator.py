@@ -1,9 +1,16 @@
 """Generator speed: forward and forward+backward at 256 and 1024 px, batch 2, against this machine's
 float32 matmul throughput. Prints efficiency = achieved GFLOP/s / matmul GFLOP/s, with the FLOPs of
-one forward counted by torch.utils.flop_counter.FlopCounterMode. Random weights: speed does not
-depend on their values.  Usage: python bench/generator.py [--device cuda] [--sizes 256 1024] [--reps 3]
+one forward counted by torch.utils.flop_counter.FlopCounterMode (forward+backward counted as 3x).
+Random weights: speed does not depend on their values. Times are medians of --reps runs after a warm-up;
+the matmul reference is measured before and after the generator runs and the higher figure is used.
+
+--compare also times the grouped NCHW formulation (``stylegan2.CPU_TRAINING_LAYOUT = False``, what CPU
+training used before) in the same run, alternating with the default, so the two share the machine's load.
+
+Usage: python bench/generator.py [--device cuda] [--sizes 256 1024] [--reps 3] [--compare]
 """
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -12,6 +19,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from nada_core import stylegan2  # noqa: E402
 from nada_core.stylegan2 import Generator  # noqa: E402
 
 
@@ -20,21 +28,17 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def timed(fn, device, reps):
-    fn()  # warm-up
+def once(fn, device):
+    t = time.perf_counter()
+    fn()
     sync(device)
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        best = min(best, time.perf_counter() - t)
-    return best
+    return time.perf_counter() - t
 
 
 def matmul_gflops(device, n=2048, reps=5):
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    return 2 * n ** 3 / timed(lambda: a @ b, device, reps) / 1e9
+    once(lambda: a @ b, device)
+    return 2 * n ** 3 / statistics.median(once(lambda: a @ b, device) for _ in range(reps)) / 1e9
 
 
 def main():
@@ -43,12 +47,14 @@ def main():
     ap.add_argument("--sizes", type=int, nargs="+", default=[256, 1024])
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--compare", action="store_true",
+                    help="also time the grouped NCHW training formulation (CPU_TRAINING_LAYOUT off), interleaved")
     args = ap.parse_args()
     device = torch.device(args.device)
-    peak = matmul_gflops(device)
+    peak_before = matmul_gflops(device)
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
-    print(f"float32 matmul 2048x2048: {peak:.1f} GFLOP/s")
-    print(f"{'size':>5} {'cm':>3} {'GFLOP fwd':>10} {'fwd s':>8} {'fwd eff':>8} {'fwd+bwd s':>10} {'f+b eff':>8}")
+    variants = [("default", True)] + ([("grouped-nchw", False)] if args.compare else [])
+    rows = []
     for size in args.sizes:
         cm = 1 if size <= 256 else 2  # the CPU-friendly FFHQ-256 base vs config-f
         G = Generator(size, channel_multiplier=cm).to(device)
@@ -56,17 +62,35 @@ def main():
         with FlopCounterMode(display=False) as fc:
             G.synthesis(ws)
         flops = fc.get_total_flops()
-        with torch.no_grad():
-            t_fwd = timed(lambda: G.synthesis(ws), device, args.reps)
+
+        def fwd():
+            with torch.no_grad():
+                G.synthesis(ws)
 
         def fwd_bwd():
             G.zero_grad(set_to_none=True)
             G.synthesis(ws).square().mean().backward()
 
-        t_fb = timed(fwd_bwd, device, max(1, args.reps - 1))
+        times = {(name, kind): [] for name, _ in variants for kind in ("fwd", "fb")}
+        for rep in range(args.reps + 1):  # the first round warms up
+            for name, layout in variants:
+                stylegan2.CPU_TRAINING_LAYOUT = layout
+                t_f, t_fb = once(fwd, device), once(fwd_bwd, device)
+                if rep:
+                    times[name, "fwd"].append(t_f)
+                    times[name, "fb"].append(t_fb)
+        stylegan2.CPU_TRAINING_LAYOUT = True
+        for name, _ in variants:
+            rows.append((size, cm, name, flops, statistics.median(times[name, "fwd"]), statistics.median(times[name, "fb"])))
+        del G
+    peak = max(peak_before, matmul_gflops(device))
+    print(f"float32 matmul 2048x2048: {peak_before:.1f} GFLOP/s before, {peak:.1f} used (the higher of before/after)")
+    print(f"{'size':>5} {'cm':>3} {'formulation':>13} {'GFLOP fwd':>10} {'fwd s':>8} {'fwd eff':>8} {'fwd+bwd s':>10} "
+          f"{'f+b eff':>8}")
+    for size, cm, name, flops, t_fwd, t_fb in rows:
         eff_f = flops / t_fwd / 1e9 / peak
         eff_fb = 3 * flops / t_fb / 1e9 / peak  # backward ~ 2x forward FLOPs
-        print(f"{size:>5} {cm:>3} {flops / 1e9:>10.1f} {t_fwd:>8.3f} {eff_f:>7.0%} {t_fb:>10.3f} {eff_fb:>7.0%}")
+        print(f"{size:>5} {cm:>3} {name:>13} {flops / 1e9:>10.1f} {t_fwd:>8.3f} {eff_f:>7.0%} {t_fb:>10.3f} {eff_fb:>7.0%}")
 
 
 if __name__ == "__main__":

@@ -94,13 +94,14 @@ def cmd_adapt(args) -> int:
     clip = load_ensemble(clip_names, clip_weights, device)
     if args.resume:
         out = Path(args.resume)
-        ad = Adapter.resume(out, G, clip, device, style_images=style_images, source_images=source_images)
+        ad = Adapter.resume(out, G, clip, device, style_images=style_images, source_images=source_images,
+                            compile=args.compile)
     else:
         recipe = Recipe(source=args.source, target=args.target or "", iterations=args.iters, batch=args.batch,
                         lr=args.lr, preset=args.preset, k=args.k, clip_models=clip_names, clip_weights=clip_weights,
                         mixing=args.mixing, seed=args.seed, preview_every=args.preview_every,
                         snapshot_every=args.snapshot_every, style_images=[str(p) for p in style_paths],
-                        source_images=[str(p) for p in source_paths])
+                        source_images=[str(p) for p in source_paths], compile=args.compile or "auto")
         out = Path(args.out) if args.out else new_run_dir(args.source, args.target or "style")
         try:
             ad = Adapter(G, recipe, clip, device, out, base_name, style_images=style_images, source_images=source_images)
@@ -116,6 +117,9 @@ def cmd_adapt(args) -> int:
     at = f"resuming at step {ad.step}, " if args.resume else ""
     print(f"adapting {base_name} on {device}: '{r.source}' -> {to}, {at}{r.iterations} steps, "
           f"CLIP {'+'.join(r.clip_models)}, output {out}", file=sys.stderr)
+    if ad.compiled:
+        print(f"torch.compile: {', '.join(ad.compiled)} (compiled during the first step, which takes minutes)",
+              file=sys.stderr)
     if args.json:
         _print_json({"kind": "start", "step": ad.step, "total": r.iterations, "base": base_name, "device": str(device),
                      "out": str(out), "resumed": bool(args.resume), "recipe": r.to_dict()})
@@ -373,6 +377,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                                  "identity measured on each preview")
     a.add_argument("--identity", default="auto", choices=["auto", "on", "off"],
                    help="face identity distance in the diagnostics (auto: when the previews show faces)")
+    a.add_argument("--compile", default=None, choices=["auto", "on", "off"],
+                   help="torch.compile the generators and CLIP image encoders (inductor). auto (the default): on CUDA "
+                        "only; on CPU compiling took minutes and did not pay for itself within 300 steps. Also "
+                        "applies with --resume (a speed setting; the run learns the same)")
     a.add_argument("--device", default=None)
     a.set_defaults(fn=cmd_adapt)
 

@@ -60,8 +60,9 @@ def _cpu_training_layout(x: torch.Tensor) -> bool:
 
 @contextlib.contextmanager
 def grouped_kernels():
-    """Force the grouped per-sample formulation in this thread, e.g. so that a frozen generator's no-grad
-    forward rounds exactly like the trained generator's forward it is compared with."""
+    """Make no-grad forwards in this thread use the training formulation (on CPU ``CPU_TRAINING_LAYOUT``'s,
+    elsewhere the grouped per-sample kernels) instead of the CPU inference one, e.g. so that a frozen
+    generator's no-grad forward rounds exactly like the trained generator's forward it is compared with."""
     previous = getattr(_path, "grouped", False)
     _path.grouped = True
     try:
@@ -532,6 +533,14 @@ class Generator(nn.Module):
         if mode == "const":
             return buf.to(like.dtype)
         return torch.randn(batch, 1, *buf.shape[2:], device=like.device, dtype=like.dtype)
+
+    def random_noises(self, batch: int, device: str | torch.device | None = None,
+                      dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+        """Fresh per-layer noise maps, drawn in the order and shapes ``noise_mode="random"`` draws them (the same
+        numbers for the same RNG state); pass them as ``synthesis(noises=...)`` to keep the draws out of a
+        compiled graph."""
+        device = self.input.input.device if device is None else device
+        return [torch.randn(batch, 1, *buf.shape[2:], device=device, dtype=dtype) for buf in self.noise_buffers()]
 
     def noise_buffers(self) -> list[torch.Tensor]:
         """The stored per-layer noise maps, in layer order (what noise_mode='const' uses)."""

@@ -183,6 +183,7 @@ class Trainer:
         self.measured = {}
         self._last_preview: tuple[int, tuple, dict] | None = None   # (step, preview, diagnostics)
         self._observer_failures: set[tuple[int, str]] = set()
+        self.step_warnings: list[str] = []   # what a step has to report (train_step appends; run yields them)
 
     def add_observer(self, observer: Observer) -> Observer:
         """Have ``observer.observe(event)`` called on every event with a preview (once per observer)."""
@@ -318,6 +319,8 @@ class Trainer:
                 kept = f"the weights of step {self.step} were kept" if self.step else "nothing had been trained yet"
                 yield from self._finish("error", f"training failed at step {self.step + 1} ({describe_error(e)}); {kept}")
                 return
+            while self.step_warnings:
+                yield Event("warning", self.step, total, message=self.step_warnings.pop(0))
             losses, slots, timings = result
             self.step += 1
             dt = time.perf_counter() - t0

@@ -437,3 +437,62 @@ def test_image_guided_layer_selection_pulls_towards_the_style_images(clip):
     assert not torch.allclose(txt.selection_targets[0], txt.global_targets[0], atol=1e-3)
     with pytest.raises(ValueError, match="image-guided"):
         Adapter(tiny_generator(), recipe(style_images=["a.png"], target=""), clip)
+
+
+def test_compile_setting_rule_and_what_is_compiled(clip):
+    from nada_core.adapt import compile_enabled
+
+    assert [compile_enabled(s, "cpu") for s in ("auto", "on", "off")] == [False, True, False]
+    assert [compile_enabled(s, "cuda") for s in ("auto", "on", "off")] == [True, True, False]
+    with pytest.raises(ValueError, match="compile must be"):
+        Adapter(tiny_generator(), recipe(compile="fast"), clip)
+    assert Adapter(tiny_generator(), recipe(), clip).compiled == []  # auto on CPU
+    assert Recipe.from_dict({"target": "sketch"}).compile == "auto"  # recipes saved before the option
+    torch._dynamo.reset()
+    assert Adapter(tiny_generator(), recipe(compile="on"), clip).compiled == ["G_train", "G_frozen", "CLIP tiny"]
+    # adaptive layer selection changes the trained layers every step: G_train stays uncompiled
+    assert Adapter(tiny_generator(), recipe(compile="on", k=4), clip).compiled == ["G_frozen", "CLIP tiny"]
+
+
+def test_compiled_training_follows_the_uncompiled_run(clip, monkeypatch):
+    """Same samples, same noise (drawn outside the compiled graphs), same losses and weights. The aot_eager
+    backend checks the wiring without inductor's C++ build (tests/test_stylegan2.py runs inductor itself)."""
+    monkeypatch.setattr("nada_core.adapt.COMPILE_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    runs = [Adapter(tiny_generator(), recipe(iterations=3, compile=c), clip) for c in ("off", "on")]
+    (a, b) = [[e.loss for e in ad.run() if e.kind == "step"] for ad in runs]
+    assert len(a) == len(b) == 3 and max(abs(x - y) for x, y in zip(a, b)) < 1e-4
+    for p, q in zip(runs[0].G_train.parameters(), runs[1].G_train.parameters()):
+        assert torch.allclose(p, q, atol=2e-3)  # Adam moves each weight by about lr x sign(gradient)
+
+
+def test_a_failed_compile_is_a_warning_and_the_step_runs_uncompiled(clip, monkeypatch):
+    def broken(gm, example_inputs):
+        raise RuntimeError("no C++ compiler here")
+
+    monkeypatch.setattr("nada_core.adapt.COMPILE_BACKEND", broken)
+    torch._dynamo.reset()
+    plain = Adapter(tiny_generator(), recipe(iterations=2, compile="off"), clip)
+    failing = Adapter(tiny_generator(), recipe(iterations=2, compile="on"), clip)
+    events = list(failing.run())
+    warnings = [e.message for e in events if e.kind == "warning"]
+    assert len(warnings) == 1 and "torch.compile failed" in warnings[0] and "no C++ compiler" in failing.compile_error
+    assert failing.compiled == [] and events[-1].kind == "done"
+    # the failed first step ran again from the same sampler state: the run is the uncompiled one
+    assert [e.loss for e in events if e.kind == "step"] == [e.loss for e in plain.run() if e.kind == "step"]
+
+
+def test_cli_compile_option_reaches_the_recipe_and_resume(tmp_path, capsys, monkeypatch):
+    import json
+
+    from nada_core.__main__ import main
+
+    monkeypatch.setattr("nada_core.adapt.COMPILE_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    out = tmp_path / "run"
+    assert main(["adapt", "--base", "tiny", "--clip", "tiny", "--target", "sketch", "--iters", "2", "--snapshot-every", "1",
+                 "--no-diagnostics", "--compile", "on", "--out", str(out)]) == 0
+    assert json.loads((out / "recipe.json").read_text())["recipe"]["compile"] == "on"
+    assert "torch.compile: G_train, G_frozen, CLIP tiny" in capsys.readouterr().err
+    assert main(["adapt", "--resume", str(out), "--no-diagnostics", "--compile", "off"]) == 0  # a speed setting
+    assert "torch.compile" not in capsys.readouterr().err
