@@ -12,6 +12,7 @@ Usage: python bench/adapt.py [--size 256] [--device cpu] [--iters 5] [--k 18] [-
                              [--compile off|on|auto|both]
 """
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -23,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nada_core.adapt import Adapter, Recipe, compile_enabled  # noqa: E402
 from nada_core.clip_guide import ClipMember  # noqa: E402
 from nada_core.stylegan2 import Generator  # noqa: E402
+from nada_core.training import reused_memory  # noqa: E402
 
 
 def random_clip(name, device):
@@ -58,6 +60,11 @@ def main():
                     help="Recipe.compile of the timed trainer; 'both' compares off and on in one run")
     args = ap.parse_args()
     device = torch.device(args.device)
+    with reused_memory() if device.type == "cpu" else contextlib.nullcontext():  # as Trainer.run trains
+        run(args, device)
+
+
+def run(args, device):
     cm = 1 if args.size <= 256 else 2
     G = Generator(args.size, channel_multiplier=cm).to(device)
     names = args.clip.split(",")

@@ -3,13 +3,16 @@ float32 matmul throughput. Prints efficiency = achieved GFLOP/s / matmul GFLOP/s
 one forward counted by torch.utils.flop_counter.FlopCounterMode (forward+backward counted as 3x).
 Random weights: speed does not depend on their values. Times are medians of --reps runs after a warm-up;
 the matmul reference is measured before and after the generator runs and the higher figure is used.
+The generator runs as training runs it: inside ``training.reused_memory()`` (on CPU).
 
---compare also times the grouped NCHW formulation (``stylegan2.CPU_TRAINING_LAYOUT = False``, what CPU
-training used before) in the same run, alternating with the default, so the two share the machine's load.
+--compare also times, in the same run and alternating with the default so that all share the machine's load,
+"plain-malloc" (the default formulation without ``reused_memory``) and "grouped-nchw" (the formulation CPU
+training used before, ``stylegan2.CPU_TRAINING_LAYOUT = False``, without ``reused_memory``).
 
 Usage: python bench/generator.py [--device cuda] [--sizes 256 1024] [--reps 3] [--compare]
 """
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -21,6 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nada_core import stylegan2  # noqa: E402
 from nada_core.stylegan2 import Generator  # noqa: E402
+from nada_core.training import reused_memory  # noqa: E402
 
 
 def sync(device):
@@ -48,12 +52,14 @@ def main():
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--compare", action="store_true",
-                    help="also time the grouped NCHW training formulation (CPU_TRAINING_LAYOUT off), interleaved")
+                    help="also time the default without reused_memory and the grouped NCHW formulation, interleaved")
     args = ap.parse_args()
     device = torch.device(args.device)
     peak_before = matmul_gflops(device)
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
-    variants = [("default", True)] + ([("grouped-nchw", False)] if args.compare else [])
+    reuse = device.type == "cpu"
+    variants = [("default", True, reuse)] + ([("plain-malloc", True, False), ("grouped-nchw", False, False)]
+                                            if args.compare else [])
     rows = []
     for size in args.sizes:
         cm = 1 if size <= 256 else 2  # the CPU-friendly FFHQ-256 base vs config-f
@@ -71,16 +77,19 @@ def main():
             G.zero_grad(set_to_none=True)
             G.synthesis(ws).square().mean().backward()
 
-        times = {(name, kind): [] for name, _ in variants for kind in ("fwd", "fb")}
+        times = {(name, kind): [] for name, *_ in variants for kind in ("fwd", "fb")}
         for rep in range(args.reps + 1):  # the first round warms up
-            for name, layout in variants:
+            for name, layout, reused in variants:
                 stylegan2.CPU_TRAINING_LAYOUT = layout
-                t_f, t_fb = once(fwd, device), once(fwd_bwd, device)
+                with reused_memory() if reused else contextlib.nullcontext():
+                    if reused and rep:
+                        fwd_bwd()  # fills the heap, as the steps before it do in a training run
+                    t_f, t_fb = once(fwd, device), once(fwd_bwd, device)
                 if rep:
                     times[name, "fwd"].append(t_f)
                     times[name, "fb"].append(t_fb)
         stylegan2.CPU_TRAINING_LAYOUT = True
-        for name, _ in variants:
+        for name, *_ in variants:
             rows.append((size, cm, name, flops, statistics.median(times[name, "fwd"]), statistics.median(times[name, "fb"])))
         del G
     peak = max(peak_before, matmul_gflops(device))

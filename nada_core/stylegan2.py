@@ -264,7 +264,7 @@ class ModulatedConv2d(nn.Module):
         squared kernel's (out, in) sums (no per-sample kernel needed)."""
         s = self.modulation(style)
         if self.demodulate:
-            w2 = self.weight[0].pow(2).sum((2, 3))
+            w2 = self.weight.squeeze(0).pow(2).sum((2, 3))
             d = torch.rsqrt(F.linear(s * s, w2) * self.scale ** 2 + 1e-8) * (self.scale * gain)
         else:
             d = s.new_full((s.shape[0], self.out_channel), self.scale * gain)
@@ -275,7 +275,7 @@ class ModulatedConv2d(nn.Module):
         """One kernel shared by the batch, NCHW: ``conv(x * s, w) * d + bias``."""
         s, d = self._styles(style, gain)
         x = x * s.to(x.dtype)[:, :, None, None]
-        w = self.weight[0].to(x.dtype)
+        w = self.weight.squeeze(0).to(x.dtype)
         if self.upsample:
             out = self.blur(F.conv_transpose2d(x, w.transpose(0, 1), stride=2))
         else:

@@ -23,8 +23,10 @@ Run folder::
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import math
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +37,50 @@ import torch
 from .checkpoints import atomic_write
 
 DIAGNOSTICS_FILE = "diagnostics.json"
+
+
+# glibc's mallopt parameters and their defaults
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_DEFAULT_TRIM_THRESHOLD, _DEFAULT_MMAP_MAX = 128 * 1024, 65536
+_memory_lock = threading.Lock()
+_memory_users = 0
+
+
+def _glibc():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:  # not glibc (macOS, Windows, musl)
+        return None
+
+
+@contextlib.contextmanager
+def reused_memory():
+    """While training on CPU: glibc serves large blocks from its heap and keeps freed ones for reuse, instead
+    of mapping fresh pages for every tensor above 32 MB and returning them on free. The kernel's page faults on
+    those fresh pages cost more than the arithmetic of the high-resolution layers (generator forward+backward at
+    1024 px on the 2-core machine: 6.5 -> 4.8 s; at 256 px, whose maps stay below 32 MB, no change). On exit the
+    defaults come back and the freed memory is handed back to the system (``malloc_trim``). Process-wide and
+    reference-counted (concurrent trainers share it); does nothing where the C library is not glibc."""
+    global _memory_users
+    libc = _glibc()
+    if libc is None:
+        yield
+        return
+    with _memory_lock:
+        if _memory_users == 0:
+            libc.mallopt(_M_MMAP_MAX, 0)
+            libc.mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1)
+        _memory_users += 1
+    try:
+        yield
+    finally:
+        with _memory_lock:
+            _memory_users -= 1
+            if _memory_users == 0:
+                libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
+                libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
+                libc.malloc_trim(0)
 
 
 @dataclass
@@ -295,7 +341,13 @@ class Trainer:
         'cancelled' or 'error' event. Every ending saves the weights of the last finished step when the
         run has an output folder; if that fails the model stays in memory (``save_final()`` retries).
         Events with a preview (the first step, every ``preview_every`` steps, every snapshot step, the last
-        step and the final event) carry the observers' figures in ``diagnostics``."""
+        step and the final event) carry the observers' figures in ``diagnostics``. On CPU, large freed
+        blocks are kept for reuse while the run lasts (``reused_memory``)."""
+        cpu = torch.device(getattr(self, "device", "cpu")).type == "cpu"
+        with reused_memory() if cpu else contextlib.nullcontext():
+            yield from self._run()
+
+    def _run(self) -> Iterator[Event]:
         r = self.recipe
         total = r.iterations
         for w in self.warnings:

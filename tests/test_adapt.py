@@ -496,3 +496,17 @@ def test_cli_compile_option_reaches_the_recipe_and_resume(tmp_path, capsys, monk
     assert "torch.compile: G_train, G_frozen, CLIP tiny" in capsys.readouterr().err
     assert main(["adapt", "--resume", str(out), "--no-diagnostics", "--compile", "off"]) == 0  # a speed setting
     assert "torch.compile" not in capsys.readouterr().err
+
+
+def test_cpu_runs_keep_freed_memory_for_reuse_and_give_it_back(clip):
+    from nada_core import training
+
+    glibc = training._glibc() is not None
+    ad = Adapter(tiny_generator(), recipe(iterations=2), clip)
+    assert {training._memory_users for _ in ad.run()} == {1 if glibc else 0}  # held while the run yields
+    assert training._memory_users == 0
+    with training.reused_memory():
+        with training.reused_memory():  # nested (two trainers at once): one setting, released by the last
+            x = torch.ones(9_000_000)  # 36 MB, above glibc's largest mmap threshold
+        assert training._memory_users == (1 if glibc else 0)
+    assert training._memory_users == 0 and x.sum().item() == 9_000_000
