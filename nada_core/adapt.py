@@ -31,9 +31,11 @@ COMPILE_BACKEND = "inductor"   # what torch.compile lowers to (tests swap in a c
 
 def compile_enabled(setting: str, device: str | torch.device) -> bool:
     """Whether a run with ``Recipe.compile == setting`` compiles its generators and CLIP image encoders with
-    ``torch.compile``. "on" and "off" are literal; "auto" compiles on CUDA only. On CPU (the 2-core machine of
-    README's Speed section, 256 px, ViT-B/32 + B/16) compiling did not pay for itself within 300 iterations,
-    the 1.3x that "auto" asks for; the CUDA choice has not been measured yet (no GPU was available)."""
+    ``torch.compile``. "on" and "off" are literal; "auto" compiles where 300 iterations including the compile
+    finish at least 1.3x sooner, which on CPU they did not: on the 2-core machine of README's Speed section
+    (256 px, ViT-B/32 + B/16, ``bench/adapt.py --compile both``) compiling took 2.5-3.5 min and compiled steps
+    were 3-8% slower, 0.81-0.82x over 300 iterations. So "auto" compiles on CUDA only, a choice not measured
+    yet (no GPU was available when it was made)."""
     if setting == "auto":
         return torch.device(device).type == "cuda"
     return setting == "on"

@@ -9,7 +9,8 @@ loads with ``strict=True``. The arithmetic is the reference arithmetic, rearrang
   inference a shared kernel in channels-last memory is faster still (see ``CPU_CHANNELS_LAST``); CPU
   training picks per layer (see ``CPU_TRAINING_LAYOUT``).
 * The stride-2 transposed convolution runs as four dense per-phase convolutions (same FLOPs,
-  several times faster on CPU than conv_transpose2d) written into the blur's padded buffer.
+  several times faster than NCHW conv_transpose2d) written into the blur's padded buffer; the CPU
+  paths, in channels-last memory, use oneDNN's transposed convolution, faster still there.
 * Blur/upsampling (upfirdn2d) is a zero-insertion, a pad and a depthwise convolution.
 
 W+ slot use (GUIDE.md section 2), with ``L = n_latent``::
