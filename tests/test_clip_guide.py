@@ -91,3 +91,60 @@ def test_real_clip_loader_reads_an_open_clip_checkpoint(tmp_path, monkeypatch):
         got = member.encode_images(img)
     assert torch.allclose(got, want, atol=1e-5)
     assert member.text_direction("photo", "sketch").shape == (512,)
+
+
+def test_bf16_clip_encodes_float32_images_without_autocast():
+    """On CUDA CLIP is loaded in bf16 (open_clip's precision="bf16" keeps class/positional embeddings in
+    float32); a run with amp off feeds it float32 images outside autocast (this failed on an H100)."""
+    from open_clip.model import convert_weights_to_lp
+
+    from nada_core.clip_guide import ClipMember, encode_pooled
+    from nada_core.tiny import tiny_clip
+
+    model, tok = tiny_clip()
+    reference = ClipMember("tiny", model, tok).encode_images(torch.rand(2, 3, 32, 32) * 2 - 1)
+    convert_weights_to_lp(model, torch.bfloat16)
+    assert next(model.parameters()).dtype == torch.float32  # the mixed layout that broke the old cast
+    member = ClipMember("tiny", model, tok)
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    feats = member.encode_images(images)
+    assert feats.dtype == torch.float32 and feats.shape == reference.shape and torch.isfinite(feats).all()
+    assert torch.isfinite(encode_pooled(member, images)).all()
+
+
+def test_packed_attention_computes_what_multihead_attention_does():
+    """ClipMember swaps nn.MultiheadAttention for PackedSelfAttention (faster under autograd on CPU); images,
+    texts and the gradients that reach the images must not change."""
+    import copy
+
+    from nada_core.clip_guide import ClipMember, PackedSelfAttention
+    from nada_core.tiny import tiny_clip
+
+    model, tok = tiny_clip()
+    plain = copy.deepcopy(model)
+    member = ClipMember("tiny", model, tok)
+    packed_layers = [m for m in model.modules() if isinstance(m, torch.nn.MultiheadAttention)]
+    assert packed_layers and all(type(m) is PackedSelfAttention for m in packed_layers)
+    assert model.state_dict().keys() == plain.state_dict().keys()
+
+    images = (torch.rand(2, 3, 32, 32) * 2 - 1).requires_grad_(True)
+    ours = member.encode_images(images)
+    (g_ours,) = torch.autograd.grad(ours.square().sum(), images)
+    theirs = ClipMember.__new__(ClipMember)           # the unpacked model through the same preprocessing
+    theirs.model = plain
+    ref = ClipMember.encode_images(theirs, images)
+    (g_ref,) = torch.autograd.grad(ref.square().sum(), images)
+    assert (ours - ref).norm() / ref.norm() < 1e-5 and (g_ours - g_ref).norm() / g_ref.norm() < 1e-5
+    tokens = tok(["a photo of a dog", "a sketch"])
+    with torch.no_grad():                               # the text tower's causal mask goes through the packed path
+        t_ours, t_ref = model.encode_text(tokens), plain.encode_text(tokens)
+    assert (t_ours - t_ref).norm() / t_ref.norm() < 1e-5
+
+    layer = packed_layers[0]                            # uses the packed path cannot serve go to the parent
+    x = torch.randn(2, 5, layer.embed_dim)
+    want = torch.nn.MultiheadAttention.forward(layer, x, x, x, need_weights=True)
+    got = layer(x, x, x, need_weights=True)
+    assert torch.allclose(got[0], want[0]) and got[1] is not None
+    keep = torch.ones(5, 5, dtype=torch.bool).triu(1)   # boolean masks mean "masked" here, "kept" in SDPA
+    assert torch.allclose(layer(x, x, x, need_weights=False, attn_mask=keep)[0],
+                          torch.nn.MultiheadAttention.forward(layer, x, x, x, need_weights=False, attn_mask=keep)[0])
