@@ -443,7 +443,7 @@ def test_compile_setting_rule_and_what_is_compiled(clip):
     from nada_core.adapt import compile_enabled
 
     assert [compile_enabled(s, "cpu") for s in ("auto", "on", "off")] == [False, True, False]
-    assert [compile_enabled(s, "cuda") for s in ("auto", "on", "off")] == [True, True, False]
+    assert [compile_enabled(s, "cuda") for s in ("auto", "on", "off")] == [False, True, False]
     with pytest.raises(ValueError, match="compile must be"):
         Adapter(tiny_generator(), recipe(compile="fast"), clip)
     assert Adapter(tiny_generator(), recipe(), clip).compiled == []  # auto on CPU
