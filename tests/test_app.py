@@ -474,3 +474,16 @@ def test_snapshots_are_iterations_and_a_kept_one_gets_a_thumbnail(app):
         client.predict(13, api_name="/keep_snapshot")
     with pytest.raises(Exception, match="Snapshot at iteration: Value 3 is less than minimum value 12"):
         client.predict(3, api_name="/keep_snapshot")    # pruned: the scrubber's own range says so
+
+
+def test_precision_and_compile_settings_reach_the_saved_recipe(app):
+    client, studio, _ = app
+    args = [*TRAIN_ARGS[:3], "Pastel drawing", *TRAIN_ARGS[4:]]
+    with pytest.raises(Exception, match="fast"):
+        client.predict(*args, "auto", "fast", api_name="/train")   # a value the Radio does not offer
+    client.predict(*args, "bf16", "auto", api_name="/train")
+    recipe = studio.entry("photo-to-pastel-drawing").recipe
+    assert (recipe["amp"], recipe["compile"]) == ("bf16", "auto")
+    client.predict(*[*TRAIN_ARGS[:3], "Pencil drawing", *TRAIN_ARGS[4:]], api_name="/train")  # older clients: defaults
+    recipe = studio.entry("photo-to-pencil-drawing").recipe
+    assert (recipe["amp"], recipe["compile"]) == ("auto", "auto")
