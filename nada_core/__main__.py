@@ -9,6 +9,29 @@ from pathlib import Path
 from .sampling import parse_seeds
 
 
+@contextlib.contextmanager
+def stop_on_ctrl_c(trainer):
+    """While training: the first Ctrl-C asks the trainer to stop after its current step, which saves the weights
+    and ends the run as 'cancelled' (``--resume`` continues it); a second Ctrl-C quits at once, unsaved."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def first(signum, frame):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        print("\nstopping after this step and saving; Ctrl-C again quits without saving", file=sys.stderr, flush=True)
+        trainer.cancel()
+
+    previous = signal.signal(signal.SIGINT, first)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _bar(done: int, total: int | None, extra: str = "") -> str:
     if not total:
         return f"\r{done >> 20} MiB {extra}"
@@ -124,7 +147,8 @@ def cmd_adapt(args) -> int:
     if args.json:
         _print_json({"kind": "start", "step": ad.step, "total": r.iterations, "base": base_name, "device": str(device),
                      "out": str(out), "resumed": bool(args.resume), "recipe": r.to_dict()})
-    last = follow_run(ad, out, _print_event_json if args.json else _show_event)  # also writes thumb.png
+    with stop_on_ctrl_c(ad):
+        last = follow_run(ad, out, _print_event_json if args.json else _show_event)  # also writes thumb.png
     if not args.json:
         print(file=sys.stderr)
     if last is None or last.kind == "error":
@@ -139,6 +163,9 @@ def cmd_adapt(args) -> int:
         return 1
     if not args.json:
         print(f"{last.message}: {last.checkpoint}")
+    if last.kind == "cancelled":
+        print(f"stopped by Ctrl-C; `python -m nada_core adapt --resume {out}` continues the run", file=sys.stderr)
+        return 130
     return 0
 
 
@@ -251,9 +278,10 @@ def cmd_mapper(args) -> int:
     print(f"training a mapper on {model_name} ({device}) for '{trainer.recipe.text}', {trainer.recipe.iterations} "
           f"steps, output {out}; {id_note}", file=sys.stderr)
     last = None
-    for ev in trainer.run():
-        _show_event(ev)
-        last = ev
+    with stop_on_ctrl_c(trainer):
+        for ev in trainer.run():
+            _show_event(ev)
+            last = ev
     print(file=sys.stderr)
     if last is not None and last.preview is not None:
         try:
@@ -265,6 +293,9 @@ def cmd_mapper(args) -> int:
         print(f"error: {last.message if last else 'nothing ran'}", file=sys.stderr)
         return 1
     print(f"{last.message}: {last.checkpoint}")
+    if last.kind == "cancelled":
+        print(f"stopped by Ctrl-C; `python -m nada_core mapper --resume {out}` continues it", file=sys.stderr)
+        return 130
     return 0
 
 

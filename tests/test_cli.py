@@ -125,3 +125,30 @@ def test_adapt_reports_a_failed_final_save_and_returns_1(tmp_path, capsys, monke
         final = json.loads(captured.out.splitlines()[-1])
         assert final["kind"] == "done" and final["checkpoint"] is None
         assert final["save_error"].startswith("OSError") and "clip_score" not in final
+
+
+def test_ctrl_c_stops_after_the_step_and_saves(tmp_path):
+    """The first Ctrl-C (SIGINT) ends an adapt run as 'cancelled' with its weights saved and exit code 130."""
+    import json
+    import os
+    import signal
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "nada_core", "adapt", "--base", "tiny", "--clip", "tiny",
+                             "--target", "sketch", "--iters", "100000", "--snapshot-every", "100000",
+                             "--identity", "off", "--no-diagnostics", "--out", str(out), "--json"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "NADA_LIBRARY_DIR": str(tmp_path / "library")})
+    records = []
+    for line in proc.stdout:
+        records.append(json.loads(line))
+        if records[-1]["kind"] == "step" and records[-1]["step"] >= 2:
+            proc.send_signal(signal.SIGINT)
+            break
+    rest, err = proc.communicate(timeout=120)
+    records += [json.loads(line) for line in rest.splitlines()]
+    assert proc.returncode == 130, err
+    final = records[-1]
+    assert final["kind"] == "cancelled" and 2 <= final["step"] < 100000
+    assert final["checkpoint"] == str(out / "final.safetensors") and (out / "final.safetensors").is_file()
+    assert "stopping after this step and saving" in err and f"adapt --resume {out}" in err
