@@ -15,7 +15,7 @@ import pandas as pd
 from PIL import Image, ImageDraw
 
 from nada_core import weights
-from nada_core.adapt import Adapter, Recipe
+from nada_core.adapt import COMPILE_SETTINGS, Adapter, Recipe
 from nada_core.checkpoints import export_rosinality, load_generator
 from nada_core.clip_guide import ClipLoadError
 from nada_core.freezing import STARTER_PRESETS, starter_settings
@@ -30,7 +30,8 @@ from nada_core.sampling import latents_for_seeds, render
 
 from .latent_tools import stream_trainer
 from .state import Studio
-from .ui import Slider, fmt_seconds, friendly, image_file, named_copy, number, progress_html, scrub, status_on_error
+from .ui import (Slider, choice, fmt_seconds, friendly, image_file, named_copy, number, progress_html, scrub,
+                 status_on_error)
 
 PREVIEW_LABEL = "Source (top) and adapted (bottom), same latents"
 PREVIEW_SECONDS = 2.0        # default wall-clock cadence of the live preview
@@ -269,8 +270,8 @@ def build(studio: Studio):
                         seed=number(seed_value or 0, "Seed", 0, 2 ** 32 - 1), preview_every=n_iters,
                         snapshot_every=max(1, n_iters // 10), style_images=[_display(p) for p in style_paths or []],
                         source_images=[_display(p) for p in source_paths or []] if style_images else [],
-                        amp=_choice(precision_value, ("auto", "bf16", "off"), "Precision"),
-                        compile=_choice(compile_value, ("auto", "on", "off"), "torch.compile"))
+                        amp=choice(precision_value, "Precision", ("auto", "bf16", "off"), "auto"),
+                        compile=choice(compile_value, "torch.compile", COMPILE_SETTINGS, "auto"))
         every = number(every_s, "Preview every N seconds", 0.5, 30, integer=False)
         recipe.validate(G.n_latent)
         clip = studio.clip(names, model_weights)
@@ -663,14 +664,6 @@ def _images_name(names: list[str]) -> str:
     """A run trained on style images is named after them (no inherited target text)."""
     stems = [Path(n).stem for n in names][:2]
     return "-".join(stems) + ("-etc" if len(names) > 2 else "") if stems else "images"
-
-
-def _choice(value, allowed: tuple, field: str) -> str:
-    """A setting's value as the client sent it, checked against the server's list (clients are untrusted)."""
-    value = "auto" if value is None else value
-    if value not in allowed:
-        raise gr.Error(f"{field}: choose one of {', '.join(allowed)}")
-    return value
 
 
 def _estimate_key(base_name: str, batch: int, models, selection: bool) -> tuple:

@@ -11,11 +11,12 @@ from nada_core.editing import blend_generators, combine_styles
 from nada_core.library import add_model
 from nada_core.images import grid
 from nada_core.sampling import interpolation_frames, latents_for_seeds, parse_seeds, render, save_gif
+from nada_core.stylegan2 import NOISE_MODES
 from nada_core.video import save_mp4
 
 from .latent_tools import MapperPicker
 from .state import Studio
-from .ui import Slider, friendly, image_file, number, optional_download
+from .ui import Slider, choice, friendly, image_file, number, optional_download
 
 
 MIX_SLOTS = 4
@@ -94,8 +95,7 @@ def build(studio: Studio):
 
     @friendly
     def generate(model_id, seed_text, psi, noise_mode, a, other_id, m, mapper_id=None, mapper_strength=1.0):
-        if noise_mode not in ("const", "random", "none"):
-            raise gr.Error("noise must be const, random or none")
+        choice(noise_mode, "Noise", NOISE_MODES)
         G_src, G = adapted_generator(model_id, a, other_id, m)
         w = latents_for_seeds(G_src, parse_seeds(seed_text, limit=16), number(psi, "Truncation", 0, 1, integer=False))
         w = MapperPicker.apply(studio, w, mapper_id, mapper_strength, G_src.n_latent)
@@ -103,8 +103,7 @@ def build(studio: Studio):
 
     @friendly
     def make_video(model_id, a, other_id, m, sa, sb, n, how, psi):
-        if how not in ("seeds", "domains"):
-            raise gr.Error("path must be 'seeds' or 'domains'")
+        choice(how, "Path", ("seeds", "domains"))
         G_src, G = adapted_generator(model_id, a, other_id, m)
         imgs = interpolation_frames(G_src, G, number(sa, "Seed A", 0, 2 ** 32 - 1), number(sb, "Seed B", 0, 2 ** 32 - 1),
                                     number(n, "Frames", 2, 60), how, number(psi, "Truncation", 0, 1, integer=False))

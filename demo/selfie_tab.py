@@ -133,6 +133,14 @@ def build(studio: Studio):
         pasted = [(image_file(paste_faces(faces[0].photo, faces, imgs)), name) for name, imgs in zip(names, per_style)]
         return gallery, pasted
 
+    def styles_for(base_name, ids) -> list:
+        """The chosen style ids, each checked to be an adaptation of ``base_name`` (it shares its latent space)."""
+        ids = list(ids or [])
+        for e in (studio.entry(i) for i in ids):
+            if e.base != base_name:
+                raise gr.Error(f"the style {e.name} needs the base {e.base}; choose that base or another style")
+        return ids
+
     @status_on_error(0, 7)
     @friendly
     def run(file, cam, base_name, ids, how, n_steps, noise, every_face, chosen, mapper_id, mapper_strength,
@@ -142,10 +150,7 @@ def build(studio: Studio):
             raise gr.Error("upload a photo first (JPEG or PNG with a visible face)")
         # every setting is checked before the (slow) alignment
         G = studio.base(base_name)
-        ids = list(ids or [])
-        for e in (studio.entry(i) for i in ids):
-            if e.base != base_name:
-                raise gr.Error(f"the style {e.name} needs the base {e.base}; choose that base or another style")
+        ids = styles_for(base_name, ids)
         if how not in methods_for(studio, base_name):
             raise gr.Error(f"'{how}' is not available for {base_name}; choose {OPTIMISE}")
         n = 0 if how == ENCODER else number(n_steps, "Optimisation steps", 1, 1000)
@@ -230,10 +235,7 @@ def build(studio: Studio):
         if base_name != "ffhq-1024":
             raise gr.Error("the sketch encoder was trained for the FFHQ 1024 base; choose it as the base model")
         G = studio.base(base_name)
-        ids = list(ids or [])
-        for e in (studio.entry(i) for i in ids):
-            if e.base != base_name:
-                raise gr.Error(f"the style {e.name} needs the base {e.base}")
+        ids = styles_for(base_name, ids)
         image = drawing.get("composite") if isinstance(drawing, dict) else drawing
         if image is None:
             raise gr.Error("draw a face first")

@@ -97,6 +97,15 @@ def number(value, field: str, lo: float, hi: float, integer: bool = True):
     return int(x) if integer else x
 
 
+def choice(value, field: str, allowed: tuple, default=None):
+    """One of the server's options as a client sent it (``None`` = ``default`` where one is given); the message
+    names the field and the options."""
+    value = default if value is None and default is not None else value
+    if value not in allowed:
+        raise gr.Error(f"{field}: choose one of {', '.join(map(str, allowed))}")
+    return value
+
+
 def image_file(img, format: str = "png", name: str = "image") -> str:
     """An output image written once, atomically, in Gradio's cache folder (named by its content's hash), from
     where Gradio serves it as is. Returning the PIL image instead makes Gradio rewrite <cache>/<hash>/image.png

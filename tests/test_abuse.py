@@ -1,7 +1,7 @@
 """Hostile inputs (issue 9). Files: nothing in a generator file runs, nothing allocates much more than the
 file's size, and every refusal is a CheckpointError that names the file as the user knows it.
 
-Layout: shared helpers first, then one section per attack surface, each test in a clearly named function.
+Layout: common helpers first, then one section per attack surface, each test in a clearly named function.
 """
 import collections
 import json
@@ -26,7 +26,7 @@ from tests.test_checkpoints import build_ada_like_pickle
 ROOT = Path(__file__).resolve().parent.parent
 
 
-# ===================================================================== shared helpers
+# ===================================================================== common helpers
 class Reduce:
     """Pickles as ``fn(*args)``: how an attacker makes unpickling call something."""
 

@@ -36,7 +36,7 @@ def test_one_step_changes_only_the_chosen_layers(clip):
     expected = {name for s in slots for name in table[s] if not name.startswith("to_rgb")}
     assert changed == expected
     assert all(torch.equal(v, frozen_before[k]) for k, v in ad.G_frozen.state_dict().items())
-    assert ad.G_train.style is ad.G_frozen.style  # one shared, frozen mapping network
+    assert ad.G_train.style is ad.G_frozen.style  # one common, frozen mapping network
 
 
 def test_thirty_steps_lower_the_directional_loss(clip):

@@ -409,12 +409,12 @@ def test_style_delta_round_trip_through_the_library(app, tmp_path):
     path = next(f for f in (files["value"] if isinstance(files, dict) else files) if str(f).endswith(".nada.safetensors"))
     path = path["path"] if isinstance(path, dict) else path
     full = studio.entry(model).path.stat().st_size
-    shutil.copy(path, tmp_path / "shared style.nada.safetensors")
-    status, *_ = client.predict(handle_file(str(tmp_path / "shared style.nada.safetensors")), "tiny",
+    shutil.copy(path, tmp_path / "gifted style.nada.safetensors")
+    status, *_ = client.predict(handle_file(str(tmp_path / "gifted style.nada.safetensors")), "tiny",
                                 api_name="/library_import")
-    assert "Imported" in status and "shared-style" in status
+    assert "Imported" in status and "gifted-style" in status
     a = np.asarray(Image.open(client.predict(model, "0-1", 0.7, "const", 1.0, None, 0.5, None, 1.0, api_name="/sample")))
-    b = np.asarray(Image.open(client.predict("shared-style", "0-1", 0.7, "const", 1.0, None, 0.5, None, 1.0,
+    b = np.asarray(Image.open(client.predict("gifted-style", "0-1", 0.7, "const", 1.0, None, 0.5, None, 1.0,
                                              api_name="/sample")))
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 2  # float16 differences: the same images
     assert Path(path).stat().st_size < full

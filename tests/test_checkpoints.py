@@ -225,7 +225,7 @@ def test_expected_layout_is_the_generators_state_dict(cfg):
 
 
 def test_restricted_reader_rebuilds_tensors_like_torch(tmp_path):
-    """Our reader replaces torch.load for every pickle-based file: dtypes, views, shared storages,
+    """Our reader replaces torch.load for every pickle-based file: dtypes, views, storages used by several tensors,
     parameters and empty tensors come back as torch would give them, in all pickle protocols."""
     from nada_core.checkpoints import load_torch_file, restricted_loads
 

@@ -72,10 +72,10 @@ def test_w_plus_slots_feed_the_documented_layers():
             assert torch.equal(seen[name], ws[:, slot]), (slot, name)
 
 
-@pytest.mark.parametrize("shared_kernel", [True, False], ids=["cpu-channels-last", "grouped-per-sample"])
+@pytest.mark.parametrize("one_kernel", [True, False], ids=["cpu-channels-last", "grouped-per-sample"])
 @pytest.mark.parametrize("size,cm,cmax", [(32, 1, 32), (64, 2, 48)])
-def test_synthesis_matches_reference_math(size, cm, cmax, shared_kernel, monkeypatch):
-    monkeypatch.setattr("nada_core.stylegan2.CPU_CHANNELS_LAST", shared_kernel)  # both code paths, same answer
+def test_synthesis_matches_reference_math(size, cm, cmax, one_kernel, monkeypatch):
+    monkeypatch.setattr("nada_core.stylegan2.CPU_CHANNELS_LAST", one_kernel)  # both code paths, same answer
     G = tiny_generator(size=size, channel_multiplier=cm, channel_max=cmax, style_dim=64)
     ws = torch.randn(2, G.n_latent, 64) * 0.5 + 0.3
     with torch.no_grad():  # the channels-last path serves inference
@@ -202,8 +202,8 @@ def test_w_avg_is_cached_until_the_mapping_changes():
     assert not torch.allclose(G.w_avg(), a)
 
 
-def test_shared_kernel_path_is_differentiable_and_agrees(monkeypatch):
-    """Training uses the grouped path; the shared-kernel path still gives the same gradients when called."""
+def test_one_kernel_path_is_differentiable_and_agrees(monkeypatch):
+    """Training uses the grouped path; the one-kernel path still gives the same gradients when called."""
     from nada_core.stylegan2 import ModulatedConv2d
 
     torch.manual_seed(0)
@@ -229,7 +229,7 @@ def test_grouped_kernels_makes_inference_round_like_training():
     with torch.no_grad(), grouped_kernels():
         frozen = G.synthesis(ws)
     with torch.no_grad():
-        fast = G.synthesis(ws)                     # CPU inference: channels-last shared kernel
+        fast = G.synthesis(ws)                     # CPU inference: channels-last, one kernel
     assert torch.equal(frozen, trained)
     assert torch.allclose(fast, trained, atol=1e-4)
 
@@ -271,12 +271,12 @@ def _assert_same(a, b):
         assert (ga - gb).abs().max().item() <= 1e-4 * gb.abs().max().item()
 
 
-@pytest.mark.parametrize("shared", [True, False], ids=["scaled-activations", "per-sample-cl"])
-def test_compiled_generator_graph_matches_eager(shared, monkeypatch):
+@pytest.mark.parametrize("scaled", [True, False], ids=["scaled-activations", "per-sample-cl"])
+def test_compiled_generator_graph_matches_eager(scaled, monkeypatch):
     """torch.compile captures the whole CPU training path in one graph (AOTAutograd traces forward and backward,
     the custom blur backward included); outputs and gradients equal the eager ones. The aot_eager backend runs
     the captured graphs without inductor's C++ build, which the next test does on the smallest shapes."""
-    monkeypatch.setattr("nada_core.stylegan2.SCALE_RATIO", 0.0 if shared else math.inf)
+    monkeypatch.setattr("nada_core.stylegan2.SCALE_RATIO", 0.0 if scaled else math.inf)
     torch._dynamo.reset()
     G = tiny_generator(size=32).requires_grad_(True)
     ws = torch.randn(2, G.n_latent, G.style_dim)
