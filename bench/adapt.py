@@ -26,18 +26,18 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from nada_core.adapt import COMPILE_SETTINGS, Adapter, Recipe, compile_enabled  # noqa: E402
-from nada_core.clip_guide import ClipMember  # noqa: E402
-from nada_core import stylegan2  # noqa: E402
-from nada_core.stylegan2 import Generator  # noqa: E402
-from nada_core.training import reused_memory  # noqa: E402
+from nada_core.guidance.clip_guide import ClipMember  # noqa: E402
+from nada_core.models import stylegan2  # noqa: E402
+from nada_core.models.stylegan2 import Generator  # noqa: E402
+from nada_core.training.adapt import COMPILE_SETTINGS, Adapter, Recipe, compile_enabled  # noqa: E402
+from nada_core.training.loop import reused_memory  # noqa: E402
 
 
 def random_clip(name, device):
     import open_clip
 
     if name == "tiny":  # a smoke test of this script
-        from nada_core.tiny import tiny_clip
+        from nada_core.models.tiny import tiny_clip
 
         model, tok = tiny_clip()
         return ClipMember("tiny", model.to(device), tok)

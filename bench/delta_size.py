@@ -17,10 +17,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from nada_core.checkpoints import save_generator  # noqa: E402
-from nada_core.delta import export_delta  # noqa: E402
-from nada_core.freezing import layers_for_slots, preset_slots  # noqa: E402
-from nada_core.stylegan2 import Generator  # noqa: E402
+from nada_core.models.stylegan2 import Generator  # noqa: E402
+from nada_core.store.checkpoints import save_generator  # noqa: E402
+from nada_core.store.delta import export_delta  # noqa: E402
+from nada_core.training.freezing import layers_for_slots, preset_slots  # noqa: E402
 
 
 def main() -> None:

@@ -16,11 +16,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from nada_core import stylegan2  # noqa: E402
-from nada_core.adapt import Adapter, Recipe  # noqa: E402
-from nada_core.clip_guide import ClipMember  # noqa: E402
-from nada_core.stylegan2 import Generator  # noqa: E402
-from nada_core.tiny import tiny_clip  # noqa: E402
+from nada_core.guidance.clip_guide import ClipMember  # noqa: E402
+from nada_core.models import stylegan2  # noqa: E402
+from nada_core.models.stylegan2 import Generator  # noqa: E402
+from nada_core.models.tiny import tiny_clip  # noqa: E402
+from nada_core.training.adapt import Adapter, Recipe  # noqa: E402
 from tests.reference_stylegan2 import reference_synthesis  # noqa: E402
 
 failures = []

@@ -28,10 +28,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from nada_core import stylegan2  # noqa: E402
-from nada_core.stylegan2 import Generator  # noqa: E402
-from nada_core.training import reused_memory  # noqa: E402
 from reference_generator import reference_synthesis  # noqa: E402
+
+from nada_core.models import stylegan2  # noqa: E402
+from nada_core.models.stylegan2 import Generator  # noqa: E402
+from nada_core.training.loop import reused_memory  # noqa: E402
 
 
 def sync(device):
@@ -111,11 +112,11 @@ def main():
             for name, fn, ctx, reused, amp in timed:
                 autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
 
-                def fwd():
+                def fwd(fn=fn, G=G):
                     with torch.no_grad():
                         fn(G, ws)
 
-                def fwd_bwd():
+                def fwd_bwd(fn=fn, G=G):
                     G.zero_grad(set_to_none=True)
                     fn(G, ws).float().square().mean().backward()
 
@@ -135,7 +136,7 @@ def main():
         for name, *_ in timed:
             rows.append((size, cm, name, flops, statistics.median(times[name, "fwd"]),
                          statistics.median(times[name, "fb"]), peak_mem.get(name)))
-        del G
+        del G  # free the model before the next size
     peak = max(peak_before, matmul_gflops(device))
     print(f"float32 matmul 2048x2048: {peak_before:.1f} GFLOP/s before, {peak:.1f} used (the higher of before/after)")
     print(f"{'size':>5} {'cm':>3} {'formulation':>17} {'GFLOP fwd':>10} {'fwd s':>8} {'fwd eff':>8} {'fwd+bwd s':>10} "

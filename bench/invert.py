@@ -12,9 +12,9 @@ from PIL import Image
 from skimage import data
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from nada_core.align import align_face, detect  # noqa: E402
-from nada_core.invert import E4EEncoder, project  # noqa: E402
-from nada_core.stylegan2 import Generator  # noqa: E402
+from nada_core.faces.align import align_face, detect  # noqa: E402
+from nada_core.faces.invert import E4EEncoder, project  # noqa: E402
+from nada_core.models.stylegan2 import Generator  # noqa: E402
 
 
 def clock(fn, device):

@@ -3,7 +3,7 @@
 stride-2 transposed convolution followed by a blur, and upfirdn2d's native fallback (zero insertion by
 padding a reshaped view, then a depthwise convolution per channel).
 
-It runs on a ``nada_core.stylegan2.Generator``'s own parameters (same names), so both formulations are
+It runs on a ``nada_core.models.stylegan2.Generator``'s own parameters (same names), so both formulations are
 timed on the same weights, gradients included. Written for the benchmarks; tests use the float64
 transcription in tests/reference_stylegan2.py.
 """

@@ -10,28 +10,38 @@ import time
 from pathlib import Path
 
 import gradio as gr
-import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
-from nada_core import weights
-from nada_core.adapt import COMPILE_SETTINGS, Adapter, Recipe
-from nada_core.checkpoints import export_rosinality, load_generator
-from nada_core.clip_guide import ClipLoadError
-from nada_core.freezing import STARTER_PRESETS, starter_settings
-from nada_core.images import from_pil, grid, open_image, to_pil
-from nada_core.library import new_model_dir, new_run_dir, prune_snapshots, restore, set_aside
-from nada_core.diagnostics import best_snapshot_of_run
-from nada_core.gallery import GALLERY, get as gallery_prompt
-from nada_core.mapper import MapperRecipe, MapperTrainer, identity_for
-from nada_core.prompt_check import check_prompt
-from nada_core.training import read_diagnostics
-from nada_core.sampling import latents_for_seeds, render
+from nada_core.guidance.clip_guide import ClipLoadError
+from nada_core.guidance.gallery import GALLERY
+from nada_core.guidance.gallery import get as gallery_prompt
+from nada_core.guidance.prompt_check import check_prompt
+from nada_core.latent.sampling import latents_for_seeds, render
+from nada_core.store import weights
+from nada_core.store.checkpoints import export_rosinality, load_generator
+from nada_core.store.images import from_pil, grid, open_image, to_pil
+from nada_core.store.library import new_model_dir, new_run_dir, prune_snapshots, restore, set_aside
+from nada_core.training.adapt import COMPILE_SETTINGS, Adapter, Recipe
+from nada_core.training.diagnostics import best_snapshot_of_run
+from nada_core.training.freezing import STARTER_PRESETS, starter_settings
+from nada_core.training.loop import read_diagnostics
+from nada_core.training.mapper import MapperRecipe, MapperTrainer, identity_for
 
 from .latent_tools import stream_trainer
 from .state import Studio
-from .ui import (Slider, choice, fmt_seconds, friendly, image_file, named_copy, number, progress_html, scrub,
-                 status_on_error)
+from .ui import (
+    Slider,
+    choice,
+    fmt_seconds,
+    friendly,
+    image_file,
+    named_copy,
+    number,
+    progress_html,
+    scrub,
+    status_on_error,
+)
 
 PREVIEW_LABEL = "Source (top) and adapted (bottom), same latents"
 PREVIEW_SECONDS = 2.0        # default wall-clock cadence of the live preview

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from nada_core import weights
+from nada_core.store import weights
 
 from . import adapt_tab, edit_tab, library_panel, sample_tab, selfie_tab
 from .latent_tools import mapper_choices

@@ -8,10 +8,10 @@ import time
 import gradio as gr
 from PIL import Image
 
-from nada_core import weights
-from nada_core.library import new_model_dir
-from nada_core.mapper import MapperRecipe, MapperTrainer, identity_for, optimise_edit
-from nada_core.sampling import edited_latent, render
+from nada_core.latent.sampling import edited_latent, render
+from nada_core.store import weights
+from nada_core.store.library import new_model_dir
+from nada_core.training.mapper import MapperRecipe, MapperTrainer, identity_for, optimise_edit
 
 from .latent_tools import MapperPicker, mapper_choices, run_with_progress, stream_trainer
 from .sample_tab import model_choices
@@ -222,9 +222,6 @@ def build(studio: Studio):
             else:
                 yield (html, gr.update(choices=mapper_choices(studio, base_name), value=out.name if ev.checkpoint else None),
                        gr.update(interactive=False))
-        shown = max(256, G.size) if max_res is None else 256
-        return [(image_file(r[0].resize((shown, shown), Image.LANCZOS) if r[0].width < shown else r[0]), label)
-                for r, label in zip(rows, labels)]
 
     def automatic(preview):
         """Renders fired by value changes (also on page load): silent while the base is not downloaded,

@@ -9,7 +9,7 @@ from typing import Iterator
 import gradio as gr
 import torch
 
-from nada_core.images import grid, to_pil
+from nada_core.store.images import grid, to_pil
 
 from .state import Studio
 from .ui import Cancelled, Slider, fmt_seconds, number, progress_html, run_with_progress  # noqa: F401 (re-exported)

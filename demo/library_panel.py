@@ -11,12 +11,12 @@ import gradio as gr
 import numpy as np
 import pandas as pd
 
-from nada_core import weights
-from nada_core.checkpoints import export_rosinality
-from nada_core.delta import apply_delta, delta_info, export_delta
-from nada_core.library import add_model, delete_model, disk_use, import_model, rename_model
-from nada_core.images import grid
-from nada_core.sampling import latents_for_seeds, render
+from nada_core.latent.sampling import latents_for_seeds, render
+from nada_core.store import weights
+from nada_core.store.checkpoints import export_rosinality
+from nada_core.store.delta import apply_delta, delta_info, export_delta
+from nada_core.store.images import grid
+from nada_core.store.library import add_model, delete_model, disk_use, import_model, rename_model
 
 from .state import Studio
 from .ui import friendly, named_copy, progress_html

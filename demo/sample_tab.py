@@ -7,17 +7,16 @@ from pathlib import Path
 
 import gradio as gr
 
-from nada_core.editing import blend_generators, combine_styles
-from nada_core.library import add_model
-from nada_core.images import grid
-from nada_core.sampling import interpolation_frames, latents_for_seeds, parse_seeds, render, save_gif
-from nada_core.stylegan2 import NOISE_MODES
-from nada_core.video import save_mp4
+from nada_core.latent.editing import blend_generators, combine_styles
+from nada_core.latent.sampling import interpolation_frames, latents_for_seeds, parse_seeds, render, save_gif
+from nada_core.latent.video import save_mp4
+from nada_core.models.stylegan2 import NOISE_MODES
+from nada_core.store.images import grid
+from nada_core.store.library import add_model
 
 from .latent_tools import MapperPicker
 from .state import Studio
 from .ui import Slider, choice, friendly, image_file, number, optional_download
-
 
 MIX_SLOTS = 4
 

@@ -7,12 +7,12 @@ import threading
 
 import gradio as gr
 
-from nada_core.align import FaceError, detect, draw_faces, load_photo
-from nada_core.editing import apply_edits
-from nada_core.sampling import render
-from nada_core.mapper import identity_for, optimise_edit
-from nada_core.psp import sketch_to_w
-from nada_core.selfie import encoder_for, invert_faces, paste_faces, prepare_face, prepare_faces
+from nada_core.faces.align import FaceError, detect, draw_faces, load_photo
+from nada_core.faces.psp import sketch_to_w
+from nada_core.faces.selfie import encoder_for, invert_faces, paste_faces, prepare_face, prepare_faces
+from nada_core.latent.editing import apply_edits
+from nada_core.latent.sampling import render
+from nada_core.training.mapper import identity_for, optimise_edit
 
 from .edit_tab import DirectionControls
 from .latent_tools import Cancelled, MapperPicker, mapper_choices, run_with_progress

@@ -10,13 +10,22 @@ import uuid
 from collections import OrderedDict
 from pathlib import Path
 
-from nada_core import weights
-from nada_core.checkpoints import load_generator
-from nada_core.clip_guide import DEFAULT_MODELS, load_clip
-from nada_core.editing import Direction, check_compatible, ganspace, load_direction_file
-from nada_core.library import (LibraryEntry, UnknownModel, default_device, find_model, library_dir, list_library,
-                               load_base, remove_stale_parts, empty_trash)
-from nada_core.stylegan2 import Generator
+from nada_core.guidance.clip_guide import DEFAULT_MODELS, load_clip
+from nada_core.latent.editing import Direction, check_compatible, ganspace, load_direction_file
+from nada_core.models.stylegan2 import Generator
+from nada_core.store import weights
+from nada_core.store.checkpoints import load_generator
+from nada_core.store.library import (
+    LibraryEntry,
+    UnknownModel,
+    default_device,
+    empty_trash,
+    find_model,
+    library_dir,
+    list_library,
+    load_base,
+    remove_stale_parts,
+)
 
 FACE_DIRECTIONS = ["dir-age", "dir-smile", "dir-pose", "dir-gender", "dir-hair_length", "dir-beard"]
 UNSAVED_TTL = 30 * 60      # seconds a trained model whose save failed is kept in memory for a retry
@@ -62,7 +71,7 @@ class Studio:
     def n_latent(self, name: str) -> int:
         """W+ slots of a base, from its size (known without loading it)."""
         if name == "tiny":
-            from nada_core.tiny import TINY_GENERATOR
+            from nada_core.models.tiny import TINY_GENERATOR
             size = TINY_GENERATOR["size"]
         else:
             size = int(weights.get_asset(name).extra.get("resolution", 1024)) if name in self.base_names() else 1024
@@ -130,7 +139,7 @@ class Studio:
 
     def perceptual(self) -> tuple[dict, str]:
         """Reconstruction loss for selfie inversion (LPIPS when downloaded), loaded once."""
-        from nada_core.selfie import perceptual_for
+        from nada_core.faces.selfie import perceptual_for
 
         with self._lock:
             if not hasattr(self, "_perceptual"):
@@ -181,7 +190,7 @@ class Studio:
 
     def mapper(self, mapper_id: object, n_latent: int):
         """A trained latent mapper by id (never a path), checked against the generator's W+ length."""
-        from nada_core.mapper import load_mapper
+        from nada_core.training.mapper import load_mapper
 
         match = [m for m in self.mappers() if m["id"] == mapper_id]
         if not isinstance(mapper_id, str) or not match:
@@ -196,7 +205,7 @@ class Studio:
 
     def psp(self, name: str):
         """A pSp conditional encoder (psp-sketch / psp-seg) from the weights folder, loaded once."""
-        from nada_core.psp import load_psp
+        from nada_core.faces.psp import load_psp
 
         if self.tiny:
             raise weights.WeightsError("the pSp encoders work with the real FFHQ 1024 model, not the tiny test models")

@@ -21,12 +21,12 @@ from typing import Callable, Iterator
 import gradio as gr
 import gradio.utils as gradio_utils
 
-from nada_core import weights
-from nada_core.align import FaceError
-from nada_core.checkpoints import CheckpointError
-from nada_core.clip_guide import ClipLoadError, PromptError
-from nada_core.editing import DirectionError
-from nada_core.packs import download_pack, load_packs, missing_assets, pack_size
+from nada_core.faces.align import FaceError
+from nada_core.guidance.clip_guide import ClipLoadError, PromptError
+from nada_core.latent.editing import DirectionError
+from nada_core.store import weights
+from nada_core.store.checkpoints import CheckpointError
+from nada_core.store.packs import download_pack, load_packs, missing_assets, pack_size
 
 from .state import TINY_BANNER, Studio
 
@@ -231,7 +231,7 @@ def optional_download(studio: Studio, kinds: tuple[str, ...], what: str):
     """One quiet line with a button for optional files of a tab (directions, the e4e encoder, ready styles)."""
     missing = [a for a in studio.missing(kinds) if a.url]
     with gr.Row(visible=bool(missing) and not studio.tiny, elem_classes=["nada-optional"]) as row:
-        text = gr.Markdown(f"Optional: {what} ({len(missing)} file(s) not downloaded).")
+        gr.Markdown(f"Optional: {what} ({len(missing)} file(s) not downloaded).")
         go = gr.Button("Download", size="sm", scale=0, min_width=110)
         status = gr.HTML("")
 

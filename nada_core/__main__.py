@@ -6,7 +6,7 @@ import contextlib
 import sys
 from pathlib import Path
 
-from .sampling import parse_seeds
+from .latent.sampling import parse_seeds
 
 
 @contextlib.contextmanager
@@ -48,8 +48,7 @@ def _fmt_time(s: float | None) -> str:
 
 # ---------------------------------------------------------------------------- weights
 def cmd_weights(args) -> int:
-    from . import weights
-
+    from .store import weights
     manifest = weights.load_manifest()
     if args.action == "list":
         print(f"weights folder: {weights.weights_dir()}")
@@ -93,11 +92,11 @@ def cmd_weights(args) -> int:
 
 # ---------------------------------------------------------------------------- adapt
 def cmd_adapt(args) -> int:
-    from .adapt import Adapter, Recipe
-    from .batch import follow_run
-    from .clip_guide import load_ensemble
-    from .images import from_pil
-    from .library import default_device, load_base, new_run_dir
+    from .guidance.clip_guide import load_ensemble
+    from .store.images import from_pil
+    from .store.library import default_device, load_base, new_run_dir
+    from .training.adapt import Adapter, Recipe
+    from .training.batch import follow_run
 
     device = args.device or default_device()
     # a resumed run keeps its own recipe: base, prompts, CLIP models, iterations (recipe options are ignored)
@@ -201,17 +200,17 @@ def _open_image(path):
 
 # ---------------------------------------------------------------------------- batch
 def cmd_batch(args) -> int:
-    from .batch import batch_command
+    from .training.batch import batch_command
 
     return batch_command(args)
 
 
 # ---------------------------------------------------------------------------- sample
 def cmd_sample(args) -> int:
-    from .checkpoints import load_generator
-    from .images import grid
-    from .library import default_device, load_base
-    from .sampling import latents_for_seeds, render
+    from .latent.sampling import latents_for_seeds, render
+    from .store.checkpoints import load_generator
+    from .store.images import grid
+    from .store.library import default_device, load_base
 
     device = args.device or default_device()
     seeds = parse_seeds(args.seeds)
@@ -238,8 +237,8 @@ def _mapper_row(path, strength: float, G, w, noise: str, device):
     """The model's images of ``w`` edited by a latent mapper: w + strength * 0.1 * mapper(w)."""
     import torch
 
-    from .mapper import check_mapper_fits, load_mapper
-    from .sampling import render
+    from .latent.sampling import render
+    from .training.mapper import check_mapper_fits, load_mapper
 
     mapper, info = load_mapper(path, device)
     for note in check_mapper_fits(mapper, info, G):
@@ -250,10 +249,10 @@ def _mapper_row(path, strength: float, G, w, noise: str, device):
 
 # ---------------------------------------------------------------------------- mapper
 def cmd_mapper(args) -> int:
-    from .clip_guide import load_ensemble
-    from .images import grid, to_pil
-    from .library import default_device, library_dir, load_base, new_run_dir
-    from .mapper import MapperRecipe, MapperTrainer, identity_for
+    from .guidance.clip_guide import load_ensemble
+    from .store.images import grid, to_pil
+    from .store.library import default_device, library_dir, load_base, new_run_dir
+    from .training.mapper import MapperRecipe, MapperTrainer, identity_for
 
     device = args.device or default_device()
     G, model_name = load_base(args.model, device)
@@ -301,7 +300,7 @@ def cmd_mapper(args) -> int:
 
 # ---------------------------------------------------------------------------- invert
 def cmd_invert(args) -> int:
-    from .selfie import stylize_group_photo, stylize_photo
+    from .faces.selfie import stylize_group_photo, stylize_photo
 
     pipeline = stylize_group_photo if args.all_faces else stylize_photo
     result = pipeline(args.photo, [args.model] if args.model else [], base=args.base, steps=args.steps,
@@ -318,9 +317,9 @@ def cmd_invert(args) -> int:
 
 # ---------------------------------------------------------------------------- check-prompt
 def cmd_check_prompt(args) -> int:
-    from .clip_guide import load_ensemble
-    from .library import default_device
-    from .prompt_check import check_prompt
+    from .guidance.clip_guide import load_ensemble
+    from .guidance.prompt_check import check_prompt
+    from .store.library import default_device
 
     names = [c.strip() for c in args.clip.split(",") if c.strip()]
     members = load_ensemble(names, device=args.device or default_device())
@@ -331,9 +330,9 @@ def cmd_check_prompt(args) -> int:
 
 # ---------------------------------------------------------------------------- delta
 def cmd_delta(args) -> int:
-    from .checkpoints import load_generator, save_generator
-    from .delta import SUFFIX, apply_delta, delta_info, export_delta
-    from .library import load_base
+    from .store.checkpoints import load_generator, save_generator
+    from .store.delta import SUFFIX, apply_delta, delta_info, export_delta
+    from .store.library import load_base
 
     src = Path(args.file)
     if args.action == "export":

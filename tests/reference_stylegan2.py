@@ -2,7 +2,7 @@
 
 It reads a rosinality-layout state dict and computes the image the way the reference code does
 it (one modulated, demodulated weight per sample, grouped convolution, upfirdn2d by explicit tap
-sums). ``nada_core.stylegan2`` rearranges the same math for speed; tests compare the two.
+sums). ``nada_core.models.stylegan2`` rearranges the same math for speed; tests compare the two.
 """
 import math
 

@@ -18,9 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from nada_core.checkpoints import CheckpointError, load_generator, restricted_loads, save_generator
-from nada_core.tiny import tiny_generator
-
+from nada_core.models.tiny import tiny_generator
+from nada_core.store.checkpoints import CheckpointError, load_generator, restricted_loads, save_generator
 from tests.test_checkpoints import build_ada_like_pickle
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -128,7 +127,7 @@ def assert_refused(path, pattern=None, name="upload.bin"):
 
 PROBE = r"""
 import json, resource, sys
-from nada_core.checkpoints import CheckpointError, load_generator
+from nada_core.store.checkpoints import CheckpointError, load_generator
 
 def peak_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

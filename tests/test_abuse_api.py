@@ -9,9 +9,9 @@ import pytest
 from gradio_client import Client, handle_file
 from PIL import Image
 
-from nada_core.checkpoints import save_generator
-from nada_core.images import open_image
-from nada_core.tiny import tiny_generator
+from nada_core.models.tiny import tiny_generator
+from nada_core.store.checkpoints import save_generator
+from nada_core.store.images import open_image
 from tests.app_server import launch_tiny
 
 SLIDERS, RANGES = [0.0] * 12, ["all layers"] * 12
@@ -173,7 +173,7 @@ def test_a_full_disk_loses_nothing(app, monkeypatch):
     """Every error type a real full disk raises on the final save keeps the model for Retry."""
     from safetensors import SafetensorError
 
-    import nada_core.checkpoints as ck
+    import nada_core.store.checkpoints as ck
     client, studio, _ = app
     real_save = ck.save_file if hasattr(ck, "save_file") else None
     for error in (OSError(28, "No space left on device"), RuntimeError("PytorchStreamWriter failed writing file"),

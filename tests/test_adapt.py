@@ -4,10 +4,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from nada_core.adapt import Adapter, Recipe
-from nada_core.checkpoints import load_generator
-from nada_core.clip_guide import directional_loss, encode_text_templates, load_clip
-from nada_core.tiny import tiny_generator
+from nada_core.guidance.clip_guide import directional_loss, encode_text_templates, load_clip
+from nada_core.models.tiny import tiny_generator
+from nada_core.store.checkpoints import load_generator
+from nada_core.training.adapt import Adapter, Recipe
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +190,7 @@ def test_a_failing_step_or_a_full_disk_loses_nothing(clip, tmp_path, monkeypatch
     def no_space(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("nada_core.adapt.save_generator", no_space)
+    monkeypatch.setattr("nada_core.training.adapt.save_generator", no_space)
     events = list(full.run())
     warnings = [e for e in events if e.kind == "warning"]
     assert len(warnings) == 2 and "could not save snapshot" in warnings[0].message
@@ -221,7 +221,7 @@ def _failing_writer(real, exc, when):
 def test_a_failed_snapshot_is_a_warning_and_training_goes_on(clip, tmp_path, monkeypatch, exc):
     from safetensors import SafetensorError
 
-    import nada_core.adapt as adapt
+    import nada_core.training.adapt as adapt
 
     exc = SafetensorError("Error while serializing: IoError(No space left on device)") if exc == "safetensors" else exc
     monkeypatch.setattr(adapt, "save_generator", _failing_writer(adapt.save_generator, exc, lambda p: Path(p).parent.name == "snapshots"))
@@ -241,7 +241,7 @@ def test_a_failed_snapshot_is_a_warning_and_training_goes_on(clip, tmp_path, mon
 def test_a_failed_final_save_keeps_the_model_and_save_final_retries(clip, tmp_path, monkeypatch, exc):
     from safetensors import SafetensorError
 
-    import nada_core.adapt as adapt
+    import nada_core.training.adapt as adapt
 
     exc = SafetensorError("Error while serializing: IoError(No space left on device)") if exc == "safetensors" else exc
     real = adapt.save_generator
@@ -288,7 +288,7 @@ def test_non_finite_clip_weights_are_refused(clip):
 
 
 def test_style_images_of_different_sizes_train(clip):
-    from nada_core.adapt import fit_images
+    from nada_core.training.adapt import fit_images
 
     gen = torch.Generator().manual_seed(5)
     style = [torch.rand(1, 3, 48, 40, generator=gen) * 2 - 1, torch.rand(1, 3, 32, 32, generator=gen) * 2 - 1,
@@ -307,7 +307,7 @@ def test_style_images_of_different_sizes_train(clip):
 
 
 def test_resume_removes_stale_part_files_and_new_runs_never_reuse_a_folder(clip, tmp_path):
-    from nada_core.library import new_run_dir
+    from nada_core.store.library import new_run_dir
 
     part = Adapter(tiny_generator(), recipe(iterations=4), clip, out_dir=tmp_path)
     for ev in part.run():
@@ -329,9 +329,9 @@ def test_resume_removes_stale_part_files_and_new_runs_never_reuse_a_folder(clip,
 
 # ------------------------------------------------------------------ observers and diagnostics
 def test_diagnostics_arrive_in_events_and_every_snapshot_step_is_kept(clip, tmp_path):
-    from nada_core.diagnostics import best_snapshot, best_snapshot_of_run, clip_score, diversity
-    from nada_core.library import prune_snapshots
-    from nada_core.training import read_diagnostics
+    from nada_core.store.library import prune_snapshots
+    from nada_core.training.diagnostics import best_snapshot, best_snapshot_of_run, clip_score, diversity
+    from nada_core.training.loop import read_diagnostics
 
     # previews only at the first and last steps, snapshots every 2: steps 2 and 4 are previewed for them
     ad = Adapter(tiny_generator(), recipe(iterations=5, preview_every=100, snapshot_every=2), clip,
@@ -389,7 +389,7 @@ def test_a_failing_observer_is_a_warning_and_the_run_finishes(clip, tmp_path):
 
 
 def test_resume_drops_figures_measured_after_its_snapshot(clip, tmp_path):
-    from nada_core.training import read_diagnostics
+    from nada_core.training.loop import read_diagnostics
 
     part = Adapter(tiny_generator(), recipe(iterations=4, preview_every=1), clip, out_dir=tmp_path)
     part.add_observer(part.diagnostics_observer(identity=False))
@@ -440,7 +440,7 @@ def test_image_guided_layer_selection_pulls_towards_the_style_images(clip):
 
 
 def test_compile_setting_rule_and_what_is_compiled(clip):
-    from nada_core.adapt import compile_enabled
+    from nada_core.training.adapt import compile_enabled
 
     assert [compile_enabled(s, "cpu") for s in ("auto", "on", "off")] == [False, True, False]
     assert [compile_enabled(s, "cuda") for s in ("auto", "on", "off")] == [False, True, False]
@@ -457,7 +457,7 @@ def test_compile_setting_rule_and_what_is_compiled(clip):
 def test_compiled_training_follows_the_uncompiled_run(clip, monkeypatch):
     """Same samples, same noise (drawn outside the compiled graphs), same losses and weights. The aot_eager
     backend checks the wiring without inductor's C++ build (tests/test_stylegan2.py runs inductor itself)."""
-    monkeypatch.setattr("nada_core.adapt.COMPILE_BACKEND", "aot_eager")
+    monkeypatch.setattr("nada_core.training.adapt.COMPILE_BACKEND", "aot_eager")
     torch._dynamo.reset()
     runs = [Adapter(tiny_generator(), recipe(iterations=3, compile=c), clip) for c in ("off", "on")]
     (a, b) = [[e.loss for e in ad.run() if e.kind == "step"] for ad in runs]
@@ -470,7 +470,7 @@ def test_a_failed_compile_is_a_warning_and_the_step_runs_uncompiled(clip, monkey
     def broken(gm, example_inputs):
         raise RuntimeError("no C++ compiler here")
 
-    monkeypatch.setattr("nada_core.adapt.COMPILE_BACKEND", broken)
+    monkeypatch.setattr("nada_core.training.adapt.COMPILE_BACKEND", broken)
     torch._dynamo.reset()
     plain = Adapter(tiny_generator(), recipe(iterations=2, compile="off"), clip)
     failing = Adapter(tiny_generator(), recipe(iterations=2, compile="on"), clip)
@@ -487,7 +487,7 @@ def test_cli_compile_option_reaches_the_recipe_and_resume(tmp_path, capsys, monk
 
     from nada_core.__main__ import main
 
-    monkeypatch.setattr("nada_core.adapt.COMPILE_BACKEND", "aot_eager")
+    monkeypatch.setattr("nada_core.training.adapt.COMPILE_BACKEND", "aot_eager")
     torch._dynamo.reset()
     out = tmp_path / "run"
     assert main(["adapt", "--base", "tiny", "--clip", "tiny", "--target", "sketch", "--iters", "2", "--snapshot-every", "1",
@@ -499,7 +499,7 @@ def test_cli_compile_option_reaches_the_recipe_and_resume(tmp_path, capsys, monk
 
 
 def test_cpu_runs_keep_freed_memory_for_reuse_and_give_it_back(clip):
-    from nada_core import training
+    from nada_core.training import loop as training
 
     glibc = training._glibc() is not None
     ad = Adapter(tiny_generator(), recipe(iterations=2), clip)

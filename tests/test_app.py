@@ -169,7 +169,7 @@ def test_without_weights_the_page_offers_starter_packs(tmp_path, monkeypatch):
 
     monkeypatch.setenv("NADA_WEIGHTS_DIR", str(tmp_path / "weights"))
     monkeypatch.setenv("NADA_LIBRARY_DIR", str(tmp_path / "lib"))
-    import nada_core.packs as packs
+    import nada_core.store.packs as packs
     monkeypatch.setattr(packs, "remote_size", lambda asset, timeout=5.0: None)  # offline: sizes unknown
     demo = build_demo(Studio(device="cpu"))
     texts = [c["props"].get("value") or "" for c in demo.config["components"] if c["type"] == "markdown"]
@@ -187,7 +187,7 @@ def test_starter_pack_downloads_with_one_progress(tmp_path, monkeypatch):
     import hashlib
     import json
 
-    from nada_core import packs, weights
+    from nada_core.store import packs, weights
     from tests.http_server import Files, serve
 
     a, b = b"generator" * 3000, b"clip" * 1000
@@ -231,8 +231,8 @@ def test_blend_two_adapted_models(app):
 
 
 def test_library_import_rename_delete(app, tmp_path):
-    from nada_core.checkpoints import export_rosinality, save_generator
-    from nada_core.tiny import tiny_generator
+    from nada_core.models.tiny import tiny_generator
+    from nada_core.store.checkpoints import export_rosinality, save_generator
 
     client, studio, _ = app
     export_rosinality(tiny_generator(seed=5), tmp_path / "my style.pt")       # a user's rosinality file
@@ -269,7 +269,7 @@ def test_library_import_rename_delete(app, tmp_path):
 
 
 def test_a_short_stopped_run_is_kept_only_when_asked(app):
-    from nada_core.library import restore
+    from nada_core.store.library import restore
 
     client, studio, url = app
     before = {e.id for e in studio.library()}
@@ -424,7 +424,7 @@ def test_weights_check_button_repairs_a_damaged_file(app, tmp_path, monkeypatch)
     import hashlib
     import json
 
-    from nada_core import weights
+    from nada_core.store import weights
     from tests.http_server import Files, serve
 
     client, _, _ = app

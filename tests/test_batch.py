@@ -7,9 +7,9 @@ import re
 import pytest
 from PIL import Image
 
-from nada_core import batch
 from nada_core.__main__ import main
-from nada_core.library import list_library
+from nada_core.store.library import list_library
+from nada_core.training import batch
 
 try:
     import ray
@@ -162,8 +162,8 @@ mixing = 0.5
 @pytest.mark.skipif(ray is None and not os.environ.get("CI"),
                     reason="Ray is not installed (pip install -r requirements-cluster.txt)")
 def test_ray_cluster_runs_jobs_in_parallel_and_reports_the_failure(tmp_path, capsys):
-    from nada_core.checkpoints import save_generator
-    from nada_core.tiny import tiny_generator
+    from nada_core.models.tiny import tiny_generator
+    from nada_core.store.checkpoints import save_generator
 
     save_generator(tiny_generator(seed=3), tmp_path / "base.safetensors")  # a file base: shipped with --ship-weights
     Image.new("RGB", (64, 48), (240, 200, 20)).save(tmp_path / "yellow.jpg")  # images always travel with the job

@@ -191,7 +191,7 @@ def test_first_run_without_weights_leads_somewhere(browser, tmp_path, monkeypatc
 
     monkeypatch.setenv("NADA_WEIGHTS_DIR", str(tmp_path / "weights"))
     monkeypatch.setenv("NADA_LIBRARY_DIR", str(tmp_path / "lib"))
-    import nada_core.packs as packs
+    import nada_core.store.packs as packs
     monkeypatch.setattr(packs, "remote_size", lambda asset, timeout=5.0: 100 * 2 ** 20)  # no network here
     demo = build_demo(Studio(device="cpu"))
     port = free_port()

@@ -8,10 +8,16 @@ import types
 import pytest
 import torch
 
-from nada_core.checkpoints import CheckpointError, expected_layout, export_rosinality, load_generator, save_generator
-from nada_core.editing import blend_generators
-from nada_core.stylegan2 import Generator, seeds_to_z
-from nada_core.tiny import tiny_generator
+from nada_core.latent.editing import blend_generators
+from nada_core.models.stylegan2 import Generator, seeds_to_z
+from nada_core.models.tiny import tiny_generator
+from nada_core.store.checkpoints import (
+    CheckpointError,
+    expected_layout,
+    export_rosinality,
+    load_generator,
+    save_generator,
+)
 
 
 def images(G, seeds=(1, 2)):
@@ -227,7 +233,7 @@ def test_expected_layout_is_the_generators_state_dict(cfg):
 def test_restricted_reader_rebuilds_tensors_like_torch(tmp_path):
     """Our reader replaces torch.load for every pickle-based file: dtypes, views, storages used by several tensors,
     parameters and empty tensors come back as torch would give them, in all pickle protocols."""
-    from nada_core.checkpoints import load_torch_file, restricted_loads
+    from nada_core.store.checkpoints import load_torch_file, restricted_loads
 
     base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
     objs = {"view": base[1:, 2:], "t": base.t(), "bf16": torch.randn(3, dtype=torch.bfloat16), "i64": torch.arange(5),

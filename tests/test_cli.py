@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from nada_core.__main__ import main
-from nada_core.sampling import parse_seeds
+from nada_core.latent.sampling import parse_seeds
 from tests.conftest import ROOT
 
 
@@ -52,8 +52,8 @@ def test_module_entry_point_lists_weights(tmp_path):
 def test_invert_writes_crop_reconstruction_stylised_and_pasted(tmp_path, capsys):
     from skimage import data
 
-    from nada_core.checkpoints import save_generator
-    from nada_core.tiny import tiny_generator
+    from nada_core.models.tiny import tiny_generator
+    from nada_core.store.checkpoints import save_generator
 
     Image.fromarray(data.astronaut()).save(tmp_path / "photo.jpg")
     model = save_generator(tiny_generator(seed=4), tmp_path / "style" / "final.safetensors")
@@ -103,7 +103,7 @@ def test_adapt_reports_a_failed_final_save_and_returns_1(tmp_path, capsys, monke
     import json
     from pathlib import Path
 
-    import nada_core.adapt as adapt
+    import nada_core.training.adapt as adapt
 
     real = adapt.save_generator
 

@@ -3,8 +3,17 @@ import math
 import pytest
 import torch
 
-from nada_core.clip_guide import (IMAGENET_TEMPLATES, ClipLoadError, PromptError, check_prompts, directional_loss,
-                                  global_loss, load_clip, preprocess, text_direction)
+from nada_core.guidance.clip_guide import (
+    IMAGENET_TEMPLATES,
+    ClipLoadError,
+    PromptError,
+    check_prompts,
+    directional_loss,
+    global_loss,
+    load_clip,
+    preprocess,
+    text_direction,
+)
 
 
 def test_templates_are_the_79_of_the_paper():
@@ -75,7 +84,7 @@ def test_real_clip_loader_reads_an_open_clip_checkpoint(tmp_path, monkeypatch):
     import open_clip
     from safetensors.torch import save_file
 
-    from nada_core import weights
+    from nada_core.store import weights
 
     monkeypatch.setenv("NADA_WEIGHTS_DIR", str(tmp_path))
     torch.manual_seed(0)
@@ -98,8 +107,8 @@ def test_bf16_clip_encodes_float32_images_without_autocast():
     float32); a run with amp off feeds it float32 images outside autocast (this failed on an H100)."""
     from open_clip.model import convert_weights_to_lp
 
-    from nada_core.clip_guide import ClipMember, encode_pooled
-    from nada_core.tiny import tiny_clip
+    from nada_core.guidance.clip_guide import ClipMember, encode_pooled
+    from nada_core.models.tiny import tiny_clip
 
     model, tok = tiny_clip()
     reference = ClipMember("tiny", model, tok).encode_images(torch.rand(2, 3, 32, 32) * 2 - 1)
@@ -117,8 +126,8 @@ def test_packed_attention_computes_what_multihead_attention_does():
     texts and the gradients that reach the images must not change."""
     import copy
 
-    from nada_core.clip_guide import ClipMember, PackedSelfAttention
-    from nada_core.tiny import tiny_clip
+    from nada_core.guidance.clip_guide import ClipMember, PackedSelfAttention
+    from nada_core.models.tiny import tiny_clip
 
     model, tok = tiny_clip()
     plain = copy.deepcopy(model)

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from nada_core.__main__ import main
-from nada_core.checkpoints import load_generator, save_generator
-from nada_core.delta import DeltaError, apply_delta, delta_info, export_delta, fingerprint
-from nada_core.stylegan2 import seeds_to_z
-from nada_core.tiny import tiny_generator
+from nada_core.models.stylegan2 import seeds_to_z
+from nada_core.models.tiny import tiny_generator
+from nada_core.store.checkpoints import load_generator, save_generator
+from nada_core.store.delta import DeltaError, apply_delta, delta_info, export_delta, fingerprint
 
 
 def adapted_from(G_base, layers=("convs.2", "convs.3"), seed=1):

@@ -7,13 +7,21 @@ import torch.nn.functional as F
 from PIL import Image
 from skimage import data
 
-from nada_core.align import align_face
-from nada_core.clip_guide import ClipMember
-from nada_core.diagnostics import (COLLAPSE_RATIO, Diagnostics, best_snapshot, clip_score, diversity,
-                                   identity_distance, identity_distances, mean_pairwise_distance)
-from nada_core.images import from_pil
-from nada_core.stylegan2 import seeds_to_z
-from nada_core.tiny import tiny_clip, tiny_generator
+from nada_core.faces.align import align_face
+from nada_core.guidance.clip_guide import ClipMember
+from nada_core.models.stylegan2 import seeds_to_z
+from nada_core.models.tiny import tiny_clip, tiny_generator
+from nada_core.store.images import from_pil
+from nada_core.training.diagnostics import (
+    COLLAPSE_RATIO,
+    Diagnostics,
+    best_snapshot,
+    clip_score,
+    diversity,
+    identity_distance,
+    identity_distances,
+    mean_pairwise_distance,
+)
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +128,7 @@ def test_best_snapshot_prefers_a_high_score_before_diversity_drops():
 
 
 def test_observer_built_from_an_adapter_uses_its_members_and_directions(member, previews):
-    from nada_core.adapt import Adapter, Recipe
+    from nada_core.training.adapt import Adapter, Recipe
 
     style = [torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1]
     r = Recipe(source="photo", target="", style_images=["s.png"], iterations=1, clip_models=["tiny"], clip_weights=[1.0])

@@ -2,10 +2,18 @@ import numpy as np
 import pytest
 import torch
 
-from nada_core.editing import (Direction, DirectionError, apply_edits, blend_generators, check_compatible,
-                               edit_z, ganspace, load_direction_file)
-from nada_core.stylegan2 import seeds_to_z
-from nada_core.tiny import tiny_generator
+from nada_core.latent.editing import (
+    Direction,
+    DirectionError,
+    apply_edits,
+    blend_generators,
+    check_compatible,
+    edit_z,
+    ganspace,
+    load_direction_file,
+)
+from nada_core.models.stylegan2 import seeds_to_z
+from nada_core.models.tiny import tiny_generator
 from tests.conftest import DATA as REF
 
 
@@ -76,8 +84,8 @@ def test_blend_is_linear_in_the_weights():
 
 
 def test_z_space_attribute_moves_z_before_mapping():
-    from nada_core.sampling import edited_latent, latents_for_seeds
-    from nada_core.stylegan2 import seeds_to_z
+    from nada_core.latent.sampling import edited_latent, latents_for_seeds
+    from nada_core.models.stylegan2 import seeds_to_z
 
     G = tiny_generator()
     d = Direction("smile", torch.randn(G.style_dim), "Z")
@@ -102,7 +110,7 @@ def _style_of(base, layer, seed):
 
 
 def test_combine_styles_is_arithmetic_on_the_weights():
-    from nada_core.editing import combine_styles
+    from nada_core.latent.editing import combine_styles
 
     base = tiny_generator()
     A, B = _style_of(base, "convs.1", 1), _style_of(base, "convs.3", 2)

@@ -4,11 +4,11 @@ import torch
 from PIL import Image
 from skimage import data
 
-from nada_core.align import FaceError, align_face, aligned_points, detect, landmarks, load_photo, paste_back
-from nada_core.invert import E4EEncoder, invert, load_e4e, project
-from nada_core.selfie import Inversion, invert_face, paste_faces, prepare_face, prepare_faces, render
-from nada_core.images import to_pil
-from nada_core.tiny import tiny_generator
+from nada_core.faces.align import FaceError, align_face, aligned_points, detect, landmarks, load_photo, paste_back
+from nada_core.faces.invert import E4EEncoder, invert, load_e4e, project
+from nada_core.faces.selfie import Inversion, invert_face, paste_faces, prepare_face, prepare_faces, render
+from nada_core.models.tiny import tiny_generator
+from nada_core.store.images import to_pil
 
 
 @pytest.fixture(scope="module")
@@ -213,7 +213,7 @@ def _changed_near(before, after, face, pad=10):
 def test_group_photo_stylises_and_pastes_every_face(two_faces):
     faces = prepare_faces(two_faces, output_size=64)
     G, style = tiny_generator(), tiny_generator(seed=9)
-    from nada_core.selfie import invert_faces, stylize_faces
+    from nada_core.faces.selfie import invert_faces, stylize_faces
 
     seen = []
     invs = invert_faces(faces, G, steps=3, progress=lambda s, n, loss: seen.append((s, n)))
@@ -237,7 +237,7 @@ def test_group_photo_stylises_and_pastes_every_face(two_faces):
 
 def test_cli_invert_all_faces(two_faces, tmp_path):
     from nada_core.__main__ import main
-    from nada_core.checkpoints import save_generator
+    from nada_core.store.checkpoints import save_generator
 
     two_faces.save(tmp_path / "group.png")
     model = save_generator(tiny_generator(seed=4), tmp_path / "style" / "final.safetensors")

@@ -1,7 +1,7 @@
 import torch
 
-from nada_core.freezing import layers_for_slots, preset_slots, select_slots, set_trainable
-from nada_core.tiny import tiny_generator
+from nada_core.models.tiny import tiny_generator
+from nada_core.training.freezing import layers_for_slots, preset_slots, select_slots, set_trainable
 
 
 def test_selected_slots_are_the_top_k_by_mean_change():

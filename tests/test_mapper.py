@@ -4,12 +4,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nada_core.clip_guide import encode_pooled, load_clip, pool_for_clip
-from nada_core.mapper import (LevelsMapper, MapperError, MapperLinear, MapperRecipe, MapperTrainer, load_mapper,
-                              optimise_edit)
-from nada_core.ranger import Ranger
-from nada_core.sampling import latents_for_seeds
-from nada_core.tiny import tiny_generator
+from nada_core.guidance.clip_guide import encode_pooled, load_clip, pool_for_clip
+from nada_core.latent.sampling import latents_for_seeds
+from nada_core.models.tiny import tiny_generator
+from nada_core.training.mapper import (
+    LevelsMapper,
+    MapperError,
+    MapperLinear,
+    MapperRecipe,
+    MapperTrainer,
+    load_mapper,
+    optimise_edit,
+)
+from nada_core.training.ranger import Ranger
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +200,7 @@ def test_a_few_steps_lower_the_total_loss(clip):
 
 
 def test_mining_an_adapted_model_and_strength_zero(clip, tmp_path):
-    from nada_core.adapt import Adapter, Recipe
+    from nada_core.training.adapt import Adapter, Recipe
 
     ad = Adapter(tiny_generator(), Recipe(source="photo", target="sketch", iterations=3, clip_models=["tiny"],
                                           clip_weights=[1.0], preview_every=100), clip)
@@ -269,9 +276,9 @@ def test_resume_is_exact(clip, tmp_path):
 
 
 def test_mapper_nan_guard_and_save_failure(clip, tmp_path, monkeypatch):
-    import nada_core.mapper as mapper_mod
-
     import dataclasses
+
+    import nada_core.training.mapper as mapper_mod
 
     huge = [dataclasses.replace(clip[0], weight=1e308)]
     t = MapperTrainer(tiny_generator(), recipe(iterations=2, clip_weights=[1e308]), huge, out_dir=tmp_path / "nan")
@@ -297,7 +304,7 @@ def test_cli_train_then_sample_with_the_mapper(tmp_path, capsys):
     from PIL import Image
 
     from nada_core.__main__ import main
-    from nada_core.checkpoints import save_generator
+    from nada_core.store.checkpoints import save_generator
 
     out = tmp_path / "cat"
     assert main(["mapper", "--model", "tiny", "--clip", "tiny", "--text", "a cat", "--steps", "3",
@@ -320,7 +327,7 @@ def test_cli_train_then_sample_with_the_mapper(tmp_path, capsys):
 
 
 def test_arcface_identity_loss_by_hand(tmp_path):
-    from nada_core.mapper import ArcFace, identity_for, load_arcface
+    from nada_core.training.mapper import ArcFace, identity_for, load_arcface
 
     torch.manual_seed(6)
     net = ArcFace().eval()
@@ -348,9 +355,9 @@ def test_dlib_identity_is_a_monitored_distance(clip):
     from PIL import Image
     from skimage import data
 
-    from nada_core.align import align_face
-    from nada_core.images import from_pil
-    from nada_core.mapper import DlibIdentity, identity_for
+    from nada_core.faces.align import align_face
+    from nada_core.store.images import from_pil
+    from nada_core.training.mapper import DlibIdentity, identity_for
 
     ident, note = identity_for("auto", None, "ffhq-256")
     if ident is None:

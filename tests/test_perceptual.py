@@ -2,10 +2,10 @@
 import torch
 import torchvision
 
-from nada_core import weights
-from nada_core.invert import project
-from nada_core.perceptual import LPIPS, load_lpips
-from nada_core.tiny import tiny_generator
+from nada_core.faces.invert import project
+from nada_core.faces.perceptual import LPIPS, load_lpips
+from nada_core.models.tiny import tiny_generator
+from nada_core.store import weights
 
 
 def test_lpips_weight_files_load_with_their_real_layouts(tmp_path, monkeypatch):

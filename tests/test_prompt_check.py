@@ -5,10 +5,15 @@ import torch
 from torch import nn
 
 from nada_core.__main__ import main
-from nada_core.clip_guide import IMAGENET_TEMPLATES, ClipMember, PromptError
-from nada_core.prompt_check import (AMBIGUOUS_CONSISTENCY, WEAK_STRENGTH, check_prompt, source_variants,
-                                    target_variants)
-from nada_core.tiny import tiny_clip
+from nada_core.guidance.clip_guide import IMAGENET_TEMPLATES, ClipMember, PromptError
+from nada_core.guidance.prompt_check import (
+    AMBIGUOUS_CONSISTENCY,
+    WEAK_STRENGTH,
+    check_prompt,
+    source_variants,
+    target_variants,
+)
+from nada_core.models.tiny import tiny_clip
 
 
 def tiny_member(seed=0, embed_dim=32, name=None):
@@ -164,10 +169,10 @@ def test_cli_prints_a_table_or_json(capsys):
 
 
 def test_gallery_entries_are_usable_prompts_with_sane_settings():
-    from nada_core import weights
-    from nada_core.clip_guide import DEFAULT_MODELS, check_prompts
-    from nada_core.gallery import EXTERNAL_BASES, GALLERY, PRESETS, get
-    from nada_core.adapt import Recipe
+    from nada_core.guidance.clip_guide import DEFAULT_MODELS, check_prompts
+    from nada_core.guidance.gallery import EXTERNAL_BASES, GALLERY, PRESETS, get
+    from nada_core.store import weights
+    from nada_core.training.adapt import Recipe
 
     manifest = weights.load_manifest()
     bases = {n for n, a in manifest.items() if a.kind == "generator"} | {"ffhq"} | set(EXTERNAL_BASES)

@@ -11,9 +11,18 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torchvision import transforms
 
-from nada_core.psp import (SEG_COLORS, GradualStyleEncoder, PSPEncoder, encoder_from_checkpoint, load_psp,
-                           segmentation_input, segmentation_to_w, sketch_input, sketch_to_w)
-from nada_core.tiny import tiny_generator
+from nada_core.faces.psp import (
+    SEG_COLORS,
+    GradualStyleEncoder,
+    PSPEncoder,
+    encoder_from_checkpoint,
+    load_psp,
+    segmentation_input,
+    segmentation_to_w,
+    sketch_input,
+    sketch_to_w,
+)
+from nada_core.models.tiny import tiny_generator
 
 # ------------------------------------------------------------------ reference transcription
 # pSp models/encoders/helpers.py get_blocks(50): (in_channel, depth, num_units); the first unit of each
@@ -330,7 +339,7 @@ def test_a_drawn_sketch_becomes_an_image(loaded):
 
 # ------------------------------------------------------------------ manifest
 def test_manifest_names_the_official_models():
-    from nada_core import weights
+    from nada_core.store import weights
 
     m = weights.load_manifest()
     sketch, seg = m["psp-sketch"], m["psp-seg"]

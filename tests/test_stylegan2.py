@@ -5,8 +5,8 @@ import shutil
 import pytest
 import torch
 
-from nada_core.stylegan2 import Generator, ModulatedConv2d, Upsample, channel_table, seeds_to_z
-from nada_core.tiny import tiny_generator
+from nada_core.models.stylegan2 import Generator, ModulatedConv2d, Upsample, channel_table, seeds_to_z
+from nada_core.models.tiny import tiny_generator
 from tests.reference_stylegan2 import reference_mapping, reference_synthesis
 
 
@@ -75,7 +75,7 @@ def test_w_plus_slots_feed_the_documented_layers():
 @pytest.mark.parametrize("one_kernel", [True, False], ids=["cpu-channels-last", "grouped-per-sample"])
 @pytest.mark.parametrize("size,cm,cmax", [(32, 1, 32), (64, 2, 48)])
 def test_synthesis_matches_reference_math(size, cm, cmax, one_kernel, monkeypatch):
-    monkeypatch.setattr("nada_core.stylegan2.CPU_CHANNELS_LAST", one_kernel)  # both code paths, same answer
+    monkeypatch.setattr("nada_core.models.stylegan2.CPU_CHANNELS_LAST", one_kernel)  # both code paths, same answer
     G = tiny_generator(size=size, channel_multiplier=cm, channel_max=cmax, style_dim=64)
     ws = torch.randn(2, G.n_latent, 64) * 0.5 + 0.3
     with torch.no_grad():  # the channels-last path serves inference
@@ -120,9 +120,9 @@ def test_training_forward_and_gradients_match_reference_math(size, cm, cmax, for
     moved weight gradients by up to 3e-4 of their largest entry and the noise strengths (one number summed over
     whole maps) by up to 3e-2, the grouped NCHW formulation included; the bounds keep 5x and 3x margins."""
     layout, ratio, block_diag = CPU_TRAINING_FORMULATIONS[formulation]
-    monkeypatch.setattr("nada_core.stylegan2.CPU_TRAINING_LAYOUT", layout)
-    monkeypatch.setattr("nada_core.stylegan2.SCALE_RATIO", ratio)
-    monkeypatch.setattr("nada_core.stylegan2.BLOCK_DIAG_MAX_BATCH", block_diag)
+    monkeypatch.setattr("nada_core.models.stylegan2.CPU_TRAINING_LAYOUT", layout)
+    monkeypatch.setattr("nada_core.models.stylegan2.SCALE_RATIO", ratio)
+    monkeypatch.setattr("nada_core.models.stylegan2.BLOCK_DIAG_MAX_BATCH", block_diag)
     G, ws, probe, ref, ref_grads, ref_ws_grad = _reference_gradients(size, cm, cmax)
     G.zero_grad(set_to_none=True)
     ws = ws.clone().requires_grad_(True)
@@ -204,7 +204,7 @@ def test_w_avg_is_cached_until_the_mapping_changes():
 
 def test_one_kernel_path_is_differentiable_and_agrees(monkeypatch):
     """Training uses the grouped path; the one-kernel path still gives the same gradients when called."""
-    from nada_core.stylegan2 import ModulatedConv2d
+    from nada_core.models.stylegan2 import ModulatedConv2d
 
     torch.manual_seed(0)
     conv = ModulatedConv2d(8, 6, 3, 16, upsample=True)
@@ -220,7 +220,7 @@ def test_one_kernel_path_is_differentiable_and_agrees(monkeypatch):
 
 
 def test_grouped_kernels_makes_inference_round_like_training():
-    from nada_core.stylegan2 import grouped_kernels
+    from nada_core.models.stylegan2 import grouped_kernels
 
     G = tiny_generator(size=64)
     ws = torch.randn(2, G.n_latent, G.style_dim)
@@ -237,7 +237,7 @@ def test_grouped_kernels_makes_inference_round_like_training():
 def _layer_pair(seed=0):
     """An upsampling StyledConv feeding a ToRGB with a skip input: every op of the CPU training path
     (scaled-activation or per-sample layers, transposed convolution, blur, ToRGB matrix product, skip upsampling)."""
-    from nada_core.stylegan2 import StyledConv, ToRGB
+    from nada_core.models.stylegan2 import StyledConv, ToRGB
 
     torch.manual_seed(seed)
     conv, rgb = StyledConv(8, 8, 3, 16, upsample=True), ToRGB(8, 16)
@@ -276,7 +276,7 @@ def test_compiled_generator_graph_matches_eager(scaled, monkeypatch):
     """torch.compile captures the whole CPU training path in one graph (AOTAutograd traces forward and backward,
     the custom blur backward included); outputs and gradients equal the eager ones. The aot_eager backend runs
     the captured graphs without inductor's C++ build, which the next test does on the smallest shapes."""
-    monkeypatch.setattr("nada_core.stylegan2.SCALE_RATIO", 0.0 if scaled else math.inf)
+    monkeypatch.setattr("nada_core.models.stylegan2.SCALE_RATIO", 0.0 if scaled else math.inf)
     torch._dynamo.reset()
     G = tiny_generator(size=32).requires_grad_(True)
     ws = torch.randn(2, G.n_latent, G.style_dim)
@@ -291,7 +291,7 @@ def test_inductor_compiled_layers_match_eager(monkeypatch):
     """The real compiler (inductor, C++ on CPU) on the smallest shapes (~30 s cold on 2 cores): an upsampling
     layer with per-sample kernels and a ToRGB with its skip, forward and backward, equal to eager within the
     reference tolerances."""
-    monkeypatch.setattr("nada_core.stylegan2.SCALE_RATIO", math.inf)
+    monkeypatch.setattr("nada_core.models.stylegan2.SCALE_RATIO", math.inf)
     torch._dynamo.reset()
     modules, fn, inputs = _layer_pair()
     eager = _forward_backward(modules, fn, inputs)

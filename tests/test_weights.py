@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from nada_core import weights
-from nada_core.weights import Asset, WeightsError, download, load_manifest, verify
+from nada_core.store import weights
+from nada_core.store.weights import Asset, WeightsError, download, load_manifest, verify
 from tests.http_server import Files, serve
 
 PAYLOAD = bytes(range(256)) * 8192  # 2 MiB: more than one download chunk
@@ -101,6 +101,7 @@ def test_manifest_is_complete_and_require_explains(tmp_path, monkeypatch):
 
 def test_reference_direction_files_verify_against_the_manifest(tmp_path, monkeypatch):
     import shutil
+
     from tests.conftest import DATA
     monkeypatch.setenv("NADA_WEIGHTS_DIR", str(tmp_path))
     m = load_manifest()

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
+from ..models.stylegan2 import Generator
 from .checkpoints import atomic_write
-from .stylegan2 import Generator
 
 FORMAT_NAME = "nada-studio-delta"
 FORMAT_VERSION = 1

@@ -16,7 +16,7 @@ The file holds optional ``[defaults]`` and one ``[[job]]`` table per model::
     name = "starry"
     style_images = ["styles/starry-night.jpg"]     # paths relative to this file
 
-A job's keys are ``name``, ``base``, ``clip`` and any field of :class:`nada_core.adapt.Recipe` (``source``,
+A job's keys are ``name``, ``base``, ``clip`` and any field of :class:`nada_core.training.adapt.Recipe` (``source``,
 ``target``, ``style_images``, ``source_images``, ``iterations``, ``batch``, ``lr``, ``preset``, ``k``, ``mixing``,
 ``clip_weights``, ``seed``, ...) except ``snapshot_every``: batch runs keep no snapshots. The whole file is
 checked before anything runs; every problem is reported with its job and field.
@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Callable, TextIO
 
 if TYPE_CHECKING:  # importing this module stays light (no torch): Ray's progress actor lives here
     from .adapt import Recipe
-    from .training import Event
+    from .loop import Event
 
 __all__ = ["BatchError", "Job", "JobFailed", "JobResult", "attempt", "batch_command", "follow_run", "install_run",
            "job_keys", "load_jobs", "run_batch", "run_job", "summary_table"]
@@ -165,7 +165,7 @@ def _resolve_path(text: str, folder: Path) -> Path:
 
 
 def _check_images(paths: list[str], key: str, where: str, folder: Path, problems: list[str]) -> list[str]:
-    from .images import open_image
+    from ..store.images import open_image
 
     out = []
     for text in paths:
@@ -184,11 +184,11 @@ def _check_images(paths: list[str], key: str, where: str, folder: Path, problems
 
 def _check_base(base: str, folder: Path, device_kind: str, need_files: bool) -> tuple[str, int | None]:
     """(the base as jobs record it, its W+ slot count when known) or ValueError."""
-    from . import weights
-    from .library import resolve_base_name
+    from ..store import weights
+    from ..store.library import resolve_base_name
 
     if base == "tiny":
-        from .tiny import TINY_GENERATOR
+        from ..models.tiny import TINY_GENERATOR
 
         return "tiny", 2 * int(math.log2(TINY_GENERATOR["size"])) - 2
     for candidate in (_resolve_path(base, folder), Path(base).expanduser()):
@@ -209,8 +209,7 @@ def _check_base(base: str, folder: Path, device_kind: str, need_files: bool) -> 
 
 
 def _check_clip(names: list[str], need_files: bool) -> None:
-    from . import weights
-
+    from ..store import weights
     real = [n for n in names if n != "tiny"]
     if not real:
         return
@@ -233,8 +232,8 @@ def load_jobs(path: str | os.PathLike, device_kind: str = "cpu", need_files: boo
     ``device_kind`` ('cpu' or 'cuda') resolves ``base = "ffhq"`` as training would; ``need_files``: the weights
     must be present here (sequential runs, --ship-weights). Names already in ``library`` are refused unless
     ``skip_existing`` (then jobs whose model is finished there are dropped, with a warning)."""
+    from ..store.library import MODEL_ID, slugify
     from .adapt import Recipe
-    from .library import MODEL_ID, slugify
 
     keys = job_keys()
     path = Path(path)
@@ -327,7 +326,7 @@ def load_jobs(path: str | os.PathLike, device_kind: str = "cpu", need_files: boo
 def follow_run(trainer, out_dir: Path | None, on_event: Callable[[Event], None] | None = None) -> Event | None:
     """Run ``trainer`` to its end, passing each event to ``on_event``; write ``thumb.png`` (source row above
     adapted row) into ``out_dir`` from the final preview. Returns the last event (None if none came)."""
-    from .images import grid, to_pil
+    from ..store.images import grid, to_pil
 
     last = None
     for ev in trainer.run():
@@ -361,10 +360,10 @@ def run_job(job: Job, device: str, report: Callable[[dict], None] | None = None,
     ends without a model."""
     import torch
 
+    from ..guidance.clip_guide import load_ensemble
+    from ..store.images import from_pil, open_image
+    from ..store.library import load_base
     from .adapt import Adapter
-    from .clip_guide import load_ensemble
-    from .images import from_pil, open_image
-    from .library import load_base
 
     if threads:
         torch.set_num_threads(threads)
@@ -419,7 +418,7 @@ def run_job(job: Job, device: str, report: Callable[[dict], None] | None = None,
 def install_run(library: Path, name: str, files: dict[str, bytes]) -> Path:
     """Write a finished run into the library as ``<library>/<name>`` (``name-2``... if that appeared meanwhile);
     the weights and thumbnail first and recipe.json last, each atomically, so the app never lists half a run."""
-    from .checkpoints import atomic_write
+    from ..store.checkpoints import atomic_write
 
     library = Path(library)
     library.mkdir(parents=True, exist_ok=True)
@@ -558,7 +557,7 @@ def _apply_event(r: JobResult, d: dict, view: ProgressView) -> None:
 
 
 def _failure_text(e: BaseException) -> str:
-    from .training import describe_error
+    from .loop import describe_error
 
     if isinstance(e, JobFailed):
         return str(e)
@@ -583,7 +582,7 @@ def attempt(job: Job, device: str, report: Callable[[dict], None] | None = None,
 
 def _finish_try(r: JobResult, view: ProgressView, library: Path, outcome: dict) -> bool:
     """Record one try's outcome (see ``attempt``); True when the job should be tried again."""
-    from .training import describe_error
+    from .loop import describe_error
 
     if "seconds" in outcome:
         r.seconds += outcome["seconds"]
@@ -636,9 +635,8 @@ def _import_ray():
 
 def _stage_code(folder: Path) -> Path:
     """A small working_dir for Ray: this package and the weights manifest (nodes need no copy of the project)."""
-    from . import weights
-
-    here = Path(__file__).resolve().parent
+    from ..store import weights
+    here = Path(__file__).resolve().parents[1]  # the nada_core package
     shutil.copytree(here, folder / "nada_core", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     (folder / "weights").mkdir()
     shutil.copy2(weights.MANIFEST_PATH, folder / "weights" / "manifest.json")
@@ -678,9 +676,9 @@ def _ray_job(job: Job, device: str, threads: int, board, tries: int, base_blob, 
 
 def _ship(ray, jobs: list[Job]) -> tuple[dict, dict]:
     """Put each distinct base (as our safetensors, loaded here on the CPU) and CLIP file in the object store once."""
-    from . import weights
-    from .checkpoints import save_generator
-    from .library import load_base
+    from ..store import weights
+    from ..store.checkpoints import save_generator
+    from ..store.library import load_base
 
     bases, clips = {}, {}
     for job in jobs:
@@ -716,8 +714,8 @@ def _cluster_plan(ray, cpus_per_job: int) -> tuple[dict, str, str]:
 
 def _run_on_ray(ray, results: list[JobResult], view: ProgressView, library: Path, resources: dict, device: str,
                 cpus_per_job: int, ship_weights: bool) -> None:
-    from . import weights
-    from .training import describe_error
+    from ..store import weights
+    from .loop import describe_error
 
     jobs = [r.job for r in results]
     bases, clips = _ship(ray, jobs) if ship_weights else ({}, {})
@@ -780,7 +778,7 @@ def run_batch(jobs: list[Job], library: Path, ray_address: str | None = None, cp
     results = [JobResult(j) for j in jobs]
     view = ProgressView(results, stream, progress_every)
     if ray_address is None:
-        from .library import default_device
+        from ..store.library import default_device
 
         _run_here(results, view, Path(library), device or default_device())
     else:
@@ -813,7 +811,7 @@ def _connect(address: str, cpus_per_job: int):
 
 def batch_command(args) -> int:
     """``python -m nada_core batch``: check the file, show the plan, run, print the summary table."""
-    from .library import default_device, library_dir
+    from ..store.library import default_device, library_dir
 
     if args.cpus_per_job < 1:
         raise BatchError("--cpus-per-job must be 1 or more")

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .clip_guide import ClipMember
-from .training import read_diagnostics
+from ..guidance.clip_guide import ClipMember
+from .loop import read_diagnostics
 
 __all__ = ["COLLAPSE_RATIO", "Diagnostics", "SnapshotAdvice", "best_snapshot", "best_snapshot_of_run", "clip_score",
            "directional_score", "diversity", "identity_distance", "identity_distances", "read_diagnostics"]
@@ -119,10 +119,10 @@ def to_uint8(images: torch.Tensor) -> list[np.ndarray]:
 
 
 def face_landmarks(image: np.ndarray) -> np.ndarray | None:
-    """(68, 2) landmarks of the largest face (nada_core.align's detector), or None."""
+    """(68, 2) landmarks of the largest face (nada_core.faces.align's detector), or None."""
     from PIL import Image
 
-    from .align import detect
+    from ..faces.align import detect
 
     faces = detect(Image.fromarray(image))
     return faces.landmarks[0] if faces.count else None

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .stylegan2 import EqualLinear, Generator
+from ..models.stylegan2 import EqualLinear, Generator
 
 
 # ------------------------------------------------------------------ IR-SE-50 backbone

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import weights
+from ..store import weights
 
 SHIFT = (-0.030, -0.088, -0.188)   # LPIPS input scaling, for images in [-1, 1]
 SCALE = (0.458, 0.448, 0.450)

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import torch
 
+from ..models.stylegan2 import Generator
 from . import weights
 from .checkpoints import load_generator
-from .stylegan2 import Generator
+
 
 def library_dir() -> Path:
     return Path(os.environ.get("NADA_LIBRARY_DIR", weights.REPO_ROOT / "library"))
@@ -37,7 +38,7 @@ def resolve_base_name(name: str, device: str = "cpu") -> str:
 def load_base(name_or_path: str, device: str = "cpu") -> tuple[Generator, str]:
     """(generator, canonical name) for 'tiny', a manifest generator name, or a file path."""
     if name_or_path == "tiny":
-        from .tiny import tiny_generator
+        from ..models.tiny import tiny_generator
 
         return tiny_generator().to(device), "tiny"
     if Path(name_or_path).is_file():

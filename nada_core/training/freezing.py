@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .stylegan2 import Generator, StyledConv
+from ..models.stylegan2 import Generator, StyledConv
 
 PRESETS = ("auto", "all", "texture", "shape")
 

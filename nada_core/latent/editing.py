@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .stylegan2 import Generator
+from ..models.stylegan2 import Generator
 
 
 @dataclass

@@ -14,8 +14,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
-import http.client
 import hashlib
+import http.client
 import importlib.util
 import json
 import os
@@ -34,7 +34,7 @@ try:
 except ImportError:  # not POSIX: fall back on an O_EXCL lock file
     fcntl = None
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 MANIFEST_PATH = Path(os.environ.get("NADA_MANIFEST") or REPO_ROOT / "weights" / "manifest.json")
 CHUNK = 1 << 20
 LOCK_WAIT = 3600.0  # seconds a second download of the same file waits for the first to finish

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from . import weights
+from ..store import weights
 
 DEFAULT_MODELS = ("ViT-B-32", "ViT-B-16")
 
@@ -194,7 +194,7 @@ def load_clip(name: str, device: str | torch.device = "cpu", weight: float = 1.0
     import open_clip
 
     if name == "tiny":
-        from .tiny import tiny_clip
+        from ..models.tiny import tiny_clip
 
         model, tok = tiny_clip()
         return ClipMember("tiny", model.to(device), tok, weight)

@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .checkpoints import save_generator
-from .clip_guide import ClipMember, check_prompts, directional_loss, embedding_norm_loss, global_loss
+from ..guidance.clip_guide import ClipMember, check_prompts, directional_loss, embedding_norm_loss, global_loss
+from ..models.stylegan2 import Generator, grouped_kernels, seeds_to_z
+from ..store.checkpoints import save_generator
 from .freezing import PRESETS, layers_for_slots, preset_slots, select_slots, set_trainable, synthesis_layers
-from .stylegan2 import Generator, grouped_kernels, seeds_to_z
-from .training import Event, NonFiniteLoss, Phases, StepResult, Trainer, describe_error, read_diagnostics
+from .loop import Event, NonFiniteLoss, Phases, StepResult, Trainer, describe_error, read_diagnostics
 
 __all__ = ["Adapter", "COMPILE_SETTINGS", "Event", "NonFiniteLoss", "Recipe", "compile_enabled", "fit_images",
            "read_diagnostics"]
@@ -369,7 +369,7 @@ class Adapter(Trainer):
     _save_final_or_none = Trainer.save_final
 
     def _load_weights(self, path: Path) -> None:
-        from .checkpoints import load_generator
+        from ..store.checkpoints import load_generator
 
         G_snap, _ = load_generator(path, self.device)
         synth = {k: v for k, v in G_snap.state_dict().items() if not k.startswith("style.")}

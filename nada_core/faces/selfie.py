@@ -14,11 +14,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import weights
-from .align import align_face, aligned_points, detect, draw_landmarks, load_photo, paste_back, FaceError
-from .images import from_pil, to_pil
+from ..models.stylegan2 import Generator
+from ..store import weights
+from ..store.images import from_pil, to_pil
+from .align import FaceError, align_face, aligned_points, detect, draw_landmarks, load_photo, paste_back
 from .invert import invert_with_noise, load_e4e
-from .stylegan2 import Generator
 
 
 @dataclass
@@ -99,7 +99,7 @@ def encoder_for(base_name: str, G: Generator, device="cpu"):
 
 def perceptual_for(device="cpu") -> tuple[dict, str]:
     """The best reconstruction loss available offline: LPIPS, else CLIP embeddings + pixels, else pixels."""
-    from .clip_guide import ClipLoadError, load_clip
+    from ..guidance.clip_guide import ClipLoadError, load_clip
     from .perceptual import load_lpips
 
     lp = load_lpips(device)
@@ -175,7 +175,7 @@ def _inverter(G: Generator, base_name: str, steps: int, device, encoder: str, no
 
 def _styles(models: list, G: Generator, device, notes: list[str]):
     """(name, generator) for each model path that fits the base's architecture."""
-    from .checkpoints import load_generator
+    from ..store.checkpoints import load_generator
 
     for path in models:
         Gm, _ = load_generator(path, device)
@@ -188,7 +188,7 @@ def _styles(models: list, G: Generator, device, notes: list[str]):
 def stylize_photo(photo, models: list, base: str = "ffhq", steps: int = 200, device: str | None = None,
                   encoder: str = "auto", progress=None, optimize_noise: bool = False) -> SelfieResult:
     """The whole pipeline for the CLI: ``models`` are paths of adapted generators."""
-    from .library import default_device, load_base
+    from ..store.library import default_device, load_base
 
     device = device or default_device()
     G, base_name = load_base(base, device)
@@ -237,7 +237,7 @@ def stylize_group_photo(photo, models: list, base: str = "ffhq", steps: int = 20
                         encoder: str = "auto", progress=None, max_faces: int = 8,
                         optimize_noise: bool = False) -> GroupResult:
     """:func:`stylize_photo` for every face of a photo (up to ``max_faces``, largest first)."""
-    from .library import default_device, load_base
+    from ..store.library import default_device, load_base
 
     device = device or default_device()
     G, base_name = load_base(base, device)

@@ -35,11 +35,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoints import atomic_write, sniff
-from .clip_guide import ClipMember, clip_text_loss, embedding_norm_mse, encode_pooled
+from ..guidance.clip_guide import ClipMember, clip_text_loss, embedding_norm_mse, encode_pooled
+from ..models.stylegan2 import EqualLinear, Generator, PixelNorm
+from ..store.checkpoints import atomic_write, sniff
+from .loop import Phases, StepResult, Trainer
 from .ranger import Ranger
-from .stylegan2 import EqualLinear, Generator, PixelNorm
-from .training import Phases, StepResult, Trainer
 
 MAPPER_FORMAT = "nada-studio-mapper"
 MAPPER_VERSION = 1
@@ -238,7 +238,7 @@ class ArcFace(nn.Module):
 
     def __init__(self, drop_ratio: float = 0.6):
         super().__init__()
-        from .invert import ir_se_50_units
+        from ..faces.invert import ir_se_50_units
 
         self.input_layer = nn.Sequential(nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.PReLU(64))
         self.body = nn.Sequential(*ir_se_50_units())
@@ -338,8 +338,7 @@ def identity_for(mode: str = "auto", arcface_path: str | None = None, model_name
         return load_arcface(arcface_path, device), f"identity loss: ArcFace IR-SE-50 ({arcface_path})"
     face = any(k in model_name.lower() for k in FACE_DOMAINS)
     if mode == "dlib" or (mode == "auto" and face):
-        from . import weights
-
+        from ..store import weights
         rec = dlib_recognition_model_path()
         try:
             landmarks = weights.require("dlib-landmarks")

@@ -34,10 +34,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from safetensors import SafetensorError
 
-from .stylegan2 import Generator, channel_table
+from ..models.stylegan2 import Generator, channel_table
 
 FORMAT_NAME = "nada-studio-generator"
 FORMAT_VERSION = 1

@@ -13,7 +13,7 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
-from . import weights
+from ..store import weights
 
 DETECT_MAX_SIDE = 1280      # larger photos are downscaled for detection only
 MIN_FACE_PX = 40
@@ -45,7 +45,7 @@ def _models():
 def load_photo(photo, display_name: str | None = None) -> Image.Image:
     """Any upload (path, PIL, numpy) -> RGB PIL with EXIF orientation applied; RGBA, greyscale and
     16-bit photos are converted (see images.open_image for the size limits)."""
-    from .images import ImageInputError, open_image, to_rgb8
+    from ..store.images import ImageInputError, open_image, to_rgb8
 
     if isinstance(photo, np.ndarray):
         if photo.dtype != np.uint8:

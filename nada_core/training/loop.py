@@ -34,7 +34,7 @@ from typing import Iterator, NamedTuple, Protocol
 
 import torch
 
-from .checkpoints import atomic_write
+from ..store.checkpoints import atomic_write
 
 DIAGNOSTICS_FILE = "diagnostics.json"
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
+from ..models.stylegan2 import Generator, seeds_to_z
+from ..store.images import to_pil
 from .editing import Direction, apply_edits, blend_generators, edit_z
-from .images import to_pil
-from .stylegan2 import Generator, seeds_to_z
 
 
 def parse_seeds(text: str, limit: int = 256) -> list[int]:
