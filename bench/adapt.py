@@ -30,7 +30,7 @@ from nada_core.guidance.clip_guide import ClipMember  # noqa: E402
 from nada_core.models import stylegan2  # noqa: E402
 from nada_core.models.stylegan2 import Generator  # noqa: E402
 from nada_core.training.adapt import COMPILE_SETTINGS, Adapter, Recipe, compile_enabled  # noqa: E402
-from nada_core.training.loop import reused_memory  # noqa: E402
+from nada_core.training.memory import reused_memory  # noqa: E402
 
 
 def random_clip(name, device):
@@ -68,7 +68,7 @@ def main():
                     help="stylegan2.DEVICE_FORMULATION on CUDA: grouped, scaled, or a list")
     args = ap.parse_args()
     device = torch.device(args.device)
-    with reused_memory() if device.type == "cpu" else contextlib.nullcontext():  # as Trainer.run trains
+    with reused_memory() if device.type == "cpu" else contextlib.nullcontext():  # as the CLI trains
         run(args, device)
 
 

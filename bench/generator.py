@@ -3,7 +3,7 @@ float32 matmul throughput. Prints efficiency = achieved GFLOP/s / matmul GFLOP/s
 one forward counted by torch.utils.flop_counter.FlopCounterMode (forward+backward counted as 3x).
 Random weights: speed does not depend on their values. Times are medians of --reps runs after a warm-up;
 the matmul reference is measured before and after the generator runs and the higher figure is used.
-The generator runs as training runs it: inside ``training.reused_memory()`` (on CPU).
+The generator runs as training runs it: inside ``training.memory.reused_memory()`` (on CPU).
 
 --compare also times, in the same run and alternating with the default so that all share the machine's load:
 on CPU "plain-malloc" (the default formulation without ``reused_memory``) and "grouped-nchw" (the formulation
@@ -32,7 +32,7 @@ from reference_generator import reference_synthesis  # noqa: E402
 
 from nada_core.models import stylegan2  # noqa: E402
 from nada_core.models.stylegan2 import Generator  # noqa: E402
-from nada_core.training.loop import reused_memory  # noqa: E402
+from nada_core.training.memory import reused_memory  # noqa: E402
 
 
 def sync(device):

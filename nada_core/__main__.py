@@ -10,9 +10,9 @@ from .latent.sampling import parse_seeds
 
 
 @contextlib.contextmanager
-def stop_on_ctrl_c(trainer):
-    """While training: the first Ctrl-C asks the trainer to stop after its current step, which saves the weights
-    and ends the run as 'cancelled' (``--resume`` continues it); a second Ctrl-C quits at once, unsaved."""
+def stop_on_ctrl_c(run):
+    """While training: the first Ctrl-C stops the run after its current step, as the app's Stop does (weights and
+    resumable state saved, ended as 'cancelled'; ``--resume`` continues it); a second Ctrl-C quits at once, unsaved."""
     import signal
     import threading
 
@@ -23,7 +23,7 @@ def stop_on_ctrl_c(trainer):
     def first(signum, frame):
         signal.signal(signal.SIGINT, signal.default_int_handler)
         print("\nstopping after this step and saving; Ctrl-C again quits without saving", file=sys.stderr, flush=True)
-        trainer.cancel()
+        run.stop()
 
     previous = signal.signal(signal.SIGINT, first)
     try:
@@ -96,7 +96,8 @@ def cmd_adapt(args) -> int:
     from .store.images import from_pil
     from .store.library import default_device, load_base, new_run_dir
     from .training.adapt import Adapter, Recipe
-    from .training.batch import follow_run
+    from .training.memory import for_device
+    from .training.run import Run
 
     device = args.device or default_device()
     # a resumed run keeps its own recipe: base, prompts, CLIP models, iterations (recipe options are ignored)
@@ -146,8 +147,9 @@ def cmd_adapt(args) -> int:
     if args.json:
         _print_json({"kind": "start", "step": ad.step, "total": r.iterations, "base": base_name, "device": str(device),
                      "out": str(out), "resumed": bool(args.resume), "recipe": r.to_dict()})
-    with stop_on_ctrl_c(ad):
-        last = follow_run(ad, out, _print_event_json if args.json else _show_event)  # also writes thumb.png
+    run = Run(ad)
+    with for_device(device), stop_on_ctrl_c(run):
+        last = run.run_here(_print_event_json if args.json else _show_event)  # also writes thumb.png
     if not args.json:
         print(file=sys.stderr)
     if last is None or last.kind == "error":
@@ -250,9 +252,10 @@ def _mapper_row(path, strength: float, G, w, noise: str, device):
 # ---------------------------------------------------------------------------- mapper
 def cmd_mapper(args) -> int:
     from .guidance.clip_guide import load_ensemble
-    from .store.images import grid, to_pil
     from .store.library import default_device, library_dir, load_base, new_run_dir
     from .training.mapper import MapperRecipe, MapperTrainer, identity_for
+    from .training.memory import for_device
+    from .training.run import Run
 
     device = args.device or default_device()
     G, model_name = load_base(args.model, device)
@@ -276,18 +279,10 @@ def cmd_mapper(args) -> int:
         trainer = MapperTrainer(G, recipe, clip, device, out, model_name, id_fn=id_fn)
     print(f"training a mapper on {model_name} ({device}) for '{trainer.recipe.text}', {trainer.recipe.iterations} "
           f"steps, output {out}; {id_note}", file=sys.stderr)
-    last = None
-    with stop_on_ctrl_c(trainer):
-        for ev in trainer.run():
-            _show_event(ev)
-            last = ev
+    run = Run(trainer)
+    with for_device(device), stop_on_ctrl_c(run):
+        last = run.run_here(_show_event)   # also writes thumb.png (before row above after row)
     print(file=sys.stderr)
-    if last is not None and last.preview is not None:
-        try:
-            before, after = last.preview
-            grid([to_pil(before), to_pil(after)]).save(out / "preview.png")
-        except OSError as e:
-            print(f"warning: could not write the preview image ({e})", file=sys.stderr)
     if last is None or last.kind == "error" or last.save_error:
         print(f"error: {last.message if last else 'nothing ran'}", file=sys.stderr)
         return 1

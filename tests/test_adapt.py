@@ -329,7 +329,7 @@ def test_resume_removes_stale_part_files_and_new_runs_never_reuse_a_folder(clip,
 
 # ------------------------------------------------------------------ observers and diagnostics
 def test_diagnostics_arrive_in_events_and_every_snapshot_step_is_kept(clip, tmp_path):
-    from nada_core.store.library import prune_snapshots
+    from nada_core.store.runs import RunFolder
     from nada_core.training.diagnostics import best_snapshot, best_snapshot_of_run, clip_score, diversity
     from nada_core.training.loop import read_diagnostics
 
@@ -355,7 +355,7 @@ def test_diagnostics_arrive_in_events_and_every_snapshot_step_is_kept(clip, tmp_
     assert sorted(on_disk) == [1, 2, 4, 5] and {2, 4} <= set(on_disk)  # an entry per snapshot step
     assert on_disk[4] == pytest.approx(measured[4].diagnostics)
     assert not list((tmp_path / "run").glob(".*.part"))
-    prune_snapshots(tmp_path / "run", keep=1)  # pruning snapshots keeps the figures
+    RunFolder(tmp_path / "run").prune(keep=1)  # pruning snapshots keeps the figures
     assert read_diagnostics(tmp_path / "run") == on_disk
     history = [{"step": s, **v} for s, v in on_disk.items()]
     assert best_snapshot_of_run(tmp_path / "run") == best_snapshot(history, available_steps=[4])  # only 4 is left
@@ -394,8 +394,8 @@ def test_resume_drops_figures_measured_after_its_snapshot(clip, tmp_path):
     part = Adapter(tiny_generator(), recipe(iterations=4, preview_every=1), clip, out_dir=tmp_path)
     part.add_observer(part.diagnostics_observer(identity=False))
     for ev in part.run():
-        if ev.step == 3:
-            part.cancel()
+        if ev.step == 3:   # a crash after step 3: the resumable state is the snapshot at step 2
+            break
     assert sorted(read_diagnostics(tmp_path)) == [1, 2, 3]
     resumed = Adapter.resume(tmp_path, tiny_generator(), clip)
     assert resumed.step == 2 and sorted(resumed.measured) == [1, 2]
@@ -498,15 +498,22 @@ def test_cli_compile_option_reaches_the_recipe_and_resume(tmp_path, capsys, monk
     assert "torch.compile" not in capsys.readouterr().err
 
 
-def test_cpu_runs_keep_freed_memory_for_reuse_and_give_it_back(clip):
-    from nada_core.training import loop as training
+def test_cpu_training_commands_keep_freed_memory_for_reuse_and_give_it_back(clip, tmp_path, monkeypatch):
+    from nada_core.__main__ import main
+    from nada_core.training import memory
 
-    glibc = training._glibc() is not None
-    ad = Adapter(tiny_generator(), recipe(iterations=2), clip)
-    assert {training._memory_users for _ in ad.run()} == {1 if glibc else 0}  # held while the run yields
-    assert training._memory_users == 0
-    with training.reused_memory():
-        with training.reused_memory():  # nested (two trainers at once): one setting, released by the last
+    glibc = memory._glibc() is not None
+    seen = []
+    step = Adapter.train_step
+    monkeypatch.setattr(Adapter, "train_step", lambda self: (seen.append(memory._memory_users), step(self))[1])
+    assert main(["adapt", "--base", "tiny", "--clip", "tiny", "--source", "photo", "--target", "sketch", "--iters", "2",
+                 "--out", str(tmp_path / "r")]) == 0
+    assert set(seen) == {1 if glibc else 0}   # held by the entry point while it trains
+    assert memory._memory_users == 0
+    list(Adapter(tiny_generator(), recipe(iterations=1), clip).run())
+    assert memory._memory_users == 0   # the run loop itself never changes the process's allocator
+    with memory.reused_memory():
+        with memory.reused_memory():  # nested (two trainers at once): one setting, released by the last
             x = torch.ones(9_000_000)  # 36 MB, above glibc's largest mmap threshold
-        assert training._memory_users == (1 if glibc else 0)
-    assert training._memory_users == 0 and x.sum().item() == 9_000_000
+        assert memory._memory_users == (1 if glibc else 0)
+    assert memory._memory_users == 0 and x.sum().item() == 9_000_000

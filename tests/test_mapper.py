@@ -310,7 +310,7 @@ def test_cli_train_then_sample_with_the_mapper(tmp_path, capsys):
     assert main(["mapper", "--model", "tiny", "--clip", "tiny", "--text", "a cat", "--steps", "3",
                  "--train-size", "8", "--test-size", "2", "--snapshot-every", "2", "--out", str(out)]) == 0
     assert (out / "mapper.safetensors").is_file() and (out / "snapshots" / "step_00002.safetensors").is_file()
-    assert (out / "preview.png").is_file()
+    assert (out / "thumb.png").is_file()
     model = save_generator(tiny_generator(), tmp_path / "model.safetensors", {"source_model": "tiny"})
     for strength in ("1", "0"):
         png = tmp_path / f"g{strength}.png"

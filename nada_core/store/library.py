@@ -14,6 +14,7 @@ import torch
 from ..models.stylegan2 import Generator
 from . import weights
 from .checkpoints import load_generator
+from .runs import ACTIVE, ADAPTATION, SNAPSHOTS, TRASH, RunFolder
 
 
 def library_dir() -> Path:
@@ -89,16 +90,25 @@ class LibraryEntry:
     kind: str = "run"     # run | style (a ready manifest style)
     created: float = 0.0  # seconds since the epoch
     size_bytes: int = 0
+    continuable: bool = False   # a run with a resumable state (stopped, crashed after a snapshot, or finished)
+    training: bool = False      # a process is training it now
 
     @property
     def id(self) -> str:
         return self.name
 
     @property
+    def folder(self) -> RunFolder | None:
+        """The run's folder (None for a ready style)."""
+        return RunFolder(self.path.parent.parent if self.path.parent.name == SNAPSHOTS else self.path.parent) \
+            if self.kind == "run" else None
+
+    @property
     def label(self) -> str:
         r = self.recipe
         target = r.get("target") or "image style"
-        return f"{self.name}  ({r.get('source', '?')} -> {target}, {self.base})" + ("" if self.finished else " [unfinished]")
+        state = " [training]" if self.training else "" if self.finished else " [unfinished: continue it]"
+        return f"{self.name}  ({r.get('source', '?')} -> {target}, {self.base})" + state
 
 
 class UnknownModel(ValueError):
@@ -111,7 +121,6 @@ class UnknownModel(ValueError):
 
 
 MODEL_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,79}")
-TRASH = ".trash"           # runs set aside (short stopped runs) until the user keeps them
 
 
 def _folder_bytes(folder: Path) -> int:
@@ -119,27 +128,39 @@ def _folder_bytes(folder: Path) -> int:
 
 
 def list_library(root: Path | None = None) -> list[LibraryEntry]:
-    """Every run folder with usable weights, newest first (folders starting with '.' or '_' are not runs)."""
+    """Every run folder with usable weights, newest first (folders starting with '.' or '_' are not runs).
+    A run without final weights (stopped before saving, or crashed) is listed with its newest snapshot."""
     root = root or library_dir()
     entries = []
-    for d in sorted(root.glob("*/recipe.json"), key=lambda p: p.stat().st_mtime, reverse=True):
-        run = d.parent
+    for d in sorted(root.glob(f"*/{ADAPTATION.recipe}"), key=lambda p: p.stat().st_mtime, reverse=True):
+        run = RunFolder(d.parent)
         if not MODEL_ID.fullmatch(run.name):
             continue
-        final = run / "final.safetensors"
-        snaps = sorted((run / "snapshots").glob("step_*.safetensors"))
-        path = final if final.is_file() else (snaps[-1] if snaps else None)
+        path = run.weights()
         if path is None:
             continue
         try:
-            saved = json.loads(d.read_text())
-        except (OSError, json.JSONDecodeError):
+            saved = run.read_record()
+        except ValueError:
             continue
-        thumb = run / "thumb.png"
-        entries.append(LibraryEntry(run.name, path, saved.get("base", "?"), saved.get("recipe", {}),
-                                    thumb if thumb.is_file() else None, final.is_file(), "run",
-                                    d.stat().st_mtime, _folder_bytes(run)))
+        recipe = saved.get("recipe", {})
+        entries.append(LibraryEntry(run.name, path, str(saved.get("base", "?")), recipe if isinstance(recipe, dict) else {},
+                                    run.thumb_path if run.thumb_path.is_file() else None, run.finished, "run",
+                                    d.stat().st_mtime, _folder_bytes(run.path), run.continuable, run.is_active()))
     return entries
+
+
+def remove_abandoned(root: Path) -> list[str]:
+    """Delete run folders that hold a recipe and nothing trained (a process killed before its first snapshot),
+    unless a process is training there now. Returns their names."""
+    gone = []
+    for d in root.glob(f"*/{ADAPTATION.recipe}") if root.is_dir() else []:
+        run = RunFolder(d.parent)
+        if MODEL_ID.fullmatch(run.name) and run.weights() is None and not run.state_path.exists() \
+                and not run.is_active():
+            shutil.rmtree(run.path, ignore_errors=True)
+            gone.append(run.name)
+    return gone
 
 
 def find_model(model_id: object, entries: list[LibraryEntry]) -> LibraryEntry:
@@ -162,27 +183,20 @@ def check_new_name(name: str, root: Path, reserved=()) -> str:
 
 
 def rename_model(root: Path, model_id: str, new_name: str, reserved=()) -> str:
-    """Rename a run folder (atomic on one filesystem); returns the new id."""
+    """Rename a run folder (atomic on one filesystem); returns the new id. Refused while the run trains."""
     entry = find_model(model_id, list_library(root))
     slug = check_new_name(new_name, root, reserved)
-    os.rename(root / entry.id, root / slug)
+    with RunFolder(root / entry.id).idle("rename"):
+        os.rename(root / entry.id, root / slug)
+    (root / slug / ACTIVE).unlink(missing_ok=True)   # the moment's lock file moved with the folder
     return slug
 
 
 def delete_model(root: Path, model_id: str) -> None:
+    """Delete a run folder; refused while the run trains."""
     entry = find_model(model_id, list_library(root))
-    shutil.rmtree(root / entry.id)
-
-
-def set_aside(run_dir: Path) -> Path:
-    """Move a run out of the library listing (kept on disk until :func:`empty_trash`)."""
-    trash = run_dir.parent / TRASH
-    trash.mkdir(exist_ok=True)
-    dest = trash / run_dir.name
-    if dest.exists():
-        shutil.rmtree(dest)
-    os.rename(run_dir, dest)
-    return dest
+    with RunFolder(root / entry.id).idle("delete"):
+        shutil.rmtree(root / entry.id)
 
 
 def restore(root: Path, name: str) -> Path:
@@ -202,21 +216,20 @@ def empty_trash(root: Path) -> None:
     shutil.rmtree(root / TRASH, ignore_errors=True)
 
 
-def remove_stale_parts(root: Path) -> int:
-    """Delete half-written files (``*.part``) that a killed process left in the library."""
+def remove_stale_parts(root: Path, depth: int = 2) -> int:
+    """Delete half-written files and folders (``*.part``) that a killed process left in the library (run
+    folders, and the folders holding runs, such as the mappers'); runs training now, in any process, are left
+    alone."""
     n = 0
-    for p in root.rglob("*.part") if root.is_dir() else []:
-        p.unlink(missing_ok=True)
-        n += 1
+    for item in sorted(root.iterdir()) if root.is_dir() else []:
+        if item.name.endswith(".part"):
+            shutil.rmtree(item, ignore_errors=True) if item.is_dir() else item.unlink(missing_ok=True)
+            n += 1
+        elif item.is_dir() and not RunFolder(item).is_active():
+            n += len(RunFolder(item).remove_stale_parts())
+            if depth > 1 and not (item / ADAPTATION.recipe).exists():
+                n += remove_stale_parts(item, depth - 1)
     return n
-
-
-def prune_snapshots(run_dir: Path, keep: int = 5) -> int:
-    """Keep the newest ``keep`` snapshots of a finished run (state.pt names the newest, so resume works)."""
-    snaps = sorted((run_dir / "snapshots").glob("step_*.safetensors"))
-    for p in snaps[:-keep] if keep else snaps:
-        p.unlink(missing_ok=True)
-    return max(0, len(snaps) - keep)
 
 
 def disk_use(root: Path) -> int:

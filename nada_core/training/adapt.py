@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 from ..guidance.clip_guide import ClipMember, check_prompts, directional_loss, embedding_norm_loss, global_loss
 from ..models.stylegan2 import Generator, grouped_kernels, seeds_to_z
 from ..store.checkpoints import save_generator
+from ..store.runs import RunFolder
 from .freezing import PRESETS, layers_for_slots, preset_slots, select_slots, set_trainable, synthesis_layers
 from .loop import Event, NonFiniteLoss, Phases, StepResult, Trainer, describe_error, read_diagnostics
 
@@ -141,16 +141,14 @@ class Adapter(Trainer):
                  out_dir: str | Path | None = None, base_name: str = "", style_images: list[torch.Tensor] | None = None,
                  source_images: list[torch.Tensor] | None = None, observers: list | None = None,
                  _resuming: bool = False):
-        self.device = torch.device(device)
-        self.observers = list(observers or [])
-        self.recipe, self.clip, self.base_name = recipe, clip, base_name
-        self.warnings = recipe.validate(base.n_latent)
+        warnings = recipe.validate(base.n_latent)
         if recipe.style_images and not style_images:
             raise ValueError(f"this run is image-guided ({len(recipe.style_images)} style image(s) in its recipe): "
                              "give the style images themselves")
         if clip and not recipe.style_images:  # truncation warnings need a tokenizer
-            self.warnings += check_prompts(recipe.source, recipe.target, clip[0].tokenizer)
-        self._init_state(out_dir)
+            warnings += check_prompts(recipe.source, recipe.target, clip[0].tokenizer)
+        super().__init__(recipe, device, out_dir, observers, warnings)
+        self.clip, self.base_name = clip, base_name
         self.G_frozen = base.to(self.device).eval().requires_grad_(False)
         # copy the synthesis network only: the memo makes the copy share the (frozen) mapping network,
         # without touching ``base``, which other threads may be sampling from
@@ -172,7 +170,7 @@ class Adapter(Trainer):
             self.global_targets = self._global_targets(style_images) if recipe.lambda_global else []
             self.selection_targets = self._global_targets(style_images, "{}") if self._auto else []
         self._setup_compile()
-        self._open_run_dir({"base": base_name, "config": base.config, "recipe": recipe.to_dict()}, _resuming)
+        self._open_folder({"base": base_name, "config": base.config, "recipe": recipe.to_dict()}, _resuming)
 
     # ------------------------------------------------------------ torch.compile
     def _setup_compile(self) -> None:
@@ -365,9 +363,6 @@ class Adapter(Trainer):
     def save(self, path: str | Path) -> Path:
         return save_generator(self.G_train, path, self.meta())
 
-    # the demo's older name for save_final (it ignored the return value); kept until demo/ calls save_final
-    _save_final_or_none = Trainer.save_final
-
     def _load_weights(self, path: Path) -> None:
         from ..store.checkpoints import load_generator
 
@@ -390,12 +385,9 @@ class Adapter(Trainer):
 
     @classmethod
     def saved_recipe(cls, run_dir: str | Path) -> tuple[Recipe, str]:
-        """(recipe, base name) of the run in ``run_dir``, as written when it started."""
-        path = Path(run_dir) / cls.recipe_file
+        """(recipe, base name) of the run in ``run_dir``, as written when it started (or last continued)."""
+        record = RunFolder(run_dir, cls.run_kind).read_record()
         try:
-            saved = json.loads(path.read_text())
-            return Recipe.from_dict(saved["recipe"]), saved.get("base", "")
-        except FileNotFoundError:
-            raise ValueError(f"{run_dir} holds no run ({cls.recipe_file} is missing)") from None
-        except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{path} is not a readable run recipe ({e})") from None
+            return Recipe.from_dict(record["recipe"]), str(record.get("base", ""))
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"{Path(run_dir).name}: its recipe is not readable ({describe_error(e)})") from None

@@ -1,32 +1,24 @@
 """The run loop shared by every trainer (domain adaptation, latent mappers).
 
 A trainer implements one optimiser step (``train_step``), a preview and how to write its weights;
-``Trainer`` supplies the rest: progress events with ETA, cancel, preview and snapshot cadence, exact
-resume (weights + optimiser + sampler state), the non-finite-loss guard, and saving that never loses
-a trained model (a failed snapshot is a warning; a failed final save keeps the model in memory and
-``save_final()`` retries).
+``Trainer`` supplies the rest: progress events, cancel, preview and snapshot cadence, exact resume
+(weights + optimiser + sampler state), the non-finite-loss guard, and saving that never loses a trained
+model (a failed snapshot is a warning; a failed final save keeps the model in memory and ``save_final()``
+retries). Stopping saves a resumable state at the step where the run stopped, so Continue loses nothing.
+The run's files are named and handled by ``store.runs.RunFolder``; ``training.run.Run`` drives a trainer
+for the CLI, the app and batch jobs alike.
 
 Observers (``trainer.add_observer(obs)``, e.g. ``diagnostics.Diagnostics``) watch the run from outside
 the step: on every event that carries a preview the loop calls ``obs.observe(event)`` and merges the
 dicts they return into ``event.diagnostics``; an observer that raises becomes a warning event and the
-run goes on. The figures of every measured step are kept in ``diagnostics.json`` (see
+run goes on. The figures of every measured step are kept in the run's diagnostics file (see
 ``read_diagnostics``), and every snapshot step is previewed, hence measured.
-
-Run folder::
-
-    <recipe_file>              what the run is (written when the folder is opened)
-    snapshots/step_NNNNN.*     weights every ``snapshot_every`` steps
-    state.pt                   optimiser, sampler and history of the newest snapshot (for resume)
-    diagnostics.json           {step: {clip_score, diversity, identity, collapse}} of every measured step
-    <final_name>               the weights of the last finished step
 """
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import math
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,52 +27,7 @@ from typing import Iterator, NamedTuple, Protocol
 import torch
 
 from ..store.checkpoints import atomic_write
-
-DIAGNOSTICS_FILE = "diagnostics.json"
-
-
-# glibc's mallopt parameters and their defaults
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
-_DEFAULT_TRIM_THRESHOLD, _DEFAULT_MMAP_MAX = 128 * 1024, 65536
-_memory_lock = threading.Lock()
-_memory_users = 0
-
-
-def _glibc():
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
-    except OSError:  # not glibc (macOS, Windows, musl)
-        return None
-
-
-@contextlib.contextmanager
-def reused_memory():
-    """While training on CPU: glibc serves large blocks from its heap and keeps freed ones for reuse, instead
-    of mapping fresh pages for every tensor above 32 MB and returning them on free. The kernel's page faults on
-    those fresh pages cost more than the arithmetic of the high-resolution layers (generator forward+backward at
-    1024 px on the 2-core machine: 6.5 -> 4.8 s; at 256 px, whose maps stay below 32 MB, no change). On exit the
-    defaults come back and the freed memory is handed back to the system (``malloc_trim``). Process-wide and
-    reference-counted (concurrent trainers share it); does nothing where the C library is not glibc."""
-    global _memory_users
-    libc = _glibc()
-    if libc is None:
-        yield
-        return
-    with _memory_lock:
-        if _memory_users == 0:
-            libc.mallopt(_M_MMAP_MAX, 0)
-            libc.mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1)
-        _memory_users += 1
-    try:
-        yield
-    finally:
-        with _memory_lock:
-            _memory_users -= 1
-            if _memory_users == 0:
-                libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
-                libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
-                libc.malloc_trim(0)
+from ..store.runs import ADAPTATION, DIAGNOSTICS, RunBusy, RunFolder, RunKind
 
 
 @dataclass
@@ -145,7 +92,7 @@ def read_diagnostics(run_dir: str | Path) -> dict[int, dict]:
     """The figures measured during a run, ``{step: {"clip_score", "diversity", "identity", "collapse"}}`` in
     step order (every snapshot step has one when an observer was attached); {} when the run has none or
     the file cannot be read."""
-    path = Path(run_dir) / DIAGNOSTICS_FILE
+    path = Path(run_dir) / DIAGNOSTICS
     try:
         raw = json.loads(path.read_text())
         return {int(k): dict(v) for k, v in sorted(raw.items(), key=lambda kv: int(kv[0])) if isinstance(v, dict)}
@@ -190,46 +137,32 @@ def describe_error(e: BaseException, limit: int = 200) -> str:
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
-def remove_stale_parts(folder: Path) -> list[Path]:
-    """Delete half-written temporary files (``.<name>.*.part``, see ``atomic_write``) left by a process
-    killed while saving, in a run folder and its snapshots folder."""
-    removed = []
-    for d in (folder, folder / "snapshots"):
-        if d.is_dir():
-            for p in d.glob(".*.part"):
-                p.unlink(missing_ok=True)
-                removed.append(p)
-    return removed
-
-
 class Trainer:
-    """Base class: subclasses set ``recipe`` (with ``iterations``, ``preview_every``, ``snapshot_every``),
-    ``opt``, ``rng``, ``device`` and ``out_dir``, call ``_open_run_dir`` and implement ``train_step``,
-    ``preview``, ``save`` and ``_load_weights``."""
+    """Base class: a subclass calls ``super().__init__`` with its recipe (``iterations``, ``preview_every``,
+    ``snapshot_every``), sets ``opt`` and ``rng``, calls ``_open_folder`` once its weights exist, and implements
+    ``train_step``, ``preview``, ``save`` and ``_load_weights``."""
 
-    recipe_file = "recipe.json"
-    final_name = "final.safetensors"
-    snapshot_suffix = ".safetensors"
+    run_kind: RunKind = ADAPTATION
     what = "model"          # used in messages: "the model is only in memory"
 
-    step: int
-    history: list[float]
-    out_dir: Path | None
-    warnings: list[str]
-    save_error: str | None
-    observers: list[Observer]
-    measured: dict[int, dict]   # step -> observers' figures (what diagnostics.json holds)
-
-    def _init_state(self, out_dir) -> None:
-        self.out_dir = Path(out_dir) if out_dir else None
-        self.step, self.history, self.warnings = 0, [], getattr(self, "warnings", [])
-        self.save_error = None
+    def __init__(self, recipe, device: str | torch.device = "cpu", out_dir: str | Path | None = None,
+                 observers=(), warnings=()):
+        self.recipe = recipe
+        self.device = torch.device(device)
+        self.folder: RunFolder | None = RunFolder(out_dir, self.run_kind) if out_dir else None
+        self.step, self.history = 0, []
+        self.warnings: list[str] = list(warnings)
+        self.save_error: str | None = None
+        self.observers: list[Observer] = list(observers or [])
+        self.measured: dict[int, dict] = {}   # step -> observers' figures (what the diagnostics file holds)
+        self.step_warnings: list[str] = []    # what a step has to report (train_step appends; run yields them)
         self._cancel = False
-        self.observers = list(getattr(self, "observers", None) or [])
-        self.measured = {}
         self._last_preview: tuple[int, tuple, dict] | None = None   # (step, preview, diagnostics)
         self._observer_failures: set[tuple[int, str]] = set()
-        self.step_warnings: list[str] = []   # what a step has to report (train_step appends; run yields them)
+
+    @property
+    def out_dir(self) -> Path | None:
+        return self.folder.path if self.folder else None
 
     def add_observer(self, observer: Observer) -> Observer:
         """Have ``observer.observe(event)`` called on every event with a preview (once per observer)."""
@@ -237,18 +170,10 @@ class Trainer:
             self.observers.append(observer)
         return observer
 
-    def _open_run_dir(self, record: dict, resuming: bool = False) -> None:
-        """Create the run folder (or reopen it to resume), remove stale ``.part`` files, write the recipe.
-        A folder already holding another run is refused: a new run never overwrites a model."""
-        if not self.out_dir:
-            return
-        recipe_path = self.out_dir / self.recipe_file
-        if not resuming and recipe_path.exists():
-            raise ValueError(f"{self.out_dir} already holds a run; resume it or choose a new folder")
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        remove_stale_parts(self.out_dir)
-        if not resuming:
-            atomic_write(recipe_path, lambda t: Path(t).write_text(json.dumps(record, indent=2)))
+    def _open_folder(self, record: dict, resuming: bool = False) -> None:
+        """Start the run's folder (refused when it already holds a run) or reopen it to continue."""
+        if self.folder:
+            self.folder.reopen() if resuming else self.folder.create(record)
 
     # ------------------------------------------------------------ to implement
     def train_step(self) -> StepResult:
@@ -286,8 +211,12 @@ class Trainer:
             raise NonFiniteLoss(f"gradients became non-finite at step {self.step + 1}")
 
     def cancel(self) -> None:
-        """Stop before the next step; the weights of the last finished step are saved and kept."""
+        """Stop before the next step; the weights and the resumable state of the last finished step are saved."""
         self._cancel = True
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel
 
     # ------------------------------------------------------------ observers
     def _observe(self, ev: Event) -> list[Event]:
@@ -309,7 +238,7 @@ class Trainer:
                 ev.diagnostics.update({k: v for k, v in answer.items() if k != "step"})
         return warnings
 
-    def _with_preview(self, ev: Event) -> Iterator[Event]:
+    def attach_preview(self, ev: Event) -> Iterator[Event]:
         """Render ``ev.preview`` (or reuse the one of this very step) and measure it; yields warnings."""
         if self._last_preview is not None and self._last_preview[0] == self.step:
             ev.preview, ev.diagnostics = self._last_preview[1], dict(self._last_preview[2])
@@ -333,19 +262,22 @@ class Trainer:
 
     def _write_diagnostics(self) -> None:
         text = json.dumps({str(s): v for s, v in sorted(self.measured.items())}, indent=1)
-        atomic_write(self.out_dir / DIAGNOSTICS_FILE, lambda t: Path(t).write_text(text))
+        atomic_write(self.folder.diagnostics_path, lambda t: Path(t).write_text(text))
 
     # ------------------------------------------------------------ the loop
     def run(self) -> Iterator[Event]:
         """Train, yielding a 'step' event per iteration (and 'warning' events) and one final 'done',
         'cancelled' or 'error' event. Every ending saves the weights of the last finished step when the
-        run has an output folder; if that fails the model stays in memory (``save_final()`` retries).
-        Events with a preview (the first step, every ``preview_every`` steps, every snapshot step, the last
-        step and the final event) carry the observers' figures in ``diagnostics``. On CPU, large freed
-        blocks are kept for reuse while the run lasts (``reused_memory``)."""
-        cpu = torch.device(getattr(self, "device", "cpu")).type == "cpu"
-        with reused_memory() if cpu else contextlib.nullcontext():
-            yield from self._run()
+        run has a folder (a stop also its resumable state); if that fails the model stays in memory
+        (``save_final()`` retries). Events with a preview (the first step, every ``preview_every`` steps, every
+        snapshot step, the last step and the final event) carry the observers' figures in ``diagnostics``.
+        The folder is locked while the loop runs, so the library never renames or deletes a training run."""
+        try:
+            with self.folder.active() if self.folder else contextlib.nullcontext():
+                yield from self._run()
+        except RunBusy:
+            yield Event("error", self.step, self.recipe.iterations,
+                        message=f"{self.folder.name} is already training in another process; nothing was changed")
 
     def _run(self) -> Iterator[Event]:
         r = self.recipe
@@ -382,7 +314,7 @@ class Trainer:
                        sec_per_step=sec, eta=sec * (total - self.step), timings=timings)
             snapshot = bool(self.out_dir and r.snapshot_every and self.step % r.snapshot_every == 0)
             if self.step == 1 or self.step % max(1, r.preview_every) == 0 or self.step == total or snapshot:
-                yield from self._with_preview(ev)
+                yield from self.attach_preview(ev)
             if snapshot:
                 try:
                     ev.checkpoint = str(self.save_snapshot())
@@ -396,7 +328,7 @@ class Trainer:
         """The final event (after any warnings of its preview's measurement), with the weights saved."""
         total = self.recipe.iterations
         ev = Event(kind, self.step, total)
-        for w in self._with_preview(ev):
+        for w in self.attach_preview(ev):
             if not w.message.startswith("could not render the preview"):  # a final preview is optional
                 yield w
         if self.step == 0:  # the starting weights under a new name would pass for a trained model
@@ -404,6 +336,12 @@ class Trainer:
             ev.message = message + "; nothing was trained, so nothing was saved"
             yield ev
             return
+        if kind == "cancelled" and self.folder and self._snapshot_step() != self.step:
+            try:  # Continue resumes from exactly here
+                ev.checkpoint = str(self.save_snapshot())
+            except Exception as e:  # noqa: BLE001 - the final save below still keeps the weights
+                yield Event("warning", self.step, total, message=f"could not save the state to continue from "
+                                                                 f"({describe_error(e)}); the weights are saved")
         path = self.save_final()
         if path is None and self.save_error:
             message += (f"; but saving failed ({self.save_error}), the {self.what} is only in memory: "
@@ -419,9 +357,9 @@ class Trainer:
         nothing trained yet, or the write failed, in which case ``save_error`` says why (else it is None)."""
         self.save_error = None
         if path is None:
-            if not self.out_dir:
+            if not self.folder:
                 return None
-            path = self.out_dir / self.final_name
+            path = self.folder.final_path
         if self.step == 0:
             return None
         try:
@@ -432,25 +370,31 @@ class Trainer:
 
     def save_snapshot(self) -> Path:
         """Weights at this step plus the optimiser and sampler state, so a run can resume exactly."""
-        path = self.save(self.out_dir / "snapshots" / f"step_{self.step:05d}{self.snapshot_suffix}")
+        path = self.save(self.folder.snapshot_path(self.step))
         state = {"step": self.step, "optimizer": self.opt.state_dict(), "rng": self.rng.get_state(),
                  "history": list(self.history), "snapshot": path.name, "extra": self._extra_state()}
-        atomic_write(self.out_dir / "state.pt", lambda t: torch.save(state, t))
+        atomic_write(self.folder.state_path, lambda t: torch.save(state, t))
         return path
 
+    def _snapshot_step(self) -> int | None:
+        """The step the folder's resumable state is at (None when it has none)."""
+        try:
+            return int(torch.load(self.folder.state_path, weights_only=True)["step"])
+        except (OSError, RuntimeError, KeyError, ValueError, TypeError):
+            return None
+
     def snapshots(self) -> list[Path]:
-        return sorted((self.out_dir / "snapshots").glob(f"step_*{self.snapshot_suffix}")) if self.out_dir else []
+        return self.folder.snapshots() if self.folder else []
 
     def _restore(self) -> None:
-        """Continue from the newest snapshot: same weights, optimiser moments, sampler state and history."""
-        state_path = self.out_dir / "state.pt"
-        if not state_path.is_file():
-            raise ValueError(f"{self.out_dir} has no snapshot to resume from (state.pt is missing)")
-        state = torch.load(state_path, weights_only=True)
-        self._load_weights(self.out_dir / "snapshots" / state["snapshot"])
+        """Continue from the resumable state: same weights, optimiser moments, sampler state and history."""
+        if not self.folder.state_path.is_file():
+            raise ValueError(f"{self.folder.path} has no state to continue from ({self.folder.state_path.name} is missing)")
+        state = torch.load(self.folder.state_path, weights_only=True)
+        self._load_weights(self.folder.snapshots_dir / state["snapshot"])
         self.opt.load_state_dict(state["optimizer"])
         self.rng.set_state(state["rng"])
         self.step, self.history = int(state["step"]), list(state["history"])
         self._load_extra_state(state.get("extra") or {})
         # figures measured after the snapshot describe weights the resumed run no longer has
-        self.measured = {s: v for s, v in read_diagnostics(self.out_dir).items() if s <= self.step}
+        self.measured = {s: v for s, v in read_diagnostics(self.folder.path).items() if s <= self.step}

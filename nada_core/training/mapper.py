@@ -38,6 +38,7 @@ from torch import nn
 from ..guidance.clip_guide import ClipMember, clip_text_loss, embedding_norm_mse, encode_pooled
 from ..models.stylegan2 import EqualLinear, Generator, PixelNorm
 from ..store.checkpoints import atomic_write, sniff
+from ..store.runs import MAPPER, RunFolder
 from .loop import Phases, StepResult, Trainer
 from .ranger import Ranger
 
@@ -145,13 +146,10 @@ def mapper_file(path: str | os.PathLike) -> Path:
     """A mapper file, or a mapper run folder (its final weights, else its newest snapshot)."""
     path = Path(path)
     if path.is_dir():
-        final = path / MapperTrainer.final_name
-        snaps = sorted((path / "snapshots").glob("step_*.safetensors"))
-        if final.is_file():
-            return final
-        if snaps:
-            return snaps[-1]
-        raise MapperError(f"{path}: no {MapperTrainer.final_name} and no snapshots in this folder")
+        found = RunFolder(path, MAPPER).weights()
+        if found is None:
+            raise MapperError(f"{path}: no {MAPPER.final} and no snapshots in this folder")
+        return found
     if not path.is_file():
         raise MapperError(f"{path}: no such file")
     return path
@@ -436,19 +434,17 @@ class MapperTrainer(Trainer):
     ``w_hat = w + 0.1 mapper(w)``, x_hat = G(w_hat), loss = clip_lambda * CLIP(x_hat, text)
     + latent_l2_lambda * MSE(w_hat, w) + norm_lambda * MSE(|E_I(x)|, |E_I(x_hat)|) + id_lambda * ID(x_hat, x)."""
 
-    recipe_file = "mapper.json"
-    final_name = "mapper.safetensors"
+    run_kind = MAPPER
     what = "trained mapper"
 
     def __init__(self, G: Generator, recipe: MapperRecipe, clip: list[ClipMember], device: str | torch.device = "cpu",
                  out_dir: str | Path | None = None, model_name: str = "", id_fn: Callable | None = None,
                  _resuming: bool = False):
-        self.device = torch.device(device)
-        self.recipe, self.clip, self.model_name = recipe, clip, model_name
-        self.warnings = recipe.validate()
+        warnings = recipe.validate()
         if not clip:
             raise ValueError("the mapper needs at least one CLIP model")
-        self._init_state(out_dir)
+        super().__init__(recipe, device, out_dir, warnings=warnings)
+        self.clip, self.model_name = clip, model_name
         self.G = G.to(self.device).eval().requires_grad_(False)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(recipe.seed)
@@ -465,7 +461,7 @@ class MapperTrainer(Trainer):
         self.fingerprint = generator_fingerprint(G)
         if G.n_latent <= 8 and recipe.fine:
             self.warnings.append(f"this generator has {G.n_latent} W+ slots: the fine mapper (slots 8-) edits nothing")
-        self._open_run_dir({"generator": self.generator_info(), "recipe": recipe.to_dict()}, _resuming)
+        self._open_folder({"generator": self.generator_info(), "recipe": recipe.to_dict()}, _resuming)
 
     def generator_info(self) -> dict:
         return {"name": self.model_name, "fingerprint": self.fingerprint, "config": self.G.config}
@@ -572,7 +568,7 @@ class MapperTrainer(Trainer):
                id_fn: Callable | None = None) -> "MapperTrainer":
         """Continue a mapper run from its newest snapshot, exactly."""
         run_dir = Path(run_dir)
-        saved = json.loads((run_dir / cls.recipe_file).read_text())
+        saved = RunFolder(run_dir, MAPPER).read_record()
         t = cls(G, MapperRecipe.from_dict(saved["recipe"]), clip, device, run_dir,
                 saved.get("generator", {}).get("name", ""), id_fn, _resuming=True)
         if saved.get("generator", {}).get("fingerprint") not in (None, t.fingerprint):
