@@ -3,9 +3,7 @@ clock, loss curve, layer heat map); afterwards the snapshot scrubber, downloads 
 from __future__ import annotations
 
 import functools
-import json
 import shutil
-import statistics
 import time
 from pathlib import Path
 
@@ -19,16 +17,19 @@ from nada_core.guidance.gallery import get as gallery_prompt
 from nada_core.guidance.prompt_check import check_prompt
 from nada_core.latent.sampling import latents_for_seeds, render
 from nada_core.store import weights
-from nada_core.store.checkpoints import export_rosinality, load_generator
-from nada_core.store.images import from_pil, grid, open_image, to_pil
-from nada_core.store.library import new_model_dir, new_run_dir, prune_snapshots, restore, set_aside
+from nada_core.store.checkpoints import load_generator
+from nada_core.store.images import from_pil, grid, open_image
+from nada_core.store.library import new_model_dir, new_run_dir, restore
+from nada_core.store.runs import RunFolder
 from nada_core.training.adapt import COMPILE_SETTINGS, Adapter, Recipe
 from nada_core.training.diagnostics import best_snapshot_of_run
 from nada_core.training.freezing import STARTER_PRESETS, starter_settings
 from nada_core.training.loop import read_diagnostics
 from nada_core.training.mapper import MapperRecipe, MapperTrainer, identity_for
+from nada_core.training.run import Run, preview_grid
 
 from .latent_tools import stream_trainer
+from .run_stream import status_text, watch
 from .state import Studio
 from .ui import (
     Slider,
@@ -45,8 +46,9 @@ from .ui import (
 
 PREVIEW_LABEL = "Source (top) and adapted (bottom), same latents"
 PREVIEW_SECONDS = 2.0        # default wall-clock cadence of the live preview
-N_TRAIN_OUTPUTS = 15         # status, preview, loss, diagnostics, heat map, files, snapshot, advice, snapshot
-                             # preview, run folder, result box, Stop, Retry, Keep, estimate
+N_TRAIN_OUTPUTS = 19         # status, preview, loss, diagnostics, heat map, files, snapshot, advice, snapshot
+                             # preview, run folder, result box, Stop, Retry, Keep, estimate, the runs to continue,
+                             # and the form's source, target and iterations (a continued run shows its own)
 SHORT_RUN = 0.10             # runs stopped before this share of their steps are set aside unless kept
 KEEP_SNAPSHOTS = 5           # snapshots kept of a finished run (plus any saved as models)
 MAX_STYLE_IMAGES = 16
@@ -77,12 +79,6 @@ def heatmap(slot_history: list[list[int]], n_latent: int, rows: int = 24, untrai
     d.text((left, h - 27), "columns: slot / resolution (px)", fill=(90, 90, 90))
     d.text((left, h - 14), "orange: trained; hatched: ToRGB only", fill=(90, 90, 90))
     return img
-
-
-def preview_grid(preview) -> Image.Image:
-    """Source row over adapted row; tiles between 128 and 256 px so tiny and 1024 px models both read well."""
-    src, adapted = preview
-    return grid([to_pil(src), to_pil(adapted)], tile=max(128, min(256, src.shape[-1])))
 
 
 def build(studio: Studio):
@@ -250,7 +246,7 @@ def build(studio: Studio):
         """Answers at once, outside the device queue: a second Start of the same visitor is refused,
         another visitor is told their run waits for the one in progress."""
         running = studio.training_status()
-        if running and studio.training and studio.training["session"] == _session(request):
+        if running and studio.is_training(_session(request)):
             raise gr.Error(f"Already training ({running}). Press Stop to end this run first.")
         if running:
             return progress_html(None, f"Waiting: another run is training ({running}); yours starts when it ends.", "wait")
@@ -262,7 +258,7 @@ def build(studio: Studio):
               models, weight1, weight2, seed_value, every_s, precision_value="auto", compile_value="auto",
               request: gr.Request = None):
         session = _session(request)
-        if studio.training and studio.training["session"] == session:
+        if studio.is_training(session):
             raise gr.Error(f"Already training ({studio.training_status()}).")
         G = studio.base(base_name)
         names, model_weights = _clip_choice(studio, models, weight1, weight2)
@@ -290,113 +286,86 @@ def build(studio: Studio):
                           source_images=source_images or None)
         if adapter.compiled:
             gr.Info("torch.compile: the first step compiles the models, which takes minutes; the steps after it run faster.")
-        yield from follow(adapter, G, base_name, every, session)
+        yield from follow(adapter, G, base_name, every, session, gr.update(), gr.update(), gr.update())
 
-    def follow(adapter, G, base_name, every, session, done_before=0):
-        """Stream a run (new or continued) into the tab: progress line, wall-clock previews measured by the
-        diagnostics observer, loss and diagnostics curves, heat map; then the ending."""
-        recipe, out = adapter.recipe, adapter.out_dir
+    def follow(adapter, G, base_name, every, session, *form):
+        """Show a run (new or continued) as it is: it trains in its own thread and the page reads its latest
+        state; previews on the wall clock (measured by the diagnostics observer), curves, heat map, then the
+        ending. ``form``: updates of the source, target and iterations fields (a continued run shows its own)."""
+        recipe = adapter.recipe
         selection = bool(recipe.k and recipe.k < G.n_latent and recipe.auto_layer_iters)
         key = _estimate_key(base_name, recipe.batch, recipe.clip_models, selection)
-        observer = adapter.add_observer(adapter.diagnostics_observer(identity="auto"))
-        run_id = studio.start_training(adapter, session)
-        losses, slots, diags, last_grid, ended, durations = [], [], [], None, False, []
+        adapter.add_observer(adapter.diagnostics_observer(identity="auto"))
+        run = Run(adapter, preview_seconds=every, set_aside_below=SHORT_RUN, keep_snapshots=KEEP_SNAPSHOTS,
+                  export_pt=True, owner=session)
         untrained = tuple(s for s in range(G.n_latent) if s >= len(G.convs) + 1)
-        t_start = t_last = time.perf_counter()
-        preview_cost, t_preview, warned = 0.0, 0.0, False
-        keep_hidden = gr.update(visible=False)
-        try:
-            for ev in adapter.run():
-                if ev.kind == "warning":
-                    gr.Warning(ev.message)
-                    continue
-                if ev.kind == "step":
-                    now = time.perf_counter()
-                    durations.append(now - t_last)
-                    t_last = now
-                    losses += [{"step": ev.step, "loss": v, "model": m} for m, v in ev.losses.items()]
-                    slots.append(ev.slots)
-                    studio.seconds_per_step[key] = statistics.median(durations[-20:])
-                    # the preview follows the wall clock, and never costs more than about a fifth of the time
-                    if ev.preview is None and now - t_preview >= max(every, 4 * preview_cost):
-                        t0 = time.perf_counter()
-                        ev.preview = adapter.preview()
-                        ev.diagnostics.update(observer.observe(ev) or {})
-                        preview_cost = time.perf_counter() - t0
-                    if ev.preview is not None:
-                        last_grid, t_preview = image_file(preview_grid(ev.preview)), time.perf_counter()
-                    if ev.diagnostics:
-                        diags += _diag_rows(ev.step, ev.diagnostics)
-                        if ev.diagnostics.get("collapse") and not warned:
-                            warned = True
-                            gr.Warning(f"Diversity fell to {ev.diagnostics['diversity']:.0%} of the source's at step "
-                                       f"{ev.step}: the model may be collapsing. The snapshots keep earlier iterations.")
-                    text = (f"Training: step {ev.step}/{ev.total} · loss {ev.loss:.4f} · {ev.sec_per_step:.2f} s/step · "
-                            f"about {fmt_seconds(ev.eta)} left")
-                    yield (progress_html(ev.step / ev.total, text),
-                           gr.update(value=last_grid, label=PREVIEW_LABEL) if ev.preview is not None else gr.update(),
-                           pd.DataFrame(losses), pd.DataFrame(diags, columns=DIAG_COLUMNS) if ev.diagnostics else gr.update(),
-                           heatmap(slots, G.n_latent, untrained=untrained), gr.update(), gr.update(), gr.update(),
-                           gr.update(), str(out), gr.update(), gr.update(interactive=True), keep_hidden, keep_hidden,
-                           gr.update())
-                    continue
-                ended = True
-                if ev.diagnostics:
-                    diags += _diag_rows(ev.step, ev.diagnostics)
-                yield _ending(ev, adapter, out, G, losses, diags, slots, untrained, durations, t_start, key, session)
-        finally:
-            if not ended and adapter.step > 0:  # the browser went away mid-run: keep what was learned
-                adapter.save_final()
-            studio.finish_training(run_id)
+        keep_hidden, same = gr.update(visible=False), gr.update()
+        shown_preview, heavy_at, warned = -1, 0.0, False
+        fields = form   # sent with the first update and the last
+        for view in watch(studio, run, session):
+            if view.ended:
+                yield (*_ending(view, run, G, untrained, key, session), *fields)
+                return
+            if view.sec_per_step:
+                studio.seconds_per_step[key] = view.sec_per_step
+            collapse = next((f for _, f in reversed(view.diagnostics) if f.get("collapse")), None)
+            if collapse and not warned:
+                warned = True
+                gr.Warning(f"Diversity fell to {collapse['diversity']:.0%} of the source's: the model may be "
+                           "collapsing. The snapshots keep earlier iterations.")
+            # the images and curves are sent when a preview is new, and every 2 s at most otherwise
+            heavy = view.preview_step != shown_preview or time.monotonic() - heavy_at >= 2.0
+            pictures = (same,) * 4
+            if heavy:
+                heavy_at = time.monotonic()
+                preview_update = same
+                if view.preview is not None and view.preview_step != shown_preview:
+                    shown_preview = view.preview_step
+                    preview_update = gr.update(value=image_file(preview_grid(view.preview)), label=PREVIEW_LABEL)
+                pictures = (preview_update, _loss_frame(view.losses), _diag_frame(view.diagnostics),
+                            image_file(heatmap(view.slots, G.n_latent, untrained=untrained)))
+            state = "warn" if view.state == "stopping" else "run"
+            yield (progress_html(view.step / max(1, view.total), status_text("Training", view), state), *pictures,
+                   same, same, same, same, str(run.folder.path), same, gr.update(interactive=view.state != "stopping"),
+                   keep_hidden, keep_hidden, same, same, *form)
+            form = (same,) * len(form)
 
-    def _ending(ev, adapter, out, G, losses, diags, slots, untrained, durations, t_start, key, session):
+    def _ending(view, run, G, untrained, key, session):
         """The last update of a run: its verdict, where it went, snapshots, and what the user can do next."""
-        if durations:
-            studio.seconds_per_step[key] = statistics.median(durations)
-        grid_img = preview_grid(ev.preview) if ev.preview is not None else None
-        downloads, notes = [], []
-        if ev.checkpoint:
-            try:
-                grid_img.save(out / "thumb.png")
-                pt = export_rosinality(adapter.G_train, out / f"{out.name}.pt")
-                downloads = [named_copy(ev.checkpoint, f"{out.name}.safetensors"), named_copy(pt, pt.name)]
-            except Exception as e:  # noqa: BLE001 - the model itself is saved; say what is missing
-                notes.append(f"the thumbnail or .pt export failed ({type(e).__name__})")
-        elapsed = fmt_seconds(time.perf_counter() - t_start)
+        ev, adapter, folder = view.final, run.trainer, run.folder
+        studio.seconds_per_step[key] = view.sec_per_step or studio.seconds_per_step.get(key, 0.0)
+        grid_img = image_file(preview_grid(view.preview)) if view.preview is not None else None
+        downloads = [named_copy(ev.checkpoint, f"{folder.name}.safetensors"), *(named_copy(p, p.name) for p in run.exports)] \
+            if ev.checkpoint and not view.set_aside else []
         verdict = {"done": "Finished", "cancelled": "Stopped", "error": "Stopped by an error"}[ev.kind]
-        text = f"{verdict}: {ev.step}/{ev.total} steps in {elapsed}."
+        text = f"{verdict}: {ev.step}/{ev.total} steps in {fmt_seconds(view.elapsed)}."
         if ev.kind == "error":
             text += f" {ev.message}."
             gr.Warning(ev.message)
-        short = ev.kind != "done" and ev.checkpoint and ev.step < SHORT_RUN * ev.total
         if adapter.save_error:
             studio.keep_unsaved(session, adapter)
             text += f" Saving failed ({adapter.save_error}); the model is kept in memory: free disk space, then Retry."
-        elif short:
-            set_aside(out)
-            downloads = []  # the files moved with the run; Keep brings them back
+        elif view.set_aside:
             text += " It was a short run, so it is not in the library unless you keep it."
         elif ev.checkpoint:
-            if ev.kind == "done":
-                prune_snapshots(out, KEEP_SNAPSHOTS)
-            text += f" Saved as **{out.name}**."
+            text += f" Saved as **{folder.name}**."
+            if ev.kind == "cancelled":
+                text += " *Continue a run* goes on from this very step."
         elif ev.step == 0:
             text += " Nothing was trained, so nothing was saved."
-        if notes:
-            text += " (" + "; ".join(notes) + ")"
-        snaps = [] if short else _snapshot_steps(out)
+        snaps = [] if view.set_aside else folder.snapshot_steps()
         snap_update = (gr.update(minimum=snaps[0], maximum=snaps[-1], step=_snap_step(snaps), value=snaps[-1], interactive=True)
                        if len(snaps) > 1 else gr.update(value=snaps[0] if snaps else 0, interactive=False))
-        snap_img = _render_snapshot(out, snaps[-1]) if snaps else None
+        snap_img = _render_snapshot(folder.path, snaps[-1]) if snaps else None
         state = "done" if ev.kind == "done" and not adapter.save_error else "warn"
         return (progress_html(1.0 if ev.kind == "done" else ev.step / max(1, ev.total), text, state), grid_img,
-                pd.DataFrame(losses), pd.DataFrame(diags, columns=DIAG_COLUMNS),
-                heatmap(slots, G.n_latent, untrained=untrained) if slots else None, downloads,
-                snap_update, _advice_text(out) if snaps else "", snap_img, str(out),
-                gr.update(open=bool(ev.checkpoint) and not short),
+                _loss_frame(view.losses), _diag_frame(view.diagnostics),
+                image_file(heatmap(view.slots, G.n_latent, untrained=untrained)) if view.slots else None, downloads,
+                snap_update, _advice_text(folder.path) if snaps else "", snap_img, str(folder.path),
+                gr.update(open=bool(ev.checkpoint) and not view.set_aside),
                 gr.update(interactive=False), gr.update(visible=bool(adapter.save_error)),
-                gr.update(visible=bool(short) and not adapter.save_error), _estimate_text(
-                    studio, key[0], key[1], list(key[2]), key[3], ev.total))
+                gr.update(visible=view.set_aside and not adapter.save_error), _estimate_text(
+                    studio, key[0], key[1], list(key[2]), key[3], ev.total), gr.update(choices=resumable(studio)))
 
     @friendly
     def retry_saving(folder, request: gr.Request):
@@ -444,33 +413,38 @@ def build(studio: Studio):
     @status_on_error(0, N_TRAIN_OUTPUTS)
     @friendly
     def resume(run_id, extra, every_s, request: gr.Request):
-        """Continue a run from its newest snapshot with the exact state (weights, optimiser, sampler),
-        for ``extra`` more iterations."""
+        """Continue a run from its resumable state (weights, optimiser, sampler at the step where it stopped,
+        or its newest snapshot after a crash) for ``extra`` more iterations; the form shows the run's recipe."""
         session = _session(request)
-        if studio.training and studio.training["session"] == session:
+        if studio.is_training(session):
             raise gr.Error(f"Already training ({studio.training_status()}).")
         entry = studio.entry(run_id)
-        if entry.kind != "run" or not (entry.path.parent / "state.pt").is_file():
+        if entry.kind != "run" or not entry.continuable:
             raise gr.Error(f"{entry.name} has no saved training state to continue from")
-        recipe, base_name = Adapter.saved_recipe(entry.path.parent)
+        if entry.training:
+            raise gr.Error(f"{entry.name} is training right now; wait for it to end")
+        recipe, base_name = Adapter.saved_recipe(entry.folder.path)
         if recipe.style_images:
             raise gr.Error("image-guided runs continue from the command line (adapt --resume with --style-images)")
         G = studio.base(base_name)
         names = [m for m in recipe.clip_models if m in studio.clip_names()]
         if names != list(recipe.clip_models):
             raise gr.Error(f"this run used CLIP {', '.join(recipe.clip_models)}, which this server does not offer")
-        adapter = Adapter.resume(entry.path.parent, G, studio.clip(names, list(recipe.clip_weights)), studio.device)
-        adapter.recipe.iterations = adapter.step + number(extra, "More iterations", 1, 100_000)
-        gr.Info(f"continuing {entry.name} from iteration {adapter.step}")
-        yield from follow(adapter, G, base_name, number(every_s, "Preview every N seconds", 0.5, 30, integer=False),
-                          session)
+        more_steps = number(extra, "More iterations", 1, 100_000)
+        every = number(every_s, "Preview every N seconds", 0.5, 30, integer=False)
+        adapter = Adapter.resume(entry.folder.path, G, studio.clip(names, list(recipe.clip_weights)), studio.device)
+        adapter.continue_for(more_steps)
+        gr.Info(f"continuing {entry.name} from iteration {adapter.step} to {adapter.recipe.iterations}")
+        r = adapter.recipe
+        yield from follow(adapter, G, base_name, every, session, gr.update(value=r.source), gr.update(value=r.target),
+                          gr.update(value=r.iterations))
 
     # ------------------------------------------------------------------ focus the domain
     @status_on_error(0, 3)
     @friendly
     def focus(model_id, text, steps, models, weight1, weight2, request: gr.Request):
         session = _session(request)
-        if studio.training and studio.training["session"] == session:
+        if studio.is_training(session):
             raise gr.Error(f"Already training ({studio.training_status()}).")
         if not model_id:
             raise gr.Error("choose the adapted model to focus (train one first)")
@@ -511,11 +485,12 @@ def build(studio: Studio):
 
     def _render_snapshot(folder: Path, step: int) -> str | None:
         """The snapshot's preview grid as a served image file (None when that snapshot is gone)."""
-        path = folder / "snapshots" / f"step_{int(step):05d}.safetensors"
+        run = RunFolder(folder)
+        path = run.snapshot_path(step)
         if not path.is_file():
             return None
         G, info = load_generator(path, studio.device)
-        base_G = studio.base(json.loads((folder / "recipe.json").read_text())["base"])
+        base_G = studio.base(run.read_record()["base"])
         w = latents_for_seeds(base_G, info["meta"]["recipe"]["preview_seeds"], 0.7)
         return image_file(grid(render([base_G, G], w), tile=max(128, min(256, G.size))))
 
@@ -523,19 +498,16 @@ def build(studio: Studio):
     def keep_snapshot(step, folder):
         if not folder or not step:
             raise gr.Error("train a model first, then pick a snapshot")
-        folder = Path(folder)
-        path = folder / "snapshots" / f"step_{int(step):05d}.safetensors"
-        if not path.is_file():
+        run = RunFolder(folder)
+        if not run.snapshot_path(int(step)).is_file():
             raise gr.Error(f"there is no snapshot at iteration {int(step)}; pick one on the slider")
-        dest = Path(f"{folder}-step{int(step)}")
+        dest = run.path.with_name(f"{run.name}-step{int(step)}")
         if dest.exists():
             raise gr.Error(f"iteration {int(step)} is already saved as {dest.name}")
-        dest.mkdir(parents=True)
-        shutil.copy(path, dest / "final.safetensors")
-        shutil.copy(folder / "recipe.json", dest / "recipe.json")
-        thumb = _render_snapshot(folder, int(step))
+        kept = run.copy_snapshot_as_model(int(step), dest)
+        thumb = _render_snapshot(run.path, int(step))
         if thumb is not None:
-            shutil.copy(thumb, dest / "thumb.png")
+            shutil.copy(thumb, kept.thumb_path)
         gr.Info(f"saved iteration {int(step)} as {dest.name}")
         return progress_html(1.0, f"Iteration {int(step)} saved as **{dest.name}**.", "done")
 
@@ -571,8 +543,7 @@ def build(studio: Studio):
     for comp in est_inputs:
         comp.change(refresh_estimate, est_inputs, estimate, api_visibility="private", show_progress="hidden")
     train_outputs = [status, preview, loss_plot, diag_plot, heat, files, snapshot, advice, snapshot_preview, run_dir,
-                     result_box, stop,
-                     retry, keep_run, estimate]
+                     result_box, stop, retry, keep_run, estimate, resume_run, source, target, iterations]
     trained = start.click(before_start, None, status, api_visibility="private", show_progress="hidden").success(
         train, [base, preset, source, target, style_files, source_files, iterations, batch, lr, k, layer_iters, mixing,
                 clip_models, w1, w2, seed, preview_seconds, precision, compile_choice], train_outputs,
@@ -603,8 +574,18 @@ DIAG_COLUMNS = ["step", "value", "measure"]
 DIAG_NAMES = {"clip_score": "direction score", "diversity": "diversity (vs source)", "identity": "identity distance"}
 
 
-def _diag_rows(step: int, figures: dict) -> list[list]:
-    return [[step, float(figures[k]), name] for k, name in DIAG_NAMES.items() if figures.get(k) is not None]
+def _loss_frame(losses: list[dict]) -> pd.DataFrame:
+    """The loss curves: one per CLIP model, and their weighted total only when there are several (with one model
+    the total is the same line, and the legend would name a curve nobody can see)."""
+    models = {r["model"] for r in losses} - {"total"}
+    rows = [r for r in losses if r["model"] != "total" or len(models) > 1]
+    return pd.DataFrame(rows, columns=["step", "loss", "model"])
+
+
+def _diag_frame(measured: list[tuple[int, dict]]) -> pd.DataFrame:
+    """The diagnostics curves' rows (step, value, measure) from a run's measured previews."""
+    rows = [[step, float(f[k]), name] for step, f in measured for k, name in DIAG_NAMES.items() if f.get(k) is not None]
+    return pd.DataFrame(rows, columns=DIAG_COLUMNS)
 
 
 def _advice_text(folder: Path) -> str:
@@ -624,8 +605,8 @@ def _figures_text(folder: Path, step: int) -> str:
 
 
 def resumable(studio: Studio):
-    """Runs that can continue: their folder has the optimiser state and a snapshot."""
-    return [(e.label, e.id) for e in studio.library() if e.kind == "run" and (e.path.parent / "state.pt").is_file()]
+    """Runs that can continue (stopped, crashed after a snapshot, or finished), not the one training now."""
+    return [(e.label, e.id) for e in studio.library() if e.kind == "run" and e.continuable and not e.training]
 
 
 def _preset_text(name: str, settings: dict | None, kept: set) -> str:
@@ -637,10 +618,6 @@ def _preset_text(name: str, settings: dict | None, kept: set) -> str:
         names = {"k": "slot count", "mixing": "mixing", "iterations": "iterations"}
         text += f" Kept as you typed: {', '.join(names[f] for f in sorted(kept))}."
     return text
-
-
-def _snapshot_steps(folder: Path) -> list[int]:
-    return [int(p.stem.split("_")[1]) for p in sorted((folder / "snapshots").glob("step_*.safetensors"))]
 
 
 def _snap_step(steps: list[int]) -> int:

@@ -202,7 +202,7 @@ def build(studio: Studio):
     @friendly
     def train_edit_mapper(base_name, text, steps, request: gr.Request):
         """A reusable edit: StyleCLIP's mapper for this text on the base, listed under Latent mapper."""
-        if studio.training and studio.training["session"] == (request.session_hash if request else ""):
+        if studio.is_training(request.session_hash if request else ""):
             raise gr.Error(f"Already training ({studio.training_status()}).")
         G = studio.base(base_name)
         names = studio.clip_names()

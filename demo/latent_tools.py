@@ -3,14 +3,15 @@
 of a long job (a mapper's training, an optimisation) into a tab's progress line and preview."""
 from __future__ import annotations
 
-import time
 from typing import Iterator
 
 import gradio as gr
 import torch
 
 from nada_core.store.images import grid, to_pil
+from nada_core.training.run import Run
 
+from .run_stream import status_text, watch
 from .state import Studio
 from .ui import Cancelled, Slider, fmt_seconds, number, progress_html, run_with_progress  # noqa: F401 (re-exported)
 
@@ -46,33 +47,21 @@ def mapper_choices(studio: Studio, generator: str | None = None):
 
 
 def stream_trainer(studio: Studio, trainer, session: str, what: str, every: float = PREVIEW_SECONDS) -> Iterator[tuple]:
-    """Run a trainer in the training slot, yielding (status html, preview grid or gr.update(), final event or None).
-    Previews follow the wall clock; the slot is freed however the run ends."""
-    run_id = studio.start_training(trainer, session)
-    t_preview, last = 0.0, None
-    try:
-        for ev in trainer.run():
-            if ev.kind == "warning":
-                gr.Warning(ev.message)
-                continue
-            if ev.kind == "step":
-                now = time.perf_counter()
-                if ev.preview is None and now - t_preview >= every:
-                    ev.preview = trainer.preview()
-                img = gr.update()
-                if ev.preview is not None:
-                    img, t_preview = grid([to_pil(ev.preview[0]), to_pil(ev.preview[1])], tile=128), now
-                text = (f"{what}: step {ev.step}/{ev.total} · loss {ev.loss:.4f} · {ev.sec_per_step:.2f} s/step · "
-                        f"about {fmt_seconds(ev.eta)} left")
-                yield progress_html(ev.step / ev.total, text), img, None
-                continue
-            last = ev
-            img = grid([to_pil(ev.preview[0]), to_pil(ev.preview[1])], tile=128) if ev.preview is not None else gr.update()
-            verdict = {"done": "Finished", "cancelled": "Stopped", "error": "Stopped by an error"}[ev.kind]
-            text = f"{what}: {verdict.lower()} after {ev.step}/{ev.total} steps." + (
-                f" {ev.message[0].upper()}{ev.message[1:]}." if ev.kind != "done" else "")
-            yield progress_html(ev.step / max(1, ev.total), text, "done" if ev.kind == "done" else "warn"), img, ev
-    finally:
-        if last is None and trainer.step > 0:
-            trainer.save_final()
-        studio.finish_training(run_id)
+    """Run a trainer (a mapper's) in the training slot as the Adapt tab runs its own (``run_stream.watch``),
+    yielding (status html, preview grid or gr.update(), final event or None)."""
+    run = Run(trainer, preview_seconds=every)
+    shown = -1
+    for view in watch(studio, run, session):
+        img = gr.update()
+        if view.preview is not None and view.preview_step != shown:
+            shown = view.preview_step
+            img = grid([to_pil(view.preview[0]), to_pil(view.preview[1])], tile=128)
+        if not view.ended:
+            yield progress_html(view.step / max(1, view.total), status_text(what, view),
+                                "warn" if view.state == "stopping" else "run"), img, None
+            continue
+        ev = view.final
+        verdict = {"done": "Finished", "cancelled": "Stopped", "error": "Stopped by an error"}[ev.kind]
+        text = f"{what}: {verdict.lower()} after {ev.step}/{ev.total} steps." + (
+            f" {ev.message[0].upper()}{ev.message[1:]}." if ev.kind != "done" else "")
+        yield progress_html(ev.step / max(1, ev.total), text, "done" if ev.kind == "done" else "warn"), img, ev

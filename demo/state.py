@@ -6,7 +6,6 @@ import json
 import os
 import threading
 import time
-import uuid
 from collections import OrderedDict
 from pathlib import Path
 
@@ -44,7 +43,7 @@ class Studio:
         self._models: OrderedDict[tuple, Generator] = OrderedDict()
         self._clip: dict[str, object] = {}
         self._directions: dict[str, list[Direction]] = {}
-        self.training: dict | None = None          # {"run_id", "adapter", "session"} of the running job
+        self.training: dict | None = None          # {"run", "session"} of the running job (see active_run)
         self.seconds_per_step: dict[tuple, float] = {}
         self.unsaved: dict[str, tuple[float, object]] = {}  # session -> (time, trained adapter whose save failed)
         self.library_root.mkdir(parents=True, exist_ok=True)
@@ -252,20 +251,30 @@ class Studio:
         return out
 
     # ------------------------------------------------------------------ the training slot
-    def start_training(self, adapter, session: str) -> str:
-        run_id = uuid.uuid4().hex[:8]
+    def start_training(self, run, session: str) -> None:
+        """``run`` (a ``nada_core.training.run.Run``) holds the device for the visitor ``session``."""
         with self._lock:
-            self.training = {"run_id": run_id, "adapter": adapter, "session": session}
+            self.training = {"run": run, "session": session}
             self.unsaved.pop(session, None)  # a new run frees the model kept for a retry
-        return run_id
+
+    def active_run(self):
+        """(run, session) of the run in progress, or None (a run that has ended holds nothing)."""
+        with self._lock:
+            if self.training and not self.training["run"].ended:
+                return self.training["run"], self.training["session"]
+            return None
+
+    def is_training(self, session: str) -> bool:
+        active = self.active_run()
+        return bool(active) and active[1] == session
 
     def training_status(self) -> str | None:
         """'step x/y' of the run in progress, or None."""
-        with self._lock:
-            if not self.training:
-                return None
-            ad = self.training["adapter"]
-            return f"step {ad.step}/{ad.recipe.iterations}"
+        active = self.active_run()
+        if not active:
+            return None
+        view = active[0].view()
+        return f"step {view.step}/{view.total}"
 
     def keep_unsaved(self, session: str, adapter) -> None:
         with self._lock:
@@ -283,15 +292,12 @@ class Studio:
         for k in [k for k, (t, _) in self.unsaved.items() if now - t > UNSAVED_TTL]:
             del self.unsaved[k]
 
-    def finish_training(self, run_id: str) -> None:
+    def finish_training(self, run) -> None:
         with self._lock:
-            if self.training and self.training["run_id"] == run_id:
+            if self.training and self.training["run"] is run:
                 self.training = None
 
     def cancel_training(self, session: str) -> bool:
         """Stop the run this browser session started (not somebody else's)."""
-        with self._lock:
-            if self.training and self.training["session"] == session:
-                self.training["adapter"].cancel()
-                return True
-        return False
+        active = self.active_run()
+        return bool(active) and active[1] == session and active[0].stop()

@@ -2,6 +2,7 @@
 at a laptop's 1280x720 and a phone's 390 px. Screenshots of every tab land in a temporary folder on
 every run (its path is printed) so a person can look at what users see."""
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -11,6 +12,7 @@ import pytest
 from PIL import Image
 from skimage import data
 
+from nada_core.store.runs import RunFolder
 from tests.app_server import launch_tiny
 
 CHROMIUM = os.environ.get("NADA_CHROMIUM", "/usr/bin/chromium")
@@ -228,4 +230,65 @@ def test_gallery_fills_the_form_and_the_prompt_is_checked(browser, server):
     check = page.locator("#adapt-prompt-check")
     wait_for(lambda: "Prompt check:" in check.inner_text() and "strength" in check.inner_text(), 60, "the prompt check")
     page.screenshot(path=str(SCREENS / "gallery_1280.png"))
+    page.close()
+
+
+def _shown_step(text: str) -> int | None:
+    m = re.search(r"step (\d+)/(\d+)", text)
+    return int(m.group(1)) if m else None
+
+
+def _seconds(text: str) -> float | None:
+    m = re.search(r"about (?:(\d+) h )?(?:(\d+) min )?(\d+)?(?: s)? left", text)
+    if not m:
+        return None
+    h, mins, s = (int(g) if g else 0 for g in m.groups())
+    return 3600 * h + 60 * mins + s
+
+
+def test_the_page_shows_the_run_as_it_is_and_stop_answers_at_once(browser, server):
+    """Issue goals on --tiny, a 600-step run: the step shown is never more than 1 s of steps behind the
+    server, the ETA at 25% is within 30% of the time really left, "Stopping..." shows within 0.5 s of the click
+    and the run has stopped within 1 s."""
+    url, studio = server
+    page = open_page(browser, url)
+    page.get_by_role("tab", name="Adapt").click()
+    set_number(page, "adapt-iterations", 600)
+    page.locator("#adapt-start").click()
+    status = page.locator("#adapt-status")
+    wait_for(lambda: studio.active_run() and "Training: step" in status.inner_text(), 120, "training")
+    run = studio.active_run()[0]
+    lags, eta = [], None
+    while not run.ended:
+        text = status.inner_text()
+        server_view = run.view()
+        shown = _shown_step(text)
+        if shown is None or "Training" not in text:
+            break
+        if server_view.sec_per_step:
+            lags.append((server_view.step - shown) * server_view.sec_per_step)
+        if eta is None and shown >= 150:
+            eta, t_eta = _seconds(text), time.monotonic()
+        time.sleep(0.3)
+    wait_for(lambda: "Finished" in status.inner_text(), 300, "the end of the run")
+    left = time.monotonic() - t_eta
+    assert len(lags) >= 10 and max(lags) <= 1.0, f"the page lagged the run by up to {max(lags):.2f} s"
+    assert eta is not None and abs(eta - left) <= 0.3 * left + 1, f"ETA {eta} s at 25%, but {left:.1f} s were left"
+
+    set_number(page, "adapt-iterations", 600)
+    page.locator("#adapt-start").click()
+    wait_for(lambda: _shown_step(status.inner_text() or "") and "Training" in status.inner_text() and
+             (_shown_step(status.inner_text()) or 0) >= 50, 120, "the second run")
+    run = studio.active_run()[0]
+    t0 = time.monotonic()
+    page.locator("#adapt-stop").click()
+    wait_for(lambda: "Stopping" in status.inner_text() or "Stopped" in status.inner_text(), 5, "Stopping...")
+    shown_at = time.monotonic() - t0
+    wait_for(lambda: run.ended, 10, "the run to stop")
+    stopped_at = time.monotonic() - t0
+    assert shown_at <= 0.5 and stopped_at <= 1.0, (shown_at, stopped_at)
+    wait_for(lambda: "Stopped:" in status.inner_text(), 20, "the stopped status")
+    final = run.view().final
+    assert final.kind == "cancelled" and RunFolder(run.folder.path).continuable
+    page.screenshot(path=str(SCREENS / "stopped_1280.png"))
     page.close()

@@ -170,6 +170,17 @@ class Trainer:
             self.observers.append(observer)
         return observer
 
+    def continue_for(self, more: int) -> None:
+        """Train ``more`` steps beyond the current one; the folder's recipe says so, so every entry point that
+        continues the run later (the CLI's ``--resume`` too) aims at the same total."""
+        if not 1 <= int(more) <= 100_000:
+            raise ValueError("more iterations must be between 1 and 100000")
+        self.recipe.iterations = self.step + int(more)
+        if self.folder:
+            record = self.folder.read_record()
+            record["recipe"] = {**record.get("recipe", {}), "iterations": self.recipe.iterations}
+            self.folder.write_record(record)
+
     def _open_folder(self, record: dict, resuming: bool = False) -> None:
         """Start the run's folder (refused when it already holds a run) or reopen it to continue."""
         if self.folder:
