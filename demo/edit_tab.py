@@ -16,7 +16,7 @@ from nada_core.training.mapper import MapperRecipe, MapperTrainer, identity_for,
 from .latent_tools import MapperPicker, mapper_choices, run_with_progress, stream_trainer
 from .sample_tab import model_choices
 from .state import Studio
-from .ui import Slider, friendly, image_file, number, optional_download, progress_html
+from .ui import Slider, bind, friendly, image_file, number, optional_download, progress_html
 
 N_SLOTS = 12            # slider rows; each is bound to whatever direction the base offers at that index
 LAYER_RANGES = {"all layers": None, "coarse (pose, shape)": (0, 4), "middle (features)": (4, 8), "fine (colour, texture)": (8, 99)}
@@ -131,110 +131,8 @@ def build(studio: Studio):
 
     text_delta = gr.State(None)   # W+ change found by the last text edit, added on top of the sliders
 
-    def current_latent(base_name, ids, seed_value, psi, mseed, cross, mapper_id, mapper_strength, delta, values):
-        """The generators to show and the latent they share: seed -> Z/W/W+ directions -> style mixing ->
-        latent mapper -> text edit."""
-        if not base_name:
-            raise gr.Error("choose a base model")
-        G = studio.base(base_name)
-        ids = [i for i in (ids or [])]
-        entries = [studio.entry(i) for i in ids]
-        for e in entries:
-            if e.base != base_name:
-                raise gr.Error(f"{e.name} was adapted from {e.base}; choose that base to edit it")
-        w = edited_latent(G, number(seed_value or 0, "Seed", 0, 2 ** 32 - 1), number(psi, "Truncation", 0, 1, integer=False),
-                          DirectionControls.edits(studio, base_name, values),
-                          number(mseed or 0, "Second seed", 0, 2 ** 32 - 1), number(cross or 0, "Mix from slot", 0, G.n_latent))
-        w = MapperPicker.apply(studio, w, mapper_id, mapper_strength, G.n_latent)
-        if delta is not None and tuple(delta.shape) == tuple(w.shape):
-            w = w + delta.to(w.device)
-        gens, labels = [G], [f"source ({base_name})"]
-        for e in entries:
-            gens.append(studio.model(e.id))
-            labels.append(e.name)
-        return G, gens, labels, w
-
-    def show(G, gens, labels, w, preview=False):
-        max_res = PREVIEW_RES if preview and not studio.device.startswith("cuda") and G.size > PREVIEW_RES else None
-        rows = render(gens, w, max_resolution=max_res)
-        shown = max(256, G.size) if max_res is None else 256
-        return [(image_file(r[0].resize((shown, shown), Image.LANCZOS) if r[0].width < shown else r[0]), label)
-                for r, label in zip(rows, labels)]
-
-    def render_edit(base_name, ids, seed_value, psi, mseed, cross, mapper_id, mapper_strength, delta, *values,
-                    preview=False):
-        G, gens, labels, w = current_latent(base_name, ids, seed_value, psi, mseed, cross, mapper_id, mapper_strength,
-                                            delta, values)
-        return show(G, gens, labels, w, preview)
-
-    @friendly
-    def text_edit(base_name, ids, seed_value, psi, mseed, cross, mapper_id, mapper_strength, delta, text, steps,
-                  *values):
-        """StyleCLIP's optimisation of this one latent, with live renders through every chosen model."""
-        G, gens, labels, w = current_latent(base_name, ids, seed_value, psi, mseed, cross, mapper_id, mapper_strength,
-                                            delta, values)
-        n = number(steps, "Steps", 1, 300)
-        if not (text or "").strip():
-            raise gr.Error("type the edit first, e.g. 'smiling' or 'blue hair'")
-        names = studio.clip_names()
-        clip = studio.clip(names, [1.0] * len(names))
-        latest: dict = {}
-        shown_at = [0.0]
-
-        def work(report):
-            return optimise_edit(G, w, text.strip(), clip, steps=n, progress=report,
-                                 on_latent=lambda i, cur: latest.update(w=cur))
-
-        for kind, value in run_with_progress(work, lambda u: f"Editing '{text.strip()}': step {u[0]}/{u[1]} · "
-                                                              f"CLIP loss {u[2]['clip']:.4f}"):
-            if kind == "progress":
-                now = time.perf_counter()
-                img = gr.update()
-                if "w" in latest and now - shown_at[0] >= 2.0:
-                    img, shown_at[0] = show(G, gens, labels, latest["w"], preview=True), now
-                yield progress_html(None, value), img, gr.update()
-            else:
-                new_delta = (value - w).detach().cpu() + (delta if delta is not None and tuple(delta.shape) ==
-                                                           tuple(w.shape) else 0)
-                yield (progress_html(1.0, f"Text edit '{text.strip()}' applied ({n} steps); the sliders still work "
-                                          "on top of it.", "done"), show(G, gens, labels, value), new_delta)
-
-    @friendly
-    def train_edit_mapper(base_name, text, steps, request: gr.Request):
-        """A reusable edit: StyleCLIP's mapper for this text on the base, listed under Latent mapper."""
-        if studio.is_training(request.session_hash if request else ""):
-            raise gr.Error(f"Already training ({studio.training_status()}).")
-        G = studio.base(base_name)
-        names = studio.clip_names()
-        n = number(steps, "Steps", 1, 100_000)
-        recipe = MapperRecipe(text=(text or "").strip(), iterations=n, clip_models=names, clip_weights=[1.0] * len(names),
-                              preview_every=n, snapshot_every=max(1, n // 5), train_size=500 if studio.tiny else 5000,
-                              test_size=100 if studio.tiny else 1000)
-        recipe.validate()
-        id_fn, _ = identity_for("auto", None, "tiny" if studio.tiny else base_name, studio.device)
-        out = new_model_dir(f"{base_name}-{recipe.text}", studio.mapper_root)
-        trainer = MapperTrainer(G, recipe, studio.clip(names, [1.0] * len(names)), studio.device, out,
-                                model_name=base_name, id_fn=id_fn)
-        for html, img, ev in stream_trainer(studio, trainer, request.session_hash if request else "",
-                                            f"Training the edit mapper '{recipe.text}'"):
-            if ev is None:
-                yield html, gr.update(), gr.update(interactive=True)
-            else:
-                yield (html, gr.update(choices=mapper_choices(studio, base_name), value=out.name if ev.checkpoint else None),
-                       gr.update(interactive=False))
-
-    def automatic(preview):
-        """Renders fired by value changes (also on page load): silent while the base is not downloaded,
-        since the get-started panel already says what is missing; the Render button reports it."""
-        def handler(*a):
-            try:
-                return render_edit(*a, preview=preview)
-            except weights.WeightsError:
-                return gr.update()
-        return friendly(handler)
-
-    full = friendly(lambda *a: render_edit(*a))
-    auto_full, quick = automatic(False), automatic(True)
+    full = friendly(lambda *a: render_edit(studio, *a))
+    auto_full, quick = automatic(studio, False), automatic(studio, True)
 
     @friendly
     def on_base(base_name):
@@ -246,10 +144,8 @@ def build(studio: Studio):
     base.change(on_base, base, [models, crossover, *controls.configured()], api_visibility="private")
     base.change(lambda b: gr.update(choices=mapper_choices(studio, b), value=None), base, mapper.choice,
                 api_visibility="private", show_progress="hidden")
-    def stop_mapper(request: gr.Request):
-        studio.cancel_training(request.session_hash if request else "")
 
-    text_stop.click(stop_mapper, None, None, api_visibility="private", show_progress="hidden")
+    text_stop.click(bind(studio, stop_mapper), None, None, api_visibility="private", show_progress="hidden")
     for s in controls.sliders:
         s.change(quick, inputs, gallery, trigger_mode="always_last", **live)
         s.release(auto_full, inputs, gallery, **live)
@@ -259,10 +155,10 @@ def build(studio: Studio):
     mapper.strength.release(auto_full, inputs, gallery, **live)
     seed.change(lambda: None, None, text_delta, api_visibility="private", show_progress="hidden")  # edits are per latent
     base.change(lambda: None, None, text_delta, api_visibility="private", show_progress="hidden")
-    text_go.click(text_edit, [*inputs[:9], edit_text, edit_steps, *controls.inputs], [status, gallery, text_delta],
+    text_go.click(bind(studio, text_edit), [*inputs[:9], edit_text, edit_steps, *controls.inputs], [status, gallery, text_delta],
                   api_name="text_edit", concurrency_limit=1, concurrency_id="device", show_progress="minimal",
                   show_progress_on=[status])
-    text_mapper_go.click(train_edit_mapper, [base, edit_text, edit_steps], [status, mapper.choice, text_stop],
+    text_mapper_go.click(bind(studio, train_edit_mapper), [base, edit_text, edit_steps], [status, mapper.choice, text_stop],
                          api_name="edit_mapper", concurrency_limit=1, concurrency_id="device", show_progress="minimal",
                          show_progress_on=[status])
     text_clear.click(lambda: None, None, text_delta, api_visibility="private", show_progress="hidden").then(
@@ -271,3 +167,115 @@ def build(studio: Studio):
                          api_visibility="private")
     render_btn.click(full, inputs, gallery, api_name="edit", concurrency_id="render", show_progress_on=[gallery])
     return base, models, controls, mapper
+
+
+def current_latent(studio: Studio, base_name, ids, seed_value, psi, mseed, cross, mapper_id, mapper_strength, delta, values):
+    """The generators to show and the latent they share: seed -> Z/W/W+ directions -> style mixing ->
+    latent mapper -> text edit."""
+    if not base_name:
+        raise gr.Error("choose a base model")
+    G = studio.base(base_name)
+    ids = [i for i in (ids or [])]
+    entries = [studio.entry(i) for i in ids]
+    for e in entries:
+        if e.base != base_name:
+            raise gr.Error(f"{e.name} was adapted from {e.base}; choose that base to edit it")
+    w = edited_latent(G, number(seed_value or 0, "Seed", 0, 2 ** 32 - 1), number(psi, "Truncation", 0, 1, integer=False),
+                      DirectionControls.edits(studio, base_name, values),
+                      number(mseed or 0, "Second seed", 0, 2 ** 32 - 1), number(cross or 0, "Mix from slot", 0, G.n_latent))
+    w = MapperPicker.apply(studio, w, mapper_id, mapper_strength, G.n_latent)
+    if delta is not None and tuple(delta.shape) == tuple(w.shape):
+        w = w + delta.to(w.device)
+    gens, labels = [G], [f"source ({base_name})"]
+    for e in entries:
+        gens.append(studio.model(e.id))
+        labels.append(e.name)
+    return G, gens, labels, w
+
+
+def show(studio: Studio, G, gens, labels, w, preview=False):
+    max_res = PREVIEW_RES if preview and not studio.device.startswith("cuda") and G.size > PREVIEW_RES else None
+    rows = render(gens, w, max_resolution=max_res)
+    shown = max(256, G.size) if max_res is None else 256
+    return [(image_file(r[0].resize((shown, shown), Image.LANCZOS) if r[0].width < shown else r[0]), label)
+            for r, label in zip(rows, labels)]
+
+
+def render_edit(studio: Studio, base_name, ids, seed_value, psi, mseed, cross, mapper_id, mapper_strength, delta, *values,
+                preview=False):
+    G, gens, labels, w = current_latent(studio, base_name, ids, seed_value, psi, mseed, cross, mapper_id, mapper_strength,
+                                        delta, values)
+    return show(studio, G, gens, labels, w, preview)
+
+
+@friendly
+def text_edit(studio: Studio, base_name, ids, seed_value, psi, mseed, cross, mapper_id, mapper_strength, delta, text, steps,
+              *values):
+    """StyleCLIP's optimisation of this one latent, with live renders through every chosen model."""
+    G, gens, labels, w = current_latent(studio, base_name, ids, seed_value, psi, mseed, cross, mapper_id, mapper_strength,
+                                        delta, values)
+    n = number(steps, "Steps", 1, 300)
+    if not (text or "").strip():
+        raise gr.Error("type the edit first, e.g. 'smiling' or 'blue hair'")
+    names = studio.clip_names()
+    clip = studio.clip(names, [1.0] * len(names))
+    latest: dict = {}
+    shown_at = [0.0]
+
+    def work(report):
+        return optimise_edit(G, w, text.strip(), clip, steps=n, progress=report,
+                             on_latent=lambda i, cur: latest.update(w=cur))
+
+    for kind, value in run_with_progress(work, lambda u: f"Editing '{text.strip()}': step {u[0]}/{u[1]} · "
+                                                          f"CLIP loss {u[2]['clip']:.4f}"):
+        if kind == "progress":
+            now = time.perf_counter()
+            img = gr.update()
+            if "w" in latest and now - shown_at[0] >= 2.0:
+                img, shown_at[0] = show(studio, G, gens, labels, latest["w"], preview=True), now
+            yield progress_html(None, value), img, gr.update()
+        else:
+            new_delta = (value - w).detach().cpu() + (delta if delta is not None and tuple(delta.shape) ==
+                                                       tuple(w.shape) else 0)
+            yield (progress_html(1.0, f"Text edit '{text.strip()}' applied ({n} steps); the sliders still work "
+                                      "on top of it.", "done"), show(studio, G, gens, labels, value), new_delta)
+
+
+@friendly
+def train_edit_mapper(studio: Studio, base_name, text, steps, request: gr.Request):
+    """A reusable edit: StyleCLIP's mapper for this text on the base, listed under Latent mapper."""
+    if studio.is_training(request.session_hash if request else ""):
+        raise gr.Error(f"Already training ({studio.training_status()}).")
+    G = studio.base(base_name)
+    names = studio.clip_names()
+    n = number(steps, "Steps", 1, 100_000)
+    recipe = MapperRecipe(text=(text or "").strip(), iterations=n, clip_models=names, clip_weights=[1.0] * len(names),
+                          preview_every=n, snapshot_every=max(1, n // 5), train_size=500 if studio.tiny else 5000,
+                          test_size=100 if studio.tiny else 1000)
+    recipe.validate()
+    id_fn, _ = identity_for("auto", None, "tiny" if studio.tiny else base_name, studio.device)
+    out = new_model_dir(f"{base_name}-{recipe.text}", studio.mapper_root)
+    trainer = MapperTrainer(G, recipe, studio.clip(names, [1.0] * len(names)), studio.device, out,
+                            model_name=base_name, id_fn=id_fn)
+    for html, img, ev in stream_trainer(studio, trainer, request.session_hash if request else "",
+                                        f"Training the edit mapper '{recipe.text}'"):
+        if ev is None:
+            yield html, gr.update(), gr.update(interactive=True)
+        else:
+            yield (html, gr.update(choices=mapper_choices(studio, base_name), value=out.name if ev.checkpoint else None),
+                   gr.update(interactive=False))
+
+
+def automatic(studio: Studio, preview):
+    """Renders fired by value changes (also on page load): silent while the base is not downloaded,
+    since the get-started panel already says what is missing; the Render button reports it."""
+    def handler(*a):
+        try:
+            return render_edit(studio, *a, preview=preview)
+        except weights.WeightsError:
+            return gr.update()
+    return friendly(handler)
+
+
+def stop_mapper(studio: Studio, request: gr.Request):
+    studio.cancel_training(request.session_hash if request else "")

@@ -8,7 +8,8 @@ from typing import Iterator
 import gradio as gr
 import torch
 
-from nada_core.store.images import grid, to_pil
+from nada_core.latent.sampling import comparison
+from nada_core.store.images import to_pil
 from nada_core.training.run import Run
 
 from .run_stream import status_text, watch
@@ -55,7 +56,7 @@ def stream_trainer(studio: Studio, trainer, session: str, what: str, every: floa
         img = gr.update()
         if view.preview is not None and view.preview_step != shown:
             shown = view.preview_step
-            img = grid([to_pil(view.preview[0]), to_pil(view.preview[1])], tile=128)
+            img = comparison([to_pil(view.preview[0]), to_pil(view.preview[1])], largest=128)
         if not view.ended:
             yield progress_html(view.step / max(1, view.total), status_text(what, view),
                                 "warn" if view.state == "stopping" else "run"), img, None

@@ -11,12 +11,12 @@ import gradio as gr
 import numpy as np
 import pandas as pd
 
-from nada_core.latent.sampling import latents_for_seeds, render
+from nada_core.latent.sampling import thumbnail
 from nada_core.store import weights
 from nada_core.store.checkpoints import export_rosinality
 from nada_core.store.delta import apply_delta, delta_info, export_delta
-from nada_core.store.images import grid
 from nada_core.store.library import add_model, delete_model, disk_use, import_model, rename_model
+from nada_core.store.runs import RunFolder
 
 from .state import Studio
 from .ui import friendly, named_copy, progress_html
@@ -182,8 +182,7 @@ def build(studio: Studio):
             folder = import_model(studio.library_root, upload_path, display, base_name, base, MAX_IMPORT_BYTES)
         progress(0.8, desc="rendering a thumbnail")
         G = studio.model(folder.name)
-        w = latents_for_seeds(base, [0, 1, 2, 3], 0.7)
-        grid(render([base, G], w), tile=max(128, min(256, G.size))).save(folder / "thumb.png")
+        RunFolder(folder).write_thumb(thumbnail(base, G))
         return refreshed(f"Imported **{display}** as **{folder.name}**.")
 
     renamed = rename.click(do_rename, [pick, new_name], outs, api_name="library_rename")

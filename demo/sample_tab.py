@@ -8,15 +8,23 @@ from pathlib import Path
 import gradio as gr
 
 from nada_core.latent.editing import blend_generators, combine_styles
-from nada_core.latent.sampling import interpolation_frames, latents_for_seeds, parse_seeds, render, save_gif
+from nada_core.latent.sampling import (
+    comparison,
+    interpolation_frames,
+    latents_for_seeds,
+    parse_seeds,
+    render,
+    save_gif,
+    thumbnail,
+)
 from nada_core.latent.video import save_mp4
 from nada_core.models.stylegan2 import NOISE_MODES
-from nada_core.store.images import grid
 from nada_core.store.library import add_model
+from nada_core.store.runs import RunFolder
 
 from .latent_tools import MapperPicker
 from .state import Studio
-from .ui import Slider, choice, friendly, image_file, number, optional_download
+from .ui import Slider, bind, choice, friendly, image_file, number, optional_download
 
 MIX_SLOTS = 4
 
@@ -78,102 +86,108 @@ def build(studio: Studio):
             out = gr.Image(format="png", label="Source (top) and adapted (bottom), same latents", type="pil",
                            interactive=False, elem_id="sample-grid", height=420)
 
-    def adapted_generator(model_id, a, other_id, m):
-        if not model_id:
-            raise gr.Error("choose an adapted model (train one in the Adapt tab)")
-        entry = studio.entry(model_id)
-        G_src, G = studio.base(entry.base), studio.model(model_id)
-        if other_id:
-            if studio.entry(other_id).base != entry.base:
-                raise gr.Error("the two models were adapted from different bases and cannot be blended")
-            G = blend_generators(G, studio.model(other_id), number(m, "Second model share", 0, 1, integer=False))
-        a = number(a, "Strength", 0, 1, integer=False)
-        if a != 1.0:
-            G = blend_generators(G_src, G, a)
-        return G_src, G
-
-    @friendly
-    def generate(model_id, seed_text, psi, noise_mode, a, other_id, m, mapper_id=None, mapper_strength=1.0):
-        choice(noise_mode, "Noise", NOISE_MODES)
-        G_src, G = adapted_generator(model_id, a, other_id, m)
-        w = latents_for_seeds(G_src, parse_seeds(seed_text, limit=16), number(psi, "Truncation", 0, 1, integer=False))
-        w = MapperPicker.apply(studio, w, mapper_id, mapper_strength, G_src.n_latent)
-        return image_file(grid(render([G_src, G], w, noise_mode), tile=max(128, min(512, G.size))))
-
-    @friendly
-    def make_video(model_id, a, other_id, m, sa, sb, n, how, psi):
-        choice(how, "Path", ("seeds", "domains"))
-        G_src, G = adapted_generator(model_id, a, other_id, m)
-        imgs = interpolation_frames(G_src, G, number(sa, "Seed A", 0, 2 ** 32 - 1), number(sb, "Seed B", 0, 2 ** 32 - 1),
-                                    number(n, "Frames", 2, 60), how, number(psi, "Truncation", 0, 1, integer=False))
-        folder = Path(tempfile.mkdtemp(prefix="nada_video_"))
-        stem = f"interpolation_{how}_{int(sa)}_{int(sb)}"
-        gif = folder / f"{stem}.gif"
-        save_gif(imgs, gif)
-        mp4 = save_mp4(imgs, folder / f"{stem}.mp4", min_size=256)
-        return gr.update(value=str(mp4), visible=True), gr.update(value=str(gif), visible=True)
-
-    def mixed_generator(pairs):
-        """The base and theta_base + sum a_i (theta_i - theta_base) for the chosen (style id, weight) pairs."""
-        chosen = [(mid, number(a, f"Weight of style {i + 1}", -2, 2, integer=False))
-                  for i, (mid, a) in enumerate(pairs) if mid]
-        if not chosen:
-            raise gr.Error("choose at least one style to mix")
-        entries = [studio.entry(mid) for mid, _ in chosen]
-        base_name = entries[0].base
-        if any(e.base != base_name for e in entries):
-            raise gr.Error("every style in a mix must come from the same base model")
-        G_base = studio.base(base_name)
-        G = combine_styles(G_base, [(studio.model(mid), a) for mid, a in chosen])
-        formula = " + ".join(f"{a:g} x ({e.name} - base)" for e, (_, a) in zip(entries, chosen))
-        return G_base, G, base_name, formula
-
-    @friendly
-    def preview_mix(seed_text, psi, *pairs):
-        G_base, G, _, formula = mixed_generator(list(zip(pairs[:MIX_SLOTS], pairs[MIX_SLOTS:])))
-        w = latents_for_seeds(G_base, parse_seeds(seed_text, limit=16), number(psi, "Truncation", 0, 1, integer=False))
-        gr.Info(f"base + {formula}")
-        return image_file(grid(render([G_base, G], w), tile=max(128, min(512, G.size))))
-
-    @friendly
-    def save_mix(name, *pairs):
-        G_base, G, base_name, formula = mixed_generator(list(zip(pairs[:MIX_SLOTS], pairs[MIX_SLOTS:])))
-        if not (name or "").strip():
-            raise gr.Error("give the mix a name")
-        recipe = {"source": base_name, "target": name.strip(), "formula": f"base + {formula}",
-                  "styles": [[mid, a] for mid, a in zip(pairs[:MIX_SLOTS], pairs[MIX_SLOTS:]) if mid]}
-        folder = add_model(studio.library_root, name.strip(), G, base_name, recipe)
-        w = latents_for_seeds(G_base, [0, 1, 2, 3], 0.7)
-        grid(render([G_base, G], w), tile=max(128, min(256, G.size))).save(folder / "thumb.png")
-        choices = model_choices(studio)
-        gr.Info(f"saved the mix as {folder.name} (base + {formula})")
-        return gr.update(choices=choices), gr.update(choices=choices)
-
-    def refresh_models():
-        choices = model_choices(studio)
-        return gr.update(choices=choices), gr.update(choices=choices)
-
     inputs = [model, seeds, truncation, noise, strength, other, mix, *mapper.inputs]
-    go.click(generate, inputs, out, api_name="sample", concurrency_id="render", show_progress="minimal",
+    go.click(bind(studio, generate), inputs, out, api_name="sample", concurrency_id="render", show_progress="minimal",
              scroll_to_output=True)
-    strength.release(generate, inputs, out, api_visibility="private", concurrency_id="render", show_progress="hidden")
-    mix.release(generate, inputs, out, api_visibility="private", concurrency_id="render", show_progress="hidden")
-    make.click(make_video, [model, strength, other, mix, seed_a, seed_b, frames, mode, truncation], [video, gif_file],
+    rerender = bind(studio, when_chosen)   # every control of the picture renders it again once a model is chosen
+    for slider in (truncation, strength, mix, mapper.strength):
+        slider.release(rerender, inputs, out, api_visibility="private", concurrency_id="render", show_progress="hidden")
+    for picker in (noise, mapper.choice):
+        picker.change(rerender, inputs, out, api_visibility="private", concurrency_id="render", show_progress="hidden")
+    make.click(bind(studio, make_video), [model, strength, other, mix, seed_a, seed_b, frames, mode, truncation], [video, gif_file],
                api_name="interpolate", concurrency_limit=1, concurrency_id="device", show_progress="minimal",
                show_progress_on=[make], scroll_to_output=True)
-    refresh.click(refresh_models, None, [model, other], api_name="sample_refresh")
+    refresh.click(bind(studio, refresh_models), None, [model, other], api_name="sample_refresh")
     mix_inputs = [*mix_styles, *mix_weights]
-    mix_go.click(preview_mix, [seeds, truncation, *mix_inputs], out, api_name="mix", concurrency_id="render",
+    mix_go.click(bind(studio, preview_mix), [seeds, truncation, *mix_inputs], out, api_name="mix", concurrency_id="render",
                  show_progress="minimal", scroll_to_output=True)
     for slider in mix_weights:
-        slider.release(preview_mix, [seeds, truncation, *mix_inputs], out, api_visibility="private",
+        slider.release(bind(studio, preview_mix), [seeds, truncation, *mix_inputs], out, api_visibility="private",
                        concurrency_id="render", show_progress="hidden")
-    saved_mix = mix_save.click(save_mix, [mix_name, *mix_inputs], [model, other], api_name="mix_save", show_progress="minimal")
-    def when_chosen(model_id, *rest):
-        return generate(model_id, *rest) if model_id else gr.update()
-
-    mapper.strength.release(when_chosen, inputs, out, api_visibility="private", concurrency_id="render",
-                            show_progress="hidden")
-    mapper.choice.change(when_chosen, inputs, out, api_visibility="private", concurrency_id="render",
-                         show_progress="hidden")
+    saved_mix = mix_save.click(bind(studio, save_mix), [mix_name, *mix_inputs], [model, other], api_name="mix_save", show_progress="minimal")
     return [model, other, *mix_styles], mapper, [saved_mix]
+
+
+def adapted_generator(studio: Studio, model_id, a, other_id, m):
+    if not model_id:
+        raise gr.Error("choose an adapted model (train one in the Adapt tab)")
+    entry = studio.entry(model_id)
+    G_src, G = studio.base(entry.base), studio.model(model_id)
+    if other_id:
+        if studio.entry(other_id).base != entry.base:
+            raise gr.Error("the two models were adapted from different bases and cannot be blended")
+        G = blend_generators(G, studio.model(other_id), number(m, "Second model share", 0, 1, integer=False))
+    a = number(a, "Strength", 0, 1, integer=False)
+    if a != 1.0:
+        G = blend_generators(G_src, G, a)
+    return G_src, G
+
+
+@friendly
+def generate(studio: Studio, model_id, seed_text, psi, noise_mode, a, other_id, m, mapper_id=None, mapper_strength=1.0):
+    choice(noise_mode, "Noise", NOISE_MODES)
+    G_src, G = adapted_generator(studio, model_id, a, other_id, m)
+    w = latents_for_seeds(G_src, parse_seeds(seed_text, limit=16), number(psi, "Truncation", 0, 1, integer=False))
+    w = MapperPicker.apply(studio, w, mapper_id, mapper_strength, G_src.n_latent)
+    return image_file(comparison(render([G_src, G], w, noise_mode), largest=512))
+
+
+@friendly
+def make_video(studio: Studio, model_id, a, other_id, m, sa, sb, n, how, psi):
+    choice(how, "Path", ("seeds", "domains"))
+    G_src, G = adapted_generator(studio, model_id, a, other_id, m)
+    imgs = interpolation_frames(G_src, G, number(sa, "Seed A", 0, 2 ** 32 - 1), number(sb, "Seed B", 0, 2 ** 32 - 1),
+                                number(n, "Frames", 2, 60), how, number(psi, "Truncation", 0, 1, integer=False))
+    folder = Path(tempfile.mkdtemp(prefix="nada_video_"))
+    stem = f"interpolation_{how}_{int(sa)}_{int(sb)}"
+    gif = folder / f"{stem}.gif"
+    save_gif(imgs, gif)
+    mp4 = save_mp4(imgs, folder / f"{stem}.mp4", min_size=256)
+    return gr.update(value=str(mp4), visible=True), gr.update(value=str(gif), visible=True)
+
+
+def mixed_generator(studio: Studio, pairs):
+    """The base and theta_base + sum a_i (theta_i - theta_base) for the chosen (style id, weight) pairs."""
+    chosen = [(mid, number(a, f"Weight of style {i + 1}", -2, 2, integer=False))
+              for i, (mid, a) in enumerate(pairs) if mid]
+    if not chosen:
+        raise gr.Error("choose at least one style to mix")
+    entries = [studio.entry(mid) for mid, _ in chosen]
+    base_name = entries[0].base
+    if any(e.base != base_name for e in entries):
+        raise gr.Error("every style in a mix must come from the same base model")
+    G_base = studio.base(base_name)
+    G = combine_styles(G_base, [(studio.model(mid), a) for mid, a in chosen])
+    formula = " + ".join(f"{a:g} x ({e.name} - base)" for e, (_, a) in zip(entries, chosen))
+    return G_base, G, base_name, formula
+
+
+@friendly
+def preview_mix(studio: Studio, seed_text, psi, *pairs):
+    G_base, G, _, formula = mixed_generator(studio, list(zip(pairs[:MIX_SLOTS], pairs[MIX_SLOTS:])))
+    w = latents_for_seeds(G_base, parse_seeds(seed_text, limit=16), number(psi, "Truncation", 0, 1, integer=False))
+    gr.Info(f"base + {formula}")
+    return image_file(comparison(render([G_base, G], w), largest=512))
+
+
+@friendly
+def save_mix(studio: Studio, name, *pairs):
+    G_base, G, base_name, formula = mixed_generator(studio, list(zip(pairs[:MIX_SLOTS], pairs[MIX_SLOTS:])))
+    if not (name or "").strip():
+        raise gr.Error("give the mix a name")
+    recipe = {"source": base_name, "target": name.strip(), "formula": f"base + {formula}",
+              "styles": [[mid, a] for mid, a in zip(pairs[:MIX_SLOTS], pairs[MIX_SLOTS:]) if mid]}
+    folder = add_model(studio.library_root, name.strip(), G, base_name, recipe)
+    RunFolder(folder).write_thumb(thumbnail(G_base, G))
+    choices = model_choices(studio)
+    gr.Info(f"saved the mix as {folder.name} (base + {formula})")
+    return gr.update(choices=choices), gr.update(choices=choices)
+
+
+def refresh_models(studio: Studio):
+    choices = model_choices(studio)
+    return gr.update(choices=choices), gr.update(choices=choices)
+
+
+def when_chosen(studio: Studio, model_id, *rest):
+    return generate(studio, model_id, *rest) if model_id else gr.update()

@@ -18,7 +18,7 @@ from .edit_tab import DirectionControls
 from .latent_tools import Cancelled, MapperPicker, mapper_choices, run_with_progress
 from .sample_tab import model_choices
 from .state import Studio
-from .ui import Slider, friendly, image_file, number, optional_download, progress_html, scrub, status_on_error
+from .ui import Slider, bind, friendly, image_file, number, optional_download, progress_html, scrub, status_on_error
 
 ENCODER, REFINE, OPTIMISE = "Encoder (e4e): instant", "Encoder + optimisation", "Optimisation"
 
@@ -36,7 +36,6 @@ def build(studio: Studio):
     optional_download(studio, ("encoder",), "the e4e encoder for instant selfies on FFHQ 1024")
     optional_download(studio, ("psp-encoder",), "pSp's sketch and segmentation encoders (draw a face)")
     base_default = studio.default_base()
-    cancel_flags: dict[str, threading.Event] = {}
     with gr.Row(equal_height=False):
         with gr.Column(scale=2, min_width=300):
             # A file input, not gr.Image: a corrupt upload must reach our loader, which explains the problem
@@ -91,197 +90,32 @@ def build(studio: Studio):
                              type="pil", interactive=False, height=256)
     session = gr.State(None)
 
-    def show_faces(file, cam):
-        """Right after upload: the photo with every detected face boxed, before anything heavy runs. A photo
-        that cannot be read is said in the status line (no error overlay on the photo)."""
-        img = file if file else cam
-        if img is None:
-            return None, progress_html(None, "Upload a photo with a visible face.", "idle"), gr.update(visible=False)
-        try:
-            picture = load_photo(img)
-        except FaceError as e:
-            return None, progress_html(None, scrub(str(e)), "warn"), gr.update(visible=False)
-        faces = detect(picture)
-        if not faces.count:
-            return (draw_faces(picture, faces), progress_html(None, "No face found: try a frontal, well-lit photo.", "warn"),
-                    gr.update(value=[], visible=False))
-        more = (f" {faces.count} faces found (numbered, largest first); the largest is used unless you tick Every face."
-                if faces.count > 1 else " Face found.")
-        labels = [f"Face {k + 1}" for k in range(min(faces.count, MAX_FACES))]
-        return (draw_faces(picture, faces), progress_html(None, more.strip() + " Choose styles, then Stylise me.", "idle"),
-                gr.update(choices=labels, value=labels, visible=faces.count > 1))
-
-    def latent(state, face_index, mapper_id, mapper_strength, values):
-        inv = state["invs"][face_index]
-        w = apply_edits(inv.w_plus, DirectionControls.edits(studio, state["base"], values))
-        w = MapperPicker.apply(studio, w, mapper_id, mapper_strength, w.shape[1])
-        delta = state.get("deltas", {}).get(face_index)
-        return w + delta.to(w.device) if delta is not None else w
-
-    def outputs_for(state, mapper_id, mapper_strength, values):
-        """Every chosen face through every style (each model's own noise: the photo's detail stays out of
-        the style), then all of them pasted back into one photo per style."""
-        faces, ids = state["faces"], state["ids"]
-        names = [studio.entry(i).name for i in ids]
-        per_style = []
-        for model_id in ids:
-            G = studio.model(model_id)
-            per_style.append([render([G], latent(state, k, mapper_id, mapper_strength, values))[0][0]
-                              for k in range(len(faces))])
-        gallery = [(image_file(img), f"{name}" + (f" (face {k + 1})" if len(faces) > 1 else ""))
-                   for name, imgs in zip(names, per_style) for k, img in enumerate(imgs)]
-        pasted = [(image_file(paste_faces(faces[0].photo, faces, imgs)), name) for name, imgs in zip(names, per_style)]
-        return gallery, pasted
-
-    def styles_for(base_name, ids) -> list:
-        """The chosen style ids, each checked to be an adaptation of ``base_name`` (it shares its latent space)."""
-        ids = list(ids or [])
-        for e in (studio.entry(i) for i in ids):
-            if e.base != base_name:
-                raise gr.Error(f"the style {e.name} needs the base {e.base}; choose that base or another style")
-        return ids
-
-    @status_on_error(0, 7)
-    @friendly
-    def run(file, cam, base_name, ids, how, n_steps, noise, every_face, chosen, mapper_id, mapper_strength,
-            request: gr.Request, *values):
-        img = file if file else cam
-        if img is None:
-            raise gr.Error("upload a photo first (JPEG or PNG with a visible face)")
-        # every setting is checked before the (slow) alignment
-        G = studio.base(base_name)
-        ids = styles_for(base_name, ids)
-        if how not in methods_for(studio, base_name):
-            raise gr.Error(f"'{how}' is not available for {base_name}; choose {OPTIMISE}")
-        n = 0 if how == ENCODER else number(n_steps, "Optimisation steps", 1, 1000)
-        DirectionControls.edits(studio, base_name, values)
-        if mapper_id:
-            studio.mapper(mapper_id, G.n_latent)
-        flag = cancel_flags.setdefault(_session(request), threading.Event())
-        flag.clear()
-        yield progress_html(0, "Aligning the face...", "run"), gr.update(), None, None, [], [], None
-        size = max(256, min(G.size, 1024))  # shown at >= 256 px
-        if every_face:
-            found = prepare_faces(img, output_size=size, max_faces=MAX_FACES)
-            picked = [k for k in range(len(found)) if f"Face {k + 1}" in (chosen or [f"Face {k + 1}"])]
-            faces = [found[k] for k in picked] or found[:1]
-            note = f"{len(faces)} of {found[0].faces_found} faces stylised. "
-        else:
-            faces = [prepare_face(img, output_size=size)]
-            note = f"{faces[0].faces_found} faces found; using the largest. " if faces[0].faces_found > 1 else ""
-        enc = None
-        if how in (ENCODER, REFINE):
-            enc, why = encoder_for(base_name, G, studio.device)
-            if why:
-                raise gr.Error(why)
-        perceptual, loss_name = studio.perceptual() if n > 0 else ({}, "")
-        yield progress_html(0, f"{note}Aligned. Inverting...", "run"), gr.update(), faces[0].overlay(), None, [], [], None
-
-        def work(report):
-            return invert_faces(faces, G, enc, n, perceptual=perceptual, progress=report, optimize_noise=bool(noise))
-
-        try:
-            for kind, value in run_with_progress(work, lambda u: f"Inverting: step {u[0]}/{u[1]} · loss {u[2]:.4f}",
-                                                 cancel=flag):
-                if kind == "progress":
-                    yield (progress_html(None, value, "run"), gr.update(), gr.update(), gr.update(), gr.update(),
-                           gr.update(), gr.update())
-                else:
-                    invs = value
-        except Cancelled:
-            yield progress_html(None, "Cancelled.", "warn"), gr.update(), gr.update(), None, [], [], None
-            return
-        state = {"faces": faces, "invs": invs, "base": base_name, "ids": ids, "deltas": {}}
-        gal, pas = outputs_for(state, mapper_id, mapper_strength, values)
-        loss_note = f" Reconstruction loss: {loss_name}." if loss_name else ""
-        styles = (f" Your face in {len(ids)} style(s) is below; the sliders and text edits act on it." if ids
-                  else " Choose styles to see yourself in them.")
-        msg = f"{note}Inverted with {invs[0].method}.{loss_note}{styles}"
-        yield progress_html(1.0, msg, "done"), gr.update(), faces[0].overlay(), invs[0].reconstruction, gal, pas, state
-
-    @friendly
-    def text_edit(state, text, steps, mapper_id, mapper_strength, *values):
-        """StyleCLIP's optimisation on each inverted face (identity kept where dlib or ArcFace is available)."""
-        if not state:
-            raise gr.Error("stylise a photo first, then edit it by text")
-        if not (text or "").strip():
-            raise gr.Error("type the edit first, e.g. 'smiling' or 'blue hair'")
-        n = number(steps, "Steps", 1, 300)
-        G = studio.base(state["base"])
-        names = studio.clip_names()
-        clip = studio.clip(names, [1.0] * len(names))
-        id_fn, _ = identity_for("auto", None, "tiny" if studio.tiny else state["base"], studio.device)
-        starts = [latent(state, k, mapper_id, mapper_strength, values) for k in range(len(state["faces"]))]
-
-        def work(report):
-            return [optimise_edit(G, w, text.strip(), clip, steps=n, id_fn=id_fn, progress=report) for w in starts]
-
-        for kind, value in run_with_progress(work, lambda u: f"Editing '{text.strip()}': step {u[0]}/{u[1]}"):
-            if kind == "progress":
-                yield progress_html(None, value, "run"), gr.update(), gr.update(), gr.update()
-            else:
-                deltas = dict(state.get("deltas", {}))
-                for k, (w0, w1) in enumerate(zip(starts, value)):
-                    deltas[k] = (w1 - w0).cpu() + (deltas[k] if k in deltas else 0)
-                state = {**state, "deltas": deltas}
-                gal, pas = outputs_for(state, mapper_id, mapper_strength, values)
-                yield progress_html(1.0, f"Text edit '{text.strip()}' applied.", "done"), gal, pas, state
-
-    @friendly
-    def render_sketch(drawing, base_name, ids, mapper_id, mapper_strength):
-        """A drawing -> pSp's sketch encoder -> W+ of FFHQ 1024 -> the source and every chosen style."""
-        if drawing is None:
-            raise gr.Error("draw a face first")
-        if base_name != "ffhq-1024":
-            raise gr.Error("the sketch encoder was trained for the FFHQ 1024 base; choose it as the base model")
-        G = studio.base(base_name)
-        ids = styles_for(base_name, ids)
-        image = drawing.get("composite") if isinstance(drawing, dict) else drawing
-        if image is None:
-            raise gr.Error("draw a face first")
-        w = sketch_to_w(image, studio.psp("psp-sketch"))
-        w = MapperPicker.apply(studio, w, mapper_id, mapper_strength, G.n_latent)
-        gens = [G] + [studio.model(i) for i in ids]
-        names = ["source"] + [studio.entry(i).name for i in ids]
-        return [(image_file(row[0]), name) for row, name in zip(render(gens, w), names)]
-
-    @friendly
-    def re_edit(state, mapper_id, mapper_strength, *values):
-        if not state:
-            return gr.update(), gr.update()
-        return outputs_for(state, mapper_id, mapper_strength, values)
-
-    def stop(request: gr.Request):
-        flag = cancel_flags.get(_session(request))
-        if flag:
-            flag.set()
-
     @friendly
     def on_base(base_name):
         methods = methods_for(studio, base_name)
         return gr.update(choices=model_choices(studio, base_name), value=[]), gr.update(choices=methods, value=methods[0])
 
-    upload.change(friendly(show_faces), [upload, webcam], [photo, status, face_pick], api_visibility="private",
+    upload.change(friendly(bind(studio, show_faces)), [upload, webcam], [photo, status, face_pick], api_visibility="private",
                   show_progress="hidden")
-    webcam.change(friendly(show_faces), [upload, webcam], [photo, status, face_pick], api_visibility="private",
+    webcam.change(friendly(bind(studio, show_faces)), [upload, webcam], [photo, status, face_pick], api_visibility="private",
                   show_progress="hidden")
-    go.click(run, [upload, webcam, base, models, method, steps, fit_noise, every_face, face_pick, *mapper.inputs,
+    go.click(bind(studio, run), [upload, webcam, base, models, method, steps, fit_noise, every_face, face_pick, *mapper.inputs,
                    *controls.inputs],
              [status, photo, aligned, recon, stylised, pasted, session], api_name="selfie",
              concurrency_limit=1, concurrency_id="device", show_progress="minimal", show_progress_on=[status],
              scroll_to_output=True)
-    cancel.click(stop, None, None, api_visibility="private", show_progress="hidden")
-    sketch_go.click(render_sketch, [sketch, base, models, *mapper.inputs], stylised, api_name="sketch",
+    cancel.click(bind(studio, stop), None, None, api_visibility="private", show_progress="hidden")
+    sketch_go.click(bind(studio, render_sketch), [sketch, base, models, *mapper.inputs], stylised, api_name="sketch",
                     concurrency_limit=1, concurrency_id="device", show_progress_on=[stylised])
     for s in controls.sliders:
-        s.release(re_edit, [session, *mapper.inputs, *controls.inputs], [stylised, pasted], api_visibility="private",
+        s.release(bind(studio, re_edit), [session, *mapper.inputs, *controls.inputs], [stylised, pasted], api_visibility="private",
                   concurrency_id="render", show_progress="hidden")
     for comp in (mapper.choice,):
-        comp.change(re_edit, [session, *mapper.inputs, *controls.inputs], [stylised, pasted], api_visibility="private",
+        comp.change(bind(studio, re_edit), [session, *mapper.inputs, *controls.inputs], [stylised, pasted], api_visibility="private",
                     concurrency_id="render", show_progress="hidden")
-    mapper.strength.release(re_edit, [session, *mapper.inputs, *controls.inputs], [stylised, pasted],
+    mapper.strength.release(bind(studio, re_edit), [session, *mapper.inputs, *controls.inputs], [stylised, pasted],
                             api_visibility="private", concurrency_id="render", show_progress="hidden")
-    text_go.click(text_edit, [session, edit_text, edit_steps, *mapper.inputs, *controls.inputs],
+    text_go.click(bind(studio, text_edit), [session, edit_text, edit_steps, *mapper.inputs, *controls.inputs],
                   [status, stylised, pasted, session], api_name="selfie_text_edit", concurrency_limit=1,
                   concurrency_id="device", show_progress="minimal", show_progress_on=[status])
     base.change(on_base, base, [models, method], api_visibility="private")
@@ -290,6 +124,180 @@ def build(studio: Studio):
     controls.reset.click(lambda: [gr.update(value=0)] * len(controls.sliders), None, controls.sliders,
                          api_visibility="private")
     return base, models, controls, mapper
+
+
+def show_faces(studio: Studio, file, cam):
+    """Right after upload: the photo with every detected face boxed, before anything heavy runs. A photo
+    that cannot be read is said in the status line (no error overlay on the photo)."""
+    img = file if file else cam
+    if img is None:
+        return None, progress_html(None, "Upload a photo with a visible face.", "idle"), gr.update(visible=False)
+    try:
+        picture = load_photo(img)
+    except FaceError as e:
+        return None, progress_html(None, scrub(str(e)), "warn"), gr.update(visible=False)
+    faces = detect(picture)
+    if not faces.count:
+        return (draw_faces(picture, faces), progress_html(None, "No face found: try a frontal, well-lit photo.", "warn"),
+                gr.update(value=[], visible=False))
+    more = (f" {faces.count} faces found (numbered, largest first); the largest is used unless you tick Every face."
+            if faces.count > 1 else " Face found.")
+    labels = [f"Face {k + 1}" for k in range(min(faces.count, MAX_FACES))]
+    return (draw_faces(picture, faces), progress_html(None, more.strip() + " Choose styles, then Stylise me.", "idle"),
+            gr.update(choices=labels, value=labels, visible=faces.count > 1))
+
+
+def latent(studio: Studio, state, face_index, mapper_id, mapper_strength, values):
+    inv = state["invs"][face_index]
+    w = apply_edits(inv.w_plus, DirectionControls.edits(studio, state["base"], values))
+    w = MapperPicker.apply(studio, w, mapper_id, mapper_strength, w.shape[1])
+    delta = state.get("deltas", {}).get(face_index)
+    return w + delta.to(w.device) if delta is not None else w
+
+
+def outputs_for(studio: Studio, state, mapper_id, mapper_strength, values):
+    """Every chosen face through every style (each model's own noise: the photo's detail stays out of
+    the style), then all of them pasted back into one photo per style."""
+    faces, ids = state["faces"], state["ids"]
+    names = [studio.entry(i).name for i in ids]
+    per_style = []
+    for model_id in ids:
+        G = studio.model(model_id)
+        per_style.append([render([G], latent(studio, state, k, mapper_id, mapper_strength, values))[0][0]
+                          for k in range(len(faces))])
+    gallery = [(image_file(img), f"{name}" + (f" (face {k + 1})" if len(faces) > 1 else ""))
+               for name, imgs in zip(names, per_style) for k, img in enumerate(imgs)]
+    pasted = [(image_file(paste_faces(faces[0].photo, faces, imgs)), name) for name, imgs in zip(names, per_style)]
+    return gallery, pasted
+
+
+def styles_for(studio: Studio, base_name, ids) -> list:
+    """The chosen style ids, each checked to be an adaptation of ``base_name`` (it shares its latent space)."""
+    ids = list(ids or [])
+    for e in (studio.entry(i) for i in ids):
+        if e.base != base_name:
+            raise gr.Error(f"the style {e.name} needs the base {e.base}; choose that base or another style")
+    return ids
+
+
+@status_on_error(0, 7)
+@friendly
+def run(studio: Studio, file, cam, base_name, ids, how, n_steps, noise, every_face, chosen, mapper_id, mapper_strength,
+        request: gr.Request, *values):
+    img = file if file else cam
+    if img is None:
+        raise gr.Error("upload a photo first (JPEG or PNG with a visible face)")
+    # every setting is checked before the (slow) alignment
+    G = studio.base(base_name)
+    ids = styles_for(studio, base_name, ids)
+    if how not in methods_for(studio, base_name):
+        raise gr.Error(f"'{how}' is not available for {base_name}; choose {OPTIMISE}")
+    n = 0 if how == ENCODER else number(n_steps, "Optimisation steps", 1, 1000)
+    DirectionControls.edits(studio, base_name, values)
+    if mapper_id:
+        studio.mapper(mapper_id, G.n_latent)
+    flag = studio.cancel_flags.setdefault(_session(request), threading.Event())
+    flag.clear()
+    yield progress_html(0, "Aligning the face...", "run"), gr.update(), None, None, [], [], None
+    size = max(256, min(G.size, 1024))  # shown at >= 256 px
+    if every_face:
+        found = prepare_faces(img, output_size=size, max_faces=MAX_FACES)
+        picked = [k for k in range(len(found)) if f"Face {k + 1}" in (chosen or [f"Face {k + 1}"])]
+        faces = [found[k] for k in picked] or found[:1]
+        note = f"{len(faces)} of {found[0].faces_found} faces stylised. "
+    else:
+        faces = [prepare_face(img, output_size=size)]
+        note = f"{faces[0].faces_found} faces found; using the largest. " if faces[0].faces_found > 1 else ""
+    enc = None
+    if how in (ENCODER, REFINE):
+        enc, why = encoder_for(base_name, G, studio.device)
+        if why:
+            raise gr.Error(why)
+    perceptual, loss_name = studio.perceptual() if n > 0 else ({}, "")
+    yield progress_html(0, f"{note}Aligned. Inverting...", "run"), gr.update(), faces[0].overlay(), None, [], [], None
+
+    def work(report):
+        return invert_faces(faces, G, enc, n, perceptual=perceptual, progress=report, optimize_noise=bool(noise))
+
+    try:
+        for kind, value in run_with_progress(work, lambda u: f"Inverting: step {u[0]}/{u[1]} · loss {u[2]:.4f}",
+                                             cancel=flag):
+            if kind == "progress":
+                yield (progress_html(None, value, "run"), gr.update(), gr.update(), gr.update(), gr.update(),
+                       gr.update(), gr.update())
+            else:
+                invs = value
+    except Cancelled:
+        yield progress_html(None, "Cancelled.", "warn"), gr.update(), gr.update(), None, [], [], None
+        return
+    state = {"faces": faces, "invs": invs, "base": base_name, "ids": ids, "deltas": {}}
+    gal, pas = outputs_for(studio, state, mapper_id, mapper_strength, values)
+    loss_note = f" Reconstruction loss: {loss_name}." if loss_name else ""
+    styles = (f" Your face in {len(ids)} style(s) is below; the sliders and text edits act on it." if ids
+              else " Choose styles to see yourself in them.")
+    msg = f"{note}Inverted with {invs[0].method}.{loss_note}{styles}"
+    yield progress_html(1.0, msg, "done"), gr.update(), faces[0].overlay(), invs[0].reconstruction, gal, pas, state
+
+
+@friendly
+def text_edit(studio: Studio, state, text, steps, mapper_id, mapper_strength, *values):
+    """StyleCLIP's optimisation on each inverted face (identity kept where dlib or ArcFace is available)."""
+    if not state:
+        raise gr.Error("stylise a photo first, then edit it by text")
+    if not (text or "").strip():
+        raise gr.Error("type the edit first, e.g. 'smiling' or 'blue hair'")
+    n = number(steps, "Steps", 1, 300)
+    G = studio.base(state["base"])
+    names = studio.clip_names()
+    clip = studio.clip(names, [1.0] * len(names))
+    id_fn, _ = identity_for("auto", None, "tiny" if studio.tiny else state["base"], studio.device)
+    starts = [latent(studio, state, k, mapper_id, mapper_strength, values) for k in range(len(state["faces"]))]
+
+    def work(report):
+        return [optimise_edit(G, w, text.strip(), clip, steps=n, id_fn=id_fn, progress=report) for w in starts]
+
+    for kind, value in run_with_progress(work, lambda u: f"Editing '{text.strip()}': step {u[0]}/{u[1]}"):
+        if kind == "progress":
+            yield progress_html(None, value, "run"), gr.update(), gr.update(), gr.update()
+        else:
+            deltas = dict(state.get("deltas", {}))
+            for k, (w0, w1) in enumerate(zip(starts, value)):
+                deltas[k] = (w1 - w0).cpu() + (deltas[k] if k in deltas else 0)
+            state = {**state, "deltas": deltas}
+            gal, pas = outputs_for(studio, state, mapper_id, mapper_strength, values)
+            yield progress_html(1.0, f"Text edit '{text.strip()}' applied.", "done"), gal, pas, state
+
+
+@friendly
+def render_sketch(studio: Studio, drawing, base_name, ids, mapper_id, mapper_strength):
+    """A drawing -> pSp's sketch encoder -> W+ of FFHQ 1024 -> the source and every chosen style."""
+    if drawing is None:
+        raise gr.Error("draw a face first")
+    if base_name != "ffhq-1024":
+        raise gr.Error("the sketch encoder was trained for the FFHQ 1024 base; choose it as the base model")
+    G = studio.base(base_name)
+    ids = styles_for(studio, base_name, ids)
+    image = drawing.get("composite") if isinstance(drawing, dict) else drawing
+    if image is None:
+        raise gr.Error("draw a face first")
+    w = sketch_to_w(image, studio.psp("psp-sketch"))
+    w = MapperPicker.apply(studio, w, mapper_id, mapper_strength, G.n_latent)
+    gens = [G] + [studio.model(i) for i in ids]
+    names = ["source"] + [studio.entry(i).name for i in ids]
+    return [(image_file(row[0]), name) for row, name in zip(render(gens, w), names)]
+
+
+@friendly
+def re_edit(studio: Studio, state, mapper_id, mapper_strength, *values):
+    if not state:
+        return gr.update(), gr.update()
+    return outputs_for(studio, state, mapper_id, mapper_strength, values)
+
+
+def stop(studio: Studio, request: gr.Request):
+    flag = studio.cancel_flags.get(_session(request))
+    if flag:
+        flag.set()
 
 
 def _session(request: gr.Request | None) -> str:

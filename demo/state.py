@@ -10,6 +10,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 from nada_core.guidance.clip_guide import DEFAULT_MODELS, load_clip
+from nada_core.guidance.prompt_check import check_prompt
 from nada_core.latent.editing import Direction, check_compatible, ganspace, load_direction_file
 from nada_core.models.stylegan2 import Generator
 from nada_core.store import weights
@@ -27,6 +28,7 @@ from nada_core.store.library import (
 )
 
 FACE_DIRECTIONS = ["dir-age", "dir-smile", "dir-pose", "dir-gender", "dir-hair_length", "dir-beard"]
+PROMPT_REPORTS = 256      # prompt checks remembered (each is a few text embeddings)
 UNSAVED_TTL = 30 * 60      # seconds a trained model whose save failed is kept in memory for a retry
 TINY_BANNER = ("**Untrained tiny models** (`--tiny`): a 32 px generator and a random CLIP, so every feature can be "
                "tried offline. The pictures are noise by design; start without `--tiny` to get real weights.")
@@ -45,6 +47,8 @@ class Studio:
         self._directions: dict[str, list[Direction]] = {}
         self.training: dict | None = None          # {"run", "session"} of the running job (see active_run)
         self.seconds_per_step: dict[tuple, float] = {}
+        self._prompt_reports: OrderedDict[tuple, object] = OrderedDict()
+        self.cancel_flags: dict[str, threading.Event] = {}   # session -> its running selfie's Cancel
         self.unsaved: dict[str, tuple[float, object]] = {}  # session -> (time, trained adapter whose save failed)
         self.library_root.mkdir(parents=True, exist_ok=True)
         remove_stale_parts(self.library_root)   # half-written files of a killed process
@@ -132,9 +136,22 @@ class Studio:
                     continue
                 if name not in self._clip:
                     self._clip[name] = load_clip(name, self.device)
-                m = self._clip[name]
-                members.append(type(m)(m.name, m.model, m.tokenizer, w, m._text_cache))
+                members.append(self._clip[name].with_weight(w))
         return members
+
+    def prompt_report(self, source: str, target: str, names: tuple[str, ...]):
+        """The prompt check of a wording, remembered (every visitor opening the page asks for the default's)."""
+        key = (source, target, tuple(names))
+        with self._lock:
+            if key in self._prompt_reports:
+                self._prompt_reports.move_to_end(key)
+                return self._prompt_reports[key]
+        report = check_prompt(source, target, self.clip(list(names), [1.0] * len(names)))
+        with self._lock:
+            self._prompt_reports[key] = report
+            while len(self._prompt_reports) > PROMPT_REPORTS:
+                self._prompt_reports.popitem(last=False)
+        return report
 
     def perceptual(self) -> tuple[dict, str]:
         """Reconstruction loss for selfie inversion (LPIPS when downloaded), loaded once."""

@@ -85,6 +85,22 @@ def friendly(fn):
     return wrapper
 
 
+def bind(studio: Studio, handler: Callable) -> Callable:
+    """A module-level handler ``handler(studio, ...)`` as the event function Gradio calls: the studio is given,
+    and the signature Gradio reads (its inputs, ``gr.Request``, generator or not) is the rest of the handler's."""
+    if inspect.isgeneratorfunction(handler):
+        @functools.wraps(handler)
+        def bound(*args, **kwargs):
+            yield from handler(studio, *args, **kwargs)
+    else:
+        @functools.wraps(handler)
+        def bound(*args, **kwargs):
+            return handler(studio, *args, **kwargs)
+    signature = inspect.signature(handler)
+    bound.__signature__ = signature.replace(parameters=list(signature.parameters.values())[1:])
+    return bound
+
+
 def number(value, field: str, lo: float, hi: float, integer: bool = True):
     """A number from a client (any JSON value) checked against its field's range; the message names the field."""
     kind = "a whole number" if integer else "a number"

@@ -116,7 +116,7 @@ def invert_face(face: AlignedFace, G: Generator, encoder=None, steps: int = 200,
                 optimize_noise: bool = False) -> Inversion:
     """W+ of the aligned face. ``optimize_noise`` also fits the noise maps: a closer reconstruction
     (shown as ``reconstruction``), never used for stylised renders."""
-    target = from_pil(face.aligned, G.size).to(G.input.input.device)
+    target = from_pil(face.aligned, G.size).to(G.device)
     w, img, noises, method = invert_with_noise(target, G, encoder, steps, progress, optimize_noise=optimize_noise,
                                                **(perceptual or {}))
     return Inversion(w, noises, to_pil(img)[0], method)
@@ -141,7 +141,7 @@ def render(G: Generator, inv: Inversion) -> Image.Image:
     """The inverted face through another generator of the same latent space, with that generator's
     own stored noise: the inversion's optimised noise maps (if any) carry the photo's fine detail
     and would leak it into the style, so they are never used here."""
-    w = inv.w_plus.to(G.input.input.device)
+    w = inv.w_plus.to(G.device)
     return to_pil(G.synthesis(w, noise_mode="const"))[0]
 
 

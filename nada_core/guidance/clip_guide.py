@@ -3,6 +3,7 @@ directions, and the directional and global losses (paper Sec. 3, formulas in GUI
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -149,6 +150,10 @@ class ClipMember:
     def __post_init__(self):
         if next(self.model.parameters()).device.type == "cpu":  # measured there; CUDA runs PyTorch's module
             pack_attention(self.model)
+
+    def with_weight(self, weight: float) -> "ClipMember":
+        """The same loaded model at another ensemble weight, sharing its text-embedding cache."""
+        return dataclasses.replace(self, weight=weight, _text_cache=self._text_cache)
 
     @property
     def image_size(self) -> int:

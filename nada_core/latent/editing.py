@@ -57,7 +57,7 @@ def ganspace(G: Generator, n_components: int = 10, n_samples: int = 20000, seed:
     """GANSpace (Harkonen et al. 2020): principal axes of w = mapping(z), scaled by their standard
     deviation, so alpha is measured in standard deviations. Works for any generator, no download."""
     gen = torch.Generator().manual_seed(seed)
-    device = G.input.input.device
+    device = G.device
     z = torch.randn(n_samples, G.style_dim, generator=gen).to(device)
     w = torch.cat([G.mapping(chunk) for chunk in z.split(4096)]).double()
     centred = w - w.mean(0, keepdim=True)

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from ..models.stylegan2 import Generator, seeds_to_z
-from ..store.images import to_pil
+from ..store.images import grid, to_pil
 from .editing import Direction, apply_edits, blend_generators, edit_z
 
 
@@ -37,7 +37,7 @@ def parse_seeds(text: str, limit: int = 256) -> list[int]:
 @torch.no_grad()
 def latents_for_seeds(G: Generator, seeds, truncation: float = 0.7) -> torch.Tensor:
     """W+ (N, L, D) for integer seeds, truncated towards the mean (the paper's sampling: psi 0.7)."""
-    z = seeds_to_z(seeds, G.style_dim, G.input.input.device)
+    z = seeds_to_z(seeds, G.style_dim, G.device)
     return G.to_w_plus(G.truncate(G.mapping(z), G.w_avg(), truncation))
 
 
@@ -46,7 +46,7 @@ def edited_latent(G: Generator, seed: int, truncation: float, edits: list[tuple[
                   mix_seed: int | None = None, crossover: int = 0) -> torch.Tensor:
     """One seed's W+: Z-space directions move z before mapping, then truncation, style mixing with
     ``mix_seed`` from slot ``crossover`` on, then the W / W+ directions."""
-    z = seeds_to_z([seed], G.style_dim, G.input.input.device)
+    z = seeds_to_z([seed], G.style_dim, G.device)
     for d, alpha, _ in edits:
         if d.space == "Z":
             z = edit_z(z, d, alpha)
@@ -62,10 +62,24 @@ def render(generators: list[Generator], w_plus: torch.Tensor, noise_mode: str = 
     """For each generator, the images of ``w_plus`` (one row per generator)."""
     rows = []
     for G in generators:
-        w = w_plus.to(G.input.input.device)
+        w = w_plus.to(G.device)
         img = G.synthesis(w, noise_mode, noises=noises, max_resolution=max_resolution)
         rows.append(to_pil(img))
     return rows
+
+
+def comparison(rows: list[list[Image.Image]], largest: int = 256) -> Image.Image:
+    """Rows of the same latents through different generators (source above adapted) as one picture, tiles
+    between 128 px and ``largest`` so that 32 px tiny models and 1024 px models both read well."""
+    return grid(rows, tile=max(128, min(largest, rows[0][0].width)))
+
+
+THUMB_SEEDS = (0, 1, 2, 3)
+
+
+def thumbnail(G_src: Generator, G: Generator, seeds=THUMB_SEEDS, truncation: float = 0.7) -> Image.Image:
+    """A library model's picture: a few fixed seeds through its base (top) and through it (bottom)."""
+    return comparison(render([G_src, G], latents_for_seeds(G_src, list(seeds), truncation)))
 
 
 @torch.no_grad()

@@ -493,15 +493,20 @@ class Generator(nn.Module):
     def mean_latent(self, n: int = 4096, seed: int = 0) -> torch.Tensor:
         """Average w of ``n`` seeded samples (the truncation centre), shape (1, style_dim)."""
         gen = torch.Generator().manual_seed(seed)
-        z = torch.randn(n, self.style_dim, generator=gen).to(self.input.input.device)
+        z = torch.randn(n, self.style_dim, generator=gen).to(self.device)
         return self.mapping(z).mean(0, keepdim=True)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the generator's weights are (the constant input is always there)."""
+        return self.input.input.device
 
     def w_avg(self) -> torch.Tensor:
         """The truncation centre: the one stored with the weights when there is one (what NVIDIA's tools
         truncate towards), else ``mean_latent(4096)``, computed once and reused until the mapping changes."""
         if self.stored_w_avg is not None:
             return self.stored_w_avg
-        key = (self.input.input.device, tuple(p._version for p in self.style.parameters()))
+        key = (self.device, tuple(p._version for p in self.style.parameters()))
         cached = self.__dict__.get("_w_avg_cache")
         if cached is None or cached[0] != key:
             cached = (key, self.mean_latent(4096))
@@ -549,7 +554,7 @@ class Generator(nn.Module):
         """Fresh per-layer noise maps, drawn in the order and shapes ``noise_mode="random"`` draws them (the same
         numbers for the same RNG state); pass them as ``synthesis(noises=...)`` to keep the draws out of a
         compiled graph."""
-        device = self.input.input.device if device is None else device
+        device = self.device if device is None else device
         return [torch.randn(batch, 1, *buf.shape[2:], device=device, dtype=dtype) for buf in self.noise_buffers()]
 
     def noise_buffers(self) -> list[torch.Tensor]:

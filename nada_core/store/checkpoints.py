@@ -517,7 +517,7 @@ def _keep_w_avg(G: Generator, w: Any) -> bool:
     w = w.detach().to(torch.float32).reshape(-1, G.style_dim).mean(0, keepdim=True)
     if not torch.isfinite(w).all():
         return False
-    G.stored_w_avg = w.to(G.input.input.device)
+    G.stored_w_avg = w.to(G.device)
     return True
 
 

@@ -421,7 +421,7 @@ def sample_latents(G: Generator, n: int, truncation: float, seed: int, chunk: in
     """(n, D) codes w = w_avg + psi (mapping(z) - w_avg), z ~ N(0, I) from ``seed`` (the official training set)."""
     gen = torch.Generator().manual_seed(seed)
     z = torch.randn(n, G.style_dim, generator=gen)
-    device = G.input.input.device
+    device = G.device
     w_avg = G.w_avg()
     return torch.cat([G.truncate(G.mapping(c.to(device)), w_avg, truncation).cpu() for c in z.split(chunk)]) \
         if n else torch.zeros(0, G.style_dim)
@@ -612,7 +612,7 @@ def optimise_edit(G: Generator, w_plus: torch.Tensor, text: str, clip: list[Clip
         raise ValueError("steps must be at least 1")
     if not (text or "").strip():
         raise ValueError("the text is empty: describe the edit")
-    device = G.input.input.device
+    device = G.device
     start = G.to_w_plus(w_plus.to(device)).detach()
     w = start.clone().requires_grad_(True)
     opt = torch.optim.Adam([w], lr=lr)

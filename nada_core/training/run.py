@@ -15,7 +15,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..store.images import grid, to_pil
+from ..latent.sampling import comparison
+from ..store.images import to_pil
 from .loop import Event, Trainer, describe_error
 
 MAX_CURVE_POINTS = 4000     # loss values kept for a curve (older ones thinned out)
@@ -25,7 +26,7 @@ RATE_WINDOW_S = 20.0        # the step rate (hence the ETA) is measured over thi
 def preview_grid(preview):
     """Source row above adapted row; tiles between 128 and 256 px so tiny and 1024 px models both read well."""
     src, adapted = preview
-    return grid([to_pil(src), to_pil(adapted)], tile=max(128, min(256, src.shape[-1])))
+    return comparison([to_pil(src), to_pil(adapted)])
 
 
 @dataclass
