@@ -19,7 +19,7 @@ from nada_core.store.library import add_model, delete_model, disk_use, import_mo
 from nada_core.store.runs import RunFolder
 
 from .state import Studio
-from .ui import friendly, named_copy, progress_html
+from .ui import bind, named_copy, progress_html, refused_in
 
 COLUMNS = ["model", "from -> to", "base", "steps", "date", "size"]
 MAX_IMPORT_BYTES = 2 << 30
@@ -105,93 +105,106 @@ def build(studio: Studio):
                 check_weights = gr.Button("Check downloaded weights (repair damaged files)", size="sm")
         message = gr.HTML("")
 
-    def refreshed(text: str, state: str = "done"):
-        gr.Info(re.sub(r"</?b>|\*\*", "", text))
-        ids = [e.id for e in studio.library()]
-        return (progress_html(None, text, state), table(studio), thumbnails(studio), gr.update(choices=ids, value=None),
-                usage_text(studio))
-
     outs = [message, listing, thumbs, pick, usage]
 
-    @friendly
-    def do_rename(model_id, name):
-        reserved = [e.id for e in studio.library() if e.kind != "run"]
-        new_id = rename_model(studio.library_root, model_id, name, reserved)
-        return refreshed(f"Renamed to **{new_id}**.")
-
-    def ask(model_id):
-        if not model_id:
-            raise gr.Error("choose a model first")
-        studio.entry(model_id)
-        return gr.update(visible=True)
-
-    @friendly
-    def do_delete(model_id):
-        entry = studio.entry(model_id)
-        if entry.kind != "run":
-            raise gr.Error(f"{entry.name} is a downloaded ready style; remove it from weights/ to delete it")
-        delete_model(studio.library_root, model_id)
-        return (*refreshed(f"Deleted **{entry.name}**."), gr.update(visible=False))
-
-    @friendly
-    def do_download(model_id):
-        entry = studio.entry(model_id)
-        if entry.kind != "run":
-            raise gr.Error(f"{entry.name} is a ready style: its source is listed in weights/manifest.json")
-        pt = entry.path.parent / f"{entry.id}.pt"
-        if not pt.is_file():  # imports, mixes and kept snapshots get their rosinality file on first download
-            export_rosinality(studio.model(model_id), pt)
-        files = [named_copy(entry.path, f"{entry.id}.safetensors"), named_copy(pt, pt.name)]
-        return gr.update(value=files, visible=True)
-
-    @friendly
-    def do_delta(model_id):
-        """Only the trained layers' difference from the base (fp16) with the base's fingerprint: a few MB
-        to share instead of the whole generator."""
-        entry = studio.entry(model_id)
-        folder = Path(tempfile.mkdtemp(prefix="nada_delta_"))
-        meta = {"source_model": entry.base, "recipe": entry.recipe, "name": entry.name}
-        path = export_delta(studio.model(model_id), studio.base(entry.base), meta, folder / f"{entry.name}.nada.safetensors")
-        return gr.update(value=[str(path)], visible=True)
-
-    @friendly
-    def do_check_weights(progress=gr.Progress()):
-        results = weights.repair(progress=lambda name, done, total: progress(done / total if total else 0,
-                                                                             desc=f"fetching {name} again"))
-        if not results:
-            return progress_html(None, "No downloaded weights to check yet.", "idle")
-        bad = [f"{n}: {r}" for n, r in results if r not in ("ok",)]
-        text = f"{len(results)} file(s) checked; " + ("all verified." if not bad else "; ".join(bad) + ".")
-        return progress_html(None, text, "done" if not any("failed" in b for b in bad) else "warn")
-
-    @friendly
-    def do_import(file, base_name, progress=gr.Progress()):
-        if not file:
-            raise gr.Error("choose a generator file to import")
-        upload_path = Path(file)
-        display = upload_path.name
-        base = studio.base(base_name)
-        progress(0.3, desc=f"checking {display}")
-        if _is_delta(upload_path):
-            G = apply_delta(upload_path, base)
-            info = delta_info(upload_path)
-            recipe = {**(info.get("meta") or {}).get("recipe", {}), "imported_from": display}
-            stem = display.split(".")[0]
-            folder = add_model(studio.library_root, stem, G, base_name, recipe)
-        else:
-            folder = import_model(studio.library_root, upload_path, display, base_name, base, MAX_IMPORT_BYTES)
-        progress(0.8, desc="rendering a thumbnail")
-        G = studio.model(folder.name)
-        RunFolder(folder).write_thumb(thumbnail(base, G))
-        return refreshed(f"Imported **{display}** as **{folder.name}**.")
-
-    renamed = rename.click(do_rename, [pick, new_name], outs, api_name="library_rename")
-    delete.click(ask, pick, confirm, api_visibility="private", show_progress="hidden")
-    deleted = confirm.click(do_delete, pick, [*outs, confirm], api_name="library_delete")
-    download.click(do_download, pick, files, api_name="library_download")
-    delta.click(do_delta, pick, files, api_name="library_delta", concurrency_id="device", concurrency_limit=1)
-    check_weights.click(do_check_weights, None, message, api_name="weights_check", concurrency_id="downloads",
-                        concurrency_limit=1, show_progress_on=[message])
-    imported = import_btn.click(do_import, [upload, import_base], outs, api_name="library_import", concurrency_limit=1,
-                    concurrency_id="device")
+    # every action answers in the message line (refusals too); the table, pictures and picker only change on success
+    shown = dict(show_progress_on=[message])
+    renamed = rename.click(bind(studio, do_rename), [pick, new_name], outs, api_name="library_rename", **shown)
+    delete.click(bind(studio, ask), pick, [message, confirm], api_visibility="private", show_progress="hidden")
+    deleted = confirm.click(bind(studio, do_delete), pick, [*outs, confirm], api_name="library_delete", **shown)
+    download.click(bind(studio, do_download), pick, [message, files], api_name="library_download", **shown)
+    delta.click(bind(studio, do_delta), pick, [message, files], api_name="library_delta", concurrency_id="device",
+                concurrency_limit=1, **shown)
+    check_weights.click(bind(studio, do_check_weights), None, message, api_name="weights_check", concurrency_id="downloads",
+                        concurrency_limit=1, **shown)
+    imported = import_btn.click(bind(studio, do_import), [upload, import_base], outs, api_name="library_import",
+                                concurrency_limit=1, concurrency_id="device", **shown)
     return listing, thumbs, pick, usage, [renamed, deleted, imported]
+
+
+def refreshed(studio: Studio, text: str, state: str = "done"):
+    gr.Info(re.sub(r"</?b>|\*\*", "", text))
+    ids = [e.id for e in studio.library()]
+    return (progress_html(None, text, state), table(studio), thumbnails(studio), gr.update(choices=ids, value=None),
+            usage_text(studio))
+
+
+@refused_in(0, 5)
+def do_rename(studio: Studio, model_id, name):
+    reserved = [e.id for e in studio.library() if e.kind != "run"]
+    new_id = rename_model(studio.library_root, model_id, name, reserved)
+    return refreshed(studio, f"Renamed to **{new_id}**.")
+
+
+@refused_in(0, 2)
+def ask(studio: Studio, model_id):
+    if not model_id:
+        raise gr.Error("choose a model first")
+    entry = studio.entry(model_id)
+    return progress_html(None, f"Delete **{entry.name}** for good? Press *Yes, delete it*.", "warn"), gr.update(visible=True)
+
+
+@refused_in(0, 6)
+def do_delete(studio: Studio, model_id):
+    entry = studio.entry(model_id)
+    if entry.kind != "run":
+        raise gr.Error(f"{entry.name} is a downloaded ready style; remove it from weights/ to delete it")
+    delete_model(studio.library_root, model_id)
+    return (*refreshed(studio, f"Deleted **{entry.name}**."), gr.update(visible=False))
+
+
+@refused_in(0, 2)
+def do_download(studio: Studio, model_id):
+    entry = studio.entry(model_id)
+    if entry.kind != "run":
+        raise gr.Error(f"{entry.name} is a ready style: its source is listed in weights/manifest.json")
+    pt = entry.path.parent / f"{entry.id}.pt"
+    if not pt.is_file():  # imports, mixes and kept snapshots get their rosinality file on first download
+        export_rosinality(studio.model(model_id), pt)
+    files = [named_copy(entry.path, f"{entry.id}.safetensors"), named_copy(pt, pt.name)]
+    return progress_html(None, f"**{entry.name}**: the files are below.", "done"), gr.update(value=files, visible=True)
+
+
+@refused_in(0, 2)
+def do_delta(studio: Studio, model_id):
+    """Only the trained layers' difference from the base (fp16) with the base's fingerprint: a few MB
+    to share instead of the whole generator."""
+    entry = studio.entry(model_id)
+    folder = Path(tempfile.mkdtemp(prefix="nada_delta_"))
+    meta = {"source_model": entry.base, "recipe": entry.recipe, "name": entry.name}
+    path = export_delta(studio.model(model_id), studio.base(entry.base), meta, folder / f"{entry.name}.nada.safetensors")
+    return (progress_html(None, f"The style delta of **{entry.name}** is below (only its trained layers' difference "
+                          "from the base).", "done"), gr.update(value=[str(path)], visible=True))
+
+
+@refused_in(0, 1)
+def do_check_weights(studio: Studio, progress=gr.Progress()):
+    results = weights.repair(progress=lambda name, done, total: progress(done / total if total else 0,
+                                                                         desc=f"fetching {name} again"))
+    if not results:
+        return progress_html(None, "No downloaded weights to check yet.", "idle")
+    bad = [f"{n}: {r}" for n, r in results if r not in ("ok",)]
+    text = f"{len(results)} file(s) checked; " + ("all verified." if not bad else "; ".join(bad) + ".")
+    return progress_html(None, text, "done" if not any("failed" in b for b in bad) else "warn")
+
+
+@refused_in(0, 5)
+def do_import(studio: Studio, file, base_name, progress=gr.Progress()):
+    if not file:
+        raise gr.Error("choose a generator file to import")
+    upload_path = Path(file)
+    display = upload_path.name
+    base = studio.base(base_name)
+    progress(0.3, desc=f"checking {display}")
+    if _is_delta(upload_path):
+        G = apply_delta(upload_path, base)
+        info = delta_info(upload_path)
+        recipe = {**(info.get("meta") or {}).get("recipe", {}), "imported_from": display}
+        stem = display.split(".")[0]
+        folder = add_model(studio.library_root, stem, G, base_name, recipe)
+    else:
+        folder = import_model(studio.library_root, upload_path, display, base_name, base, MAX_IMPORT_BYTES)
+    progress(0.8, desc="rendering a thumbnail")
+    G = studio.model(folder.name)
+    RunFolder(folder).write_thumb(thumbnail(base, G))
+    return refreshed(studio, f"Imported **{display}** as **{folder.name}**.")

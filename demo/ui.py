@@ -310,19 +310,41 @@ class Cancelled(Exception):
     """Raised inside a job's progress report once the user pressed Cancel."""
 
 
-def status_on_error(index: int, n_outputs: int):
-    """For a streaming handler whose output ``index`` is its tab's status line: on failure the status says
-    what went wrong (so it never stays at 'Starting...') before the error is raised for the toast and the API."""
+def refused_in(index: int, n_outputs: int, prefix: str = ""):
+    """A refusal (bad input, a busy device, a missing file: anything the user can fix) answers in the output
+    ``index``, the handler's message area, and as a toast, and leaves its other outputs as they were, so no
+    component of the panel turns into an error placeholder. Unexpected failures still raise."""
+    def answer(e: Exception, where: str) -> tuple:
+        error = _as_gr_error(e, where)
+        if error.message.startswith("Something went wrong"):
+            raise error
+        gr.Warning(error.message)
+        updates = [gr.update()] * n_outputs
+        text = error.message if error.message.startswith("Already") else prefix + error.message
+        updates[index] = progress_html(None, text, "warn")
+        return tuple(updates) if n_outputs > 1 else updates[0]
+
     def wrap(fn):
+        if inspect.isgeneratorfunction(fn):
+            @functools.wraps(fn)
+            def gen(*args, **kwargs):
+                try:
+                    yield from fn(*args, **kwargs)
+                except Exception as e:  # noqa: BLE001 - sorted by answer()
+                    yield answer(e, fn.__name__)
+            return gen
+
         @functools.wraps(fn)
-        def gen(*args, **kwargs):
+        def plain(*args, **kwargs):
             try:
-                yield from fn(*args, **kwargs)
-            except gr.Error as e:
-                updates = [gr.update()] * n_outputs
-                updates[index] = progress_html(None, f"Not started: {e.message}" if "Already" not in e.message
-                                               else e.message, "warn")
-                yield tuple(updates)
-                raise
-        return gen
+                return fn(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001 - sorted by answer()
+                return answer(e, fn.__name__)
+        return plain
     return wrap
+
+
+def status_on_error(index: int, n_outputs: int):
+    """For a streaming handler whose output ``index`` is its tab's status line: a refusal says
+    'Not started: ...' there (never leaving it at 'Starting...') and as a toast."""
+    return refused_in(index, n_outputs, prefix="Not started: ")

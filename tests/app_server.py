@@ -21,3 +21,20 @@ def launch_tiny():
                 max_file_size=MAX_UPLOAD,
                 allowed_paths=[str(studio.library_root)])
     return demo, studio, f"http://127.0.0.1:{port}/"
+
+
+def unchanged(updates) -> bool:
+    """True when every output of a call was left as it was (a no-op update, or nothing sent)."""
+    return all(u is None or (isinstance(u, dict) and set(u) <= {"__type__"}) for u in updates)
+
+
+def refusal(call) -> str:
+    """What a refused call answers: the error it raised (single-output handlers), or the message line of a panel or
+    a streaming run, which answers there and leaves every other output as it was (checked here)."""
+    try:
+        out = call()
+    except Exception as e:  # noqa: BLE001 - the message is what is tested
+        return str(e)
+    assert isinstance(out, (list, tuple)) and "nada-warn" in str(out[0]), f"not refused: {str(out)[:300]}"
+    assert unchanged(out[1:]), f"a refusal changed other outputs: {str(out[1:])[:300]}"
+    return out[0]
