@@ -38,6 +38,14 @@ EXPECTED = (ValueError, weights.WeightsError, FaceError, CheckpointError, ClipLo
 def scrub(message: str) -> str:
     """Remove server paths from a message: the repo and library folders become relative, an upload's
     temporary folder disappears (users know their files by name), other absolute paths keep their last part."""
+    parts = URL.split(message)   # URLs (odd parts) are meant to be shown whole
+    return "".join(part if i % 2 else _scrub_paths(part) for i, part in enumerate(parts))
+
+
+URL = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^\s'\"<>()]*[^\s'\"<>().,;:!?])")
+
+
+def _scrub_paths(message: str) -> str:
     roots = sorted({str(weights.REPO_ROOT), str(weights.weights_dir().parent)}, key=len, reverse=True)
     for root in roots:
         message = message.replace(root + "/", "")
@@ -197,6 +205,10 @@ def _pack_line(pack) -> str:
     return f"**{pack.label}** ({len(missing)} files, {shown}): {pack.unlocks}."
 
 
+NEXT_STEP = ("Press the button again to resume, or download the files by hand (URLs and target paths below) "
+             "and reload the page.")
+
+
 def by_hand_text(studio: Studio) -> str:
     rows = ["| file | URL | save as |", "|---|---|---|"]
     for a in studio.missing(("generator", "clip", "encoder", "style")):
@@ -213,10 +225,8 @@ def get_started(studio: Studio):
     needed = studio.missing(("generator", "clip"))
     packs = load_packs()
     with gr.Group(visible=bool(needed) and not studio.tiny, elem_id="get-started") as panel:
-        gr.Markdown("## Get started\nNADA Studio needs pretrained weights (a StyleGAN2 generator and CLIP). "
-                    "Pick a starter pack; the files land in `weights/` and are verified. To try every feature "
-                    f"offline first, restart with `{sys.executable} app.py --tiny` (tiny untrained models, clearly "
-                    "labelled).")
+        gr.Markdown(f"**Get started:** download a starter pack (StyleGAN2 + CLIP, verified, into `weights/`), or try "
+                    f"everything offline with `{sys.executable} app.py --tiny` (tiny untrained models).")
         lines = gr.Markdown("\n\n".join(_pack_line(p) for p in packs.values()))
         with gr.Row():
             buttons = {n: gr.Button(f"Download the {p.label}", variant="primary" if n == "cpu" else "secondary",
@@ -232,8 +242,10 @@ def get_started(studio: Studio):
                                                  lambda u: progress_html(u[0], u[1])):
                 if kind == "progress":
                     yield value, gr.update()
-        except Exception as e:  # noqa: BLE001
-            raise _as_gr_error(e, "download_pack") from None
+        except Exception as e:  # noqa: BLE001 - a lasting status in the panel says what failed and what to do
+            yield progress_html(None, f"{pack.label}: not downloaded. {_as_gr_error(e, 'download_pack').message} "
+                                f"{NEXT_STEP}", "warn"), gr.update()
+            return
         yield (progress_html(1.0, f"{pack.label}: done. Reload the page to use the new models.", "done"),
                "\n\n".join(_pack_line(p) for p in packs.values()))
 
@@ -257,8 +269,9 @@ def optional_download(studio: Studio, kinds: tuple[str, ...], what: str):
             for i, asset in enumerate(todo):
                 weights.download(asset, progress=lambda d, t, a=asset, i=i: progress(
                     (i + (d / t if t else 0)) / len(todo), desc=f"{a.name} ({i + 1}/{len(todo)})"))
-        except Exception as e:  # noqa: BLE001
-            raise _as_gr_error(e, "optional_download") from None
+        except Exception as e:  # noqa: BLE001 - a lasting status beside the button
+            return progress_html(None, f"Not downloaded. {_as_gr_error(e, 'optional_download').message} {NEXT_STEP}",
+                                 "warn")
         return progress_html(1.0, f"{len(todo)} file(s) downloaded; reload the page to use them.", "done")
 
     go.click(fetch, None, status, api_visibility="private", show_progress_on=[status],

@@ -172,7 +172,7 @@ def test_without_weights_the_page_offers_starter_packs(tmp_path, monkeypatch):
     monkeypatch.setattr(packs, "remote_size", lambda asset, timeout=5.0: None)  # offline: sizes unknown
     demo = build_demo(Studio(device="cpu"))
     texts = [c["props"].get("value") or "" for c in demo.config["components"] if c["type"] == "markdown"]
-    assert sum("## Get started" in t for t in texts) == 1 and any("--tiny" in t for t in texts)
+    assert sum("**Get started:**" in t for t in texts) == 1 and any("--tiny" in t for t in texts)
     assert any("CPU starter pack" in t and "size unknown" in t for t in texts)
     by_hand = next(t for t in texts if "save as" in t)
     assert sys.executable + " -m nada_core weights download" in by_hand  # a command that works when pasted
