@@ -1,4 +1,4 @@
-"""Command line: ``python -m nada_core weights|adapt|batch|sample|invert|mapper ...`` (``--help`` on each)."""
+"""Command line: ``python -m nada_core weights|adapt|batch|sample|invert|mapper|export ...`` (``--help`` on each)."""
 from __future__ import annotations
 
 import argparse
@@ -357,6 +357,22 @@ def cmd_delta(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- export
+def cmd_export(args) -> int:
+    from .models.export import export, onnx_difference
+    from .store.library import load_model
+
+    G, name = load_model(args.model)
+    out = export(G, args.out, args.format, mapping=args.mapping)
+    takes = f"z (B, {G.style_dim}) and truncation (1,)" if args.mapping else \
+        f"ws (B, {G.n_latent}, {G.style_dim})"
+    print(f"wrote {out} ({out.stat().st_size / 2 ** 20:.1f} MiB, {args.format}): {name}, input {takes}, "
+          f"output image (B, 3, {G.size}, {G.size}) in [-1, 1], the model's stored noise")
+    if args.check and args.format == "onnx":
+        print(f"onnxruntime vs PyTorch, batch 2: max |diff| {onnx_difference(G, out, mapping=args.mapping):.2e}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m nada_core", description="NADA Studio engine")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -500,6 +516,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--base", default=None, help="the base model (default: the one recorded in the file; 'tiny' allowed)")
     d.add_argument("--out", default=None, help="export: F.nada.safetensors; apply: MODEL.safetensors")
     d.set_defaults(fn=cmd_delta)
+
+    e = sub.add_parser("export", help="write a model as ONNX (or TorchScript) to run it without this project")
+    e.add_argument("model", help="a model file, a library model's id, or a base ('ffhq', a manifest name, 'tiny')")
+    e.add_argument("--format", default="onnx", choices=["onnx", "torchscript"])
+    e.add_argument("--out", required=True, help="the file to write, e.g. sketch.onnx")
+    e.add_argument("--mapping", action="store_true", help="include the mapping network and truncation: inputs z and "
+                                                          "truncation instead of W+")
+    e.add_argument("--check", action="store_true", help="onnx: run the file with onnxruntime and print its largest "
+                                                        "difference from PyTorch")
+    e.set_defaults(fn=cmd_export)
     return p
 
 
