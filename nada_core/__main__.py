@@ -125,7 +125,7 @@ def cmd_adapt(args) -> int:
                         mixing=args.mixing, seed=args.seed, preview_every=args.preview_every,
                         snapshot_every=args.snapshot_every, style_images=[str(p) for p in style_paths],
                         source_images=[str(p) for p in source_paths], compile=args.compile or "auto",
-                        amp=args.amp)
+                        amp=args.amp, parity=args.parity, auto_layer_iters=args.auto_layer_iters)
         out = Path(args.out) if args.out else new_run_dir(args.source, args.target or "style")
         try:
             ad = Adapter(G, recipe, clip, device, out, base_name, style_images=style_images, source_images=source_images)
@@ -400,6 +400,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--lr", type=float, default=0.002)
     a.add_argument("--preset", default="auto", choices=["auto", "all", "texture", "shape"])
     a.add_argument("--k", type=int, default=None, help="W+ slots trained per step (auto preset)")
+    a.add_argument("--auto-layer-iters", type=int, default=1, help="SGD steps of the layer-selection pass (auto "
+                                                                    "preset with --k); 0 turns layer selection off")
+    a.add_argument("--parity", default="ours", choices=["ours", "official"],
+                   help="which layers train: ours (the convolutions that read the chosen W+ slots) or official (what "
+                        "rinongal/StyleGAN-nada's ZSSGAN trains: slot i -> [conv1, to_rgb1, *convs][i], constant input "
+                        "with fixed presets; see README, Exactness)")
     a.add_argument("--mixing", type=float, default=0.0)
     a.add_argument("--clip", default=None, help="comma-separated open_clip names, or 'tiny' "
                                                 "(default: ViT-B-32,ViT-B-16)")
