@@ -298,8 +298,10 @@ def cmd_invert(args) -> int:
     from .faces.selfie import stylize_group_photo, stylize_photo
 
     pipeline = stylize_group_photo if args.all_faces else stylize_photo
+    if not 0 <= args.keep_colours <= 1:   # before the (slow) alignment and inversion
+        raise ValueError(f"--keep-colours must be between 0 and 1, got {args.keep_colours}")
     result = pipeline(args.photo, [args.model] if args.model else [], base=args.base, steps=args.steps,
-                      device=args.device, encoder=args.encoder)
+                      device=args.device, encoder=args.encoder, keep_colours=args.keep_colours)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for name, img in result.images().items():
@@ -505,6 +507,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--device", default=None)
     v.add_argument("--all-faces", action="store_true",
                    help="stylise every face in the photo (up to 8, largest first) and paste them all back")
+    v.add_argument("--keep-colours", type=float, nargs="?", const=1.0, default=0.0, metavar="STRENGTH",
+                   help="give the stylised faces the photo's colours (its chroma; the style's light and shade stay): "
+                        "1 (the default when given) = the photo's, 0 = the style's")
     v.set_defaults(fn=cmd_invert)
 
     c = sub.add_parser("check-prompt", help="measure a source -> target prompt on the CLIP models before training")
