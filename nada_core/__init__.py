@@ -13,9 +13,11 @@ import importlib
 _EXPORTS = {
     "Generator": "models.stylegan2",
     "tiny_generator": "models.tiny",
+    "export_onnx": "models.export",
     "load_generator": "store.checkpoints",
     "save_generator": "store.checkpoints",
     "load_base": "store.library",
+    "load_model": "store.library",
     "list_library": "store.library",
     "ClipMember": "guidance.clip_guide",
     "load_clip": "guidance.clip_guide",

@@ -1,4 +1,4 @@
-"""Command line: ``python -m nada_core weights|adapt|batch|sample|invert|mapper ...`` (``--help`` on each)."""
+"""Command line: ``python -m nada_core weights|adapt|batch|sample|invert|mapper|export ...`` (``--help`` on each)."""
 from __future__ import annotations
 
 import argparse
@@ -125,7 +125,7 @@ def cmd_adapt(args) -> int:
                         mixing=args.mixing, seed=args.seed, preview_every=args.preview_every,
                         snapshot_every=args.snapshot_every, style_images=[str(p) for p in style_paths],
                         source_images=[str(p) for p in source_paths], compile=args.compile or "auto",
-                        amp=args.amp)
+                        amp=args.amp, parity=args.parity, auto_layer_iters=args.auto_layer_iters)
         out = Path(args.out) if args.out else new_run_dir(args.source, args.target or "style")
         try:
             ad = Adapter(G, recipe, clip, device, out, base_name, style_images=style_images, source_images=source_images)
@@ -298,8 +298,10 @@ def cmd_invert(args) -> int:
     from .faces.selfie import stylize_group_photo, stylize_photo
 
     pipeline = stylize_group_photo if args.all_faces else stylize_photo
+    if not 0 <= args.keep_colours <= 1:   # before the (slow) alignment and inversion
+        raise ValueError(f"--keep-colours must be between 0 and 1, got {args.keep_colours}")
     result = pipeline(args.photo, [args.model] if args.model else [], base=args.base, steps=args.steps,
-                      device=args.device, encoder=args.encoder)
+                      device=args.device, encoder=args.encoder, keep_colours=args.keep_colours)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for name, img in result.images().items():
@@ -357,6 +359,22 @@ def cmd_delta(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- export
+def cmd_export(args) -> int:
+    from .models.export import export, onnx_difference
+    from .store.library import load_model
+
+    G, name = load_model(args.model)
+    out = export(G, args.out, args.format, mapping=args.mapping)
+    takes = f"z (B, {G.style_dim}) and truncation (1,)" if args.mapping else \
+        f"ws (B, {G.n_latent}, {G.style_dim})"
+    print(f"wrote {out} ({out.stat().st_size / 2 ** 20:.1f} MiB, {args.format}): {name}, input {takes}, "
+          f"output image (B, 3, {G.size}, {G.size}) in [-1, 1], the model's stored noise")
+    if args.check and args.format == "onnx":
+        print(f"onnxruntime vs PyTorch, batch 2: max |diff| {onnx_difference(G, out, mapping=args.mapping):.2e}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m nada_core", description="NADA Studio engine")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -384,6 +402,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--lr", type=float, default=0.002)
     a.add_argument("--preset", default="auto", choices=["auto", "all", "texture", "shape"])
     a.add_argument("--k", type=int, default=None, help="W+ slots trained per step (auto preset)")
+    a.add_argument("--auto-layer-iters", type=int, default=1, help="SGD steps of the layer-selection pass (auto "
+                                                                    "preset with --k); 0 turns layer selection off")
+    a.add_argument("--parity", default="ours", choices=["ours", "official"],
+                   help="which layers train: ours (the convolutions that read the chosen W+ slots) or official (what "
+                        "rinongal/StyleGAN-nada's ZSSGAN trains: slot i -> [conv1, to_rgb1, *convs][i], constant input "
+                        "with fixed presets; see README, Exactness)")
     a.add_argument("--mixing", type=float, default=0.0)
     a.add_argument("--clip", default=None, help="comma-separated open_clip names, or 'tiny' "
                                                 "(default: ViT-B-32,ViT-B-16)")
@@ -483,6 +507,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--device", default=None)
     v.add_argument("--all-faces", action="store_true",
                    help="stylise every face in the photo (up to 8, largest first) and paste them all back")
+    v.add_argument("--keep-colours", type=float, nargs="?", const=1.0, default=0.0, metavar="STRENGTH",
+                   help="give the stylised faces the photo's colours (its chroma; the style's light and shade stay): "
+                        "1 (the default when given) = the photo's, 0 = the style's")
     v.set_defaults(fn=cmd_invert)
 
     c = sub.add_parser("check-prompt", help="measure a source -> target prompt on the CLIP models before training")
@@ -500,6 +527,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--base", default=None, help="the base model (default: the one recorded in the file; 'tiny' allowed)")
     d.add_argument("--out", default=None, help="export: F.nada.safetensors; apply: MODEL.safetensors")
     d.set_defaults(fn=cmd_delta)
+
+    e = sub.add_parser("export", help="write a model as ONNX (or TorchScript) to run it without this project")
+    e.add_argument("model", help="a model file, a library model's id, or a base ('ffhq', a manifest name, 'tiny')")
+    e.add_argument("--format", default="onnx", choices=["onnx", "torchscript"])
+    e.add_argument("--out", required=True, help="the file to write, e.g. sketch.onnx")
+    e.add_argument("--mapping", action="store_true", help="include the mapping network and truncation: inputs z and "
+                                                          "truncation instead of W+")
+    e.add_argument("--check", action="store_true", help="onnx: run the file with onnxruntime and print its largest "
+                                                        "difference from PyTorch")
+    e.set_defaults(fn=cmd_export)
     return p
 
 

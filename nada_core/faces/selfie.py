@@ -17,6 +17,7 @@ from PIL import Image
 from ..models.stylegan2 import Generator
 from ..store import weights
 from ..store.images import from_pil, to_pil
+from . import colour
 from .align import FaceError, align_face, aligned_points, detect, draw_landmarks, load_photo, paste_back
 from .invert import invert_with_noise, load_e4e
 
@@ -186,8 +187,10 @@ def _styles(models: list, G: Generator, device, notes: list[str]):
 
 
 def stylize_photo(photo, models: list, base: str = "ffhq", steps: int = 200, device: str | None = None,
-                  encoder: str = "auto", progress=None, optimize_noise: bool = False) -> SelfieResult:
-    """The whole pipeline for the CLI: ``models`` are paths of adapted generators."""
+                  encoder: str = "auto", progress=None, optimize_noise: bool = False,
+                  keep_colours: float = 0.0) -> SelfieResult:
+    """The whole pipeline for the CLI: ``models`` are paths of adapted generators. ``keep_colours`` in [0, 1]
+    gives the stylised faces the photo's chroma by that strength (``colour.keep_colours``)."""
     from ..store.library import default_device, load_base
 
     device = device or default_device()
@@ -200,7 +203,7 @@ def stylize_photo(photo, models: list, base: str = "ffhq", steps: int = 200, dev
     inv = invert_face(face, G, enc, steps, progress, perceptual, optimize_noise)
     result = SelfieResult(face, inv, notes=notes)
     for name, Gm in _styles(models, G, device, notes):
-        result.stylised[name] = render(Gm, inv)
+        result.stylised[name] = colour.keep_colours(render(Gm, inv), face.aligned, keep_colours)
         result.pasted[name] = paste_back(face.photo, result.stylised[name], face.quad)
     return result
 
@@ -227,15 +230,17 @@ class GroupResult:
 
 
 def stylize_faces(faces: list[AlignedFace], inversions: list[Inversion], G_style: Generator,
-                  feather: float = 0.06) -> tuple[list[Image.Image], Image.Image]:
-    """Each inverted face through ``G_style``, and all of them pasted back into the photo."""
-    imgs = [render(G_style, inv) for inv in inversions]
+                  feather: float = 0.06, keep_colours: float = 0.0) -> tuple[list[Image.Image], Image.Image]:
+    """Each inverted face through ``G_style`` (with its photo's colours by ``keep_colours``), and all of them
+    pasted back into the photo."""
+    imgs = [colour.keep_colours(render(G_style, inv), face.aligned, keep_colours)
+            for face, inv in zip(faces, inversions)]
     return imgs, paste_faces(faces[0].photo, faces, imgs, feather)
 
 
 def stylize_group_photo(photo, models: list, base: str = "ffhq", steps: int = 200, device: str | None = None,
                         encoder: str = "auto", progress=None, max_faces: int = 8,
-                        optimize_noise: bool = False) -> GroupResult:
+                        optimize_noise: bool = False, keep_colours: float = 0.0) -> GroupResult:
     """:func:`stylize_photo` for every face of a photo (up to ``max_faces``, largest first)."""
     from ..store.library import default_device, load_base
 
@@ -248,5 +253,6 @@ def stylize_group_photo(photo, models: list, base: str = "ffhq", steps: int = 20
     enc, perceptual = _inverter(G, base_name, steps, device, encoder, notes)
     result = GroupResult(faces, invert_faces(faces, G, enc, steps, progress, perceptual, optimize_noise), notes=notes)
     for name, Gm in _styles(models, G, device, notes):
-        result.stylised[name], result.pasted[name] = stylize_faces(faces, result.inversions, Gm)
+        result.stylised[name], result.pasted[name] = stylize_faces(faces, result.inversions, Gm,
+                                                                   keep_colours=keep_colours)
     return result

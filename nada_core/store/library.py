@@ -52,6 +52,24 @@ def load_base(name_or_path: str, device: str = "cpu") -> tuple[Generator, str]:
     return load_generator(weights.require(name, manifest), device)[0], name
 
 
+def load_model(name_or_path: str, device: str = "cpu", root: Path | None = None) -> tuple[Generator, str]:
+    """(generator, canonical name) for any model a command may name: a model file, a library model's id (its
+    final weights, else its newest snapshot), or a base (see :func:`load_base`)."""
+    if Path(name_or_path).is_file():
+        return load_generator(name_or_path, device)[0], str(name_or_path)
+    if MODEL_ID.fullmatch(name_or_path):
+        for entry in list_library(root):
+            if entry.id == name_or_path:
+                return load_generator(entry.path, device, display_name=entry.id)[0], entry.id
+    try:
+        return load_base(name_or_path, device)
+    except weights.WeightsError as e:
+        if not str(e).startswith("unknown base model"):
+            raise                                   # a known base that is not downloaded: say how to get it
+        raise weights.WeightsError(str(e).replace("unknown base model", "unknown model", 1)
+                                   .replace("use a file path,", "use a file path, a library model's id,", 1)) from None
+
+
 def slugify(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "model"
 

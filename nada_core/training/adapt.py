@@ -19,6 +19,7 @@ from ..guidance.clip_guide import ClipMember, check_prompts, directional_loss, e
 from ..models.stylegan2 import Generator, grouped_kernels, seeds_to_z
 from ..store.checkpoints import save_generator
 from ..store.runs import RunFolder
+from . import official
 from .freezing import PRESETS, layers_for_slots, preset_slots, select_slots, set_trainable, synthesis_layers
 from .loop import Event, NonFiniteLoss, Phases, StepResult, Trainer, describe_error, read_diagnostics
 
@@ -76,6 +77,7 @@ class Recipe:
     train_noise: str = "random"     # per-layer noise while training; "random" as the official code
     amp: str = "auto"               # bf16 autocast: "bf16", "off"; "auto" = off (see Adapter._autocast)
     compile: str = "auto"           # torch.compile the generators and CLIP encoders: "on", "off"; "auto" = off
+    parity: str = "ours"            # which layers train: "ours" (our slot map) | "official" (the official code's)
 
     def validate(self, n_latent: int) -> list[str]:
         """Raise ValueError for settings that cannot work; return warnings for odd ones."""
@@ -90,6 +92,7 @@ class Recipe:
             (self.train_noise in ("random", "const", "none"), "train_noise must be random, const or none"),
             (self.amp in ("auto", "bf16", "off"), "amp must be auto, bf16 or off"),
             (self.compile in COMPILE_SETTINGS, "compile must be auto, on or off"),
+            (self.parity in official.PARITIES, "parity must be ours or official"),
             (self.auto_layer_iters >= 0 and self.auto_layer_batch >= 1, "layer-selection settings must be positive"),
             (len(self.clip_models) == len(self.clip_weights) and any(w > 0 for w in self.clip_weights),
              "give one weight per CLIP model, at least one above zero"),
@@ -159,7 +162,9 @@ class Adapter(Trainer):
         self.opt = torch.optim.Adam(params, lr=recipe.lr * 4 / 5, betas=(0.0, 0.99 ** (4 / 5)))
         self.rng = torch.Generator().manual_seed(recipe.seed)
         self._fixed_slots = preset_slots(recipe.preset, self.L)
-        if recipe.preset == "all":
+        if recipe.parity == "official":
+            set_trainable(self.G_train, official.fixed_layers(self.G_train, recipe.preset, recipe.auto_layer_iters))
+        elif recipe.preset == "all":
             set_trainable(self.G_train, synthesis_layers(self.G_train))
         else:
             set_trainable(self.G_train, layers_for_slots(self.G_train, self._fixed_slots))
@@ -240,11 +245,11 @@ class Adapter(Trainer):
         style = fit_images(style_images, self.G_frozen.size).to(self.device)
         return [F.normalize(m.encode_images(style), dim=-1).mean(0) for m in self.clip]
 
-    def _sample_ws(self, n: int) -> torch.Tensor:
+    def _sample_ws(self, n: int, mixing: bool = True) -> torch.Tensor:
         z = torch.randn(n, self.G_frozen.style_dim, generator=self.rng).to(self.device)
         with torch.no_grad():
             w = self.G_frozen.to_w_plus(self.G_frozen.mapping(z))
-            if self.recipe.mixing > 0 and torch.rand((), generator=self.rng).item() < self.recipe.mixing:
+            if mixing and self.recipe.mixing > 0 and torch.rand((), generator=self.rng).item() < self.recipe.mixing:
                 z2 = torch.randn(n, self.G_frozen.style_dim, generator=self.rng).to(self.device)
                 crossover = int(torch.randint(1, self.L, (), generator=self.rng))
                 w = self.G_frozen.mix(w, self.G_frozen.mapping(z2), crossover)
@@ -318,10 +323,12 @@ class Adapter(Trainer):
         slots = self._fixed_slots
         if self._auto:
             with phase("selection"):
-                w_sel = self._sample_ws(r.auto_layer_batch)
+                # the official code scores slots on unmixed W (determine_opt_layers)
+                w_sel = self._sample_ws(r.auto_layer_batch, mixing=r.parity != "official")
                 slots = select_slots(self.G_train, w_sel, self._global_loss, self.k, r.auto_layer_iters,
                                      noise_mode=r.train_noise)
-                set_trainable(self.G_train, layers_for_slots(self.G_train, slots))
+                layers = official.slot_layers if r.parity == "official" else layers_for_slots
+                set_trainable(self.G_train, layers(self.G_train, slots))
         ws = self._sample_ws(r.batch)
         with torch.no_grad():
             with phase("frozen_forward"):
