@@ -8,6 +8,7 @@ import threading
 import gradio as gr
 
 from nada_core.faces.align import FaceError, detect, draw_faces, load_photo
+from nada_core.faces.colour import keep_colours
 from nada_core.faces.psp import sketch_to_w
 from nada_core.faces.selfie import encoder_for, invert_faces, paste_faces, prepare_face, prepare_faces
 from nada_core.latent.editing import apply_edits
@@ -56,6 +57,8 @@ def build(studio: Studio):
                 every_face = gr.Checkbox(False, label=f"Every face (group photo, up to {MAX_FACES})", min_width=160)
                 face_pick = gr.CheckboxGroup([f"Face {k + 1}" for k in range(MAX_FACES)], value=[], label="Faces to stylise",
                                              visible=False, min_width=160)
+            colours = Slider(0, 1, value=0, step=0.05, label="Keep my photo's colours (0 = the style's own)",
+                             elem_id="selfie-colours")
             mapper = MapperPicker(studio, base_default)
             with gr.Accordion("Edit by text", open=False):
                 with gr.Row():
@@ -99,7 +102,8 @@ def build(studio: Studio):
                   show_progress="hidden")
     webcam.change(friendly(bind(studio, show_faces)), [upload, webcam], [photo, status, face_pick], api_visibility="private",
                   show_progress="hidden")
-    go.click(bind(studio, run), [upload, webcam, base, models, method, steps, fit_noise, every_face, face_pick, *mapper.inputs,
+    go.click(bind(studio, run), [upload, webcam, base, models, method, steps, fit_noise, every_face, face_pick, colours,
+                                 *mapper.inputs,
                    *controls.inputs],
              [status, photo, aligned, recon, stylised, pasted, session], api_name="selfie",
              concurrency_limit=1, concurrency_id="device", show_progress="minimal", show_progress_on=[status],
@@ -113,6 +117,9 @@ def build(studio: Studio):
     for comp in (mapper.choice,):
         comp.change(bind(studio, re_edit), [session, *mapper.inputs, *controls.inputs], [stylised, pasted], api_visibility="private",
                     concurrency_id="render", show_progress="hidden")
+    colours.release(bind(studio, recolour), [session, colours, *mapper.inputs, *controls.inputs],
+                    [stylised, pasted, session], api_name="selfie_colours", concurrency_id="render",
+                    show_progress="hidden")
     mapper.strength.release(bind(studio, re_edit), [session, *mapper.inputs, *controls.inputs], [stylised, pasted],
                             api_visibility="private", concurrency_id="render", show_progress="hidden")
     text_go.click(bind(studio, text_edit), [session, edit_text, edit_steps, *mapper.inputs, *controls.inputs],
@@ -158,15 +165,22 @@ def latent(studio: Studio, state, face_index, mapper_id, mapper_strength, values
 def outputs_for(studio: Studio, state, mapper_id, mapper_strength, values):
     """Every chosen face through every style (each model's own noise: the photo's detail stays out of
     the style), then all of them pasted back into one photo per style."""
-    faces, ids = state["faces"], state["ids"]
+    faces, ids, colours = state["faces"], state["ids"], state.get("colours", 0.0)
     names = [studio.entry(i).name for i in ids]
     per_style = []
     for model_id in ids:
         G = studio.model(model_id)
         per_style.append([render([G], latent(studio, state, k, mapper_id, mapper_strength, values))[0][0]
                           for k in range(len(faces))])
-    gallery = [(image_file(img), f"{name}" + (f" (face {k + 1})" if len(faces) > 1 else ""))
-               for name, imgs in zip(names, per_style) for k, img in enumerate(imgs)]
+    gallery = []
+    for name, imgs in zip(names, per_style):
+        for k, img in enumerate(imgs):
+            face = f" (face {k + 1})" if len(faces) > 1 else ""
+            gallery.append((image_file(img), name + face))
+            if colours:   # beside the plain result, so the difference is seen
+                gallery.append((image_file(keep_colours(img, faces[k].aligned, colours)), f"{name}{face}, your colours"))
+    if colours:
+        per_style = [[keep_colours(img, faces[k].aligned, colours) for k, img in enumerate(imgs)] for imgs in per_style]
     pasted = [(image_file(paste_faces(faces[0].photo, faces, imgs)), name) for name, imgs in zip(names, per_style)]
     return gallery, pasted
 
@@ -182,8 +196,8 @@ def styles_for(studio: Studio, base_name, ids) -> list:
 
 @status_on_error(0, 7)
 @friendly
-def run(studio: Studio, file, cam, base_name, ids, how, n_steps, noise, every_face, chosen, mapper_id, mapper_strength,
-        request: gr.Request, *values):
+def run(studio: Studio, file, cam, base_name, ids, how, n_steps, noise, every_face, chosen, colours, mapper_id,
+        mapper_strength, request: gr.Request, *values):
     img = file if file else cam
     if img is None:
         raise gr.Error("upload a photo first (JPEG or PNG with a visible face)")
@@ -193,6 +207,7 @@ def run(studio: Studio, file, cam, base_name, ids, how, n_steps, noise, every_fa
     if how not in methods_for(studio, base_name):
         raise gr.Error(f"'{how}' is not available for {base_name}; choose {OPTIMISE}")
     n = 0 if how == ENCODER else number(n_steps, "Optimisation steps", 1, 1000)
+    colours = number(colours or 0, "Keep my photo's colours", 0, 1, integer=False)
     DirectionControls.edits(studio, base_name, values)
     if mapper_id:
         studio.mapper(mapper_id, G.n_latent)
@@ -230,7 +245,7 @@ def run(studio: Studio, file, cam, base_name, ids, how, n_steps, noise, every_fa
     except Cancelled:
         yield progress_html(None, "Cancelled.", "warn"), gr.update(), gr.update(), None, [], [], None
         return
-    state = {"faces": faces, "invs": invs, "base": base_name, "ids": ids, "deltas": {}}
+    state = {"faces": faces, "invs": invs, "base": base_name, "ids": ids, "deltas": {}, "colours": colours}
     gal, pas = outputs_for(studio, state, mapper_id, mapper_strength, values)
     loss_note = f" Reconstruction loss: {loss_name}." if loss_name else ""
     styles = (f" Your face in {len(ids)} style(s) is below; the sliders and text edits act on it." if ids
@@ -285,6 +300,16 @@ def render_sketch(studio: Studio, drawing, base_name, ids, mapper_id, mapper_str
     gens = [G] + [studio.model(i) for i in ids]
     names = ["source"] + [studio.entry(i).name for i in ids]
     return [(image_file(row[0]), name) for row, name in zip(render(gens, w), names)]
+
+
+@friendly
+def recolour(studio: Studio, state, colours, mapper_id, mapper_strength, *values):
+    """The colours slider: the same faces and styles with the photo's chroma by the new strength."""
+    colours = number(colours or 0, "Keep my photo's colours", 0, 1, integer=False)
+    if not state:
+        return gr.update(), gr.update(), state
+    state = {**state, "colours": colours}
+    return (*outputs_for(studio, state, mapper_id, mapper_strength, values), state)
 
 
 @friendly

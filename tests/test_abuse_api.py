@@ -112,7 +112,7 @@ def test_bad_images_get_clear_messages(app, tmp_path):
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
 
     def selfie(path):
-        return client.predict(handle_file(str(path)), None, "tiny", [model], "Optimisation", 10, False, False, [], None, 1.0,
+        return client.predict(handle_file(str(path)), None, "tiny", [model], "Optimisation", 10, False, False, [], 0, None, 1.0,
                               *SLIDERS,
                               *RANGES, None, 0, api_name="/selfie")
 

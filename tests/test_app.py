@@ -36,8 +36,9 @@ def train(client, *overrides):
     return outs
 
 
-def run_selfie(client, photo, model_id):
-    job = client.submit(handle_file(str(photo)), None, "tiny", [model_id], "Optimisation", 10, False, False, [], None, 1.0,
+def run_selfie(client, photo, model_id, colours=0):
+    job = client.submit(handle_file(str(photo)), None, "tiny", [model_id], "Optimisation", 10, False, False, [], colours,
+                        None, 1.0,
                         *([0.0] * 12),
                         *(["all layers"] * 12), None, 0, api_name="/selfie")
     outs = list(job)
@@ -117,6 +118,10 @@ def test_edit_renders_source_and_adapted_side_by_side(app):
     assert not np.array_equal(np.asarray(Image.open(moved[0]["image"])), np.asarray(Image.open(plain[0]["image"])))
 
 
+def chroma(img: Image.Image) -> np.ndarray:
+    return np.asarray(img.convert("YCbCr"), dtype=np.float64)[..., 1:]
+
+
 def test_selfie_flow(app, tmp_path):
     client, studio, _ = app
     if not studio.library():
@@ -128,6 +133,15 @@ def test_selfie_flow(app, tmp_path):
     assert "Inverted with optimisation" in status
     assert Image.open(aligned).size == (256, 256) and Image.open(recon).size == (32, 32)
     assert len(stylised) == 1 and Image.open(pasted[0]["image"]).size == (512, 512)
+    # "Keep my photo's colours": each style shown plain and with the photo's chroma, side by side
+    *_, aligned, _, stylised, pasted = run_selfie(client, tmp_path / "me.jpg", path, colours=1.0)[-1]
+    assert [s["caption"] for s in stylised] == [studio.entry(path).name, f"{studio.entry(path).name}, your colours"]
+    photo_chroma = chroma(Image.open(aligned).resize((32, 32), Image.LANCZOS))
+    plain, kept = (chroma(Image.open(s["image"])) for s in stylised)
+    assert np.abs(kept - photo_chroma).mean() < 0.5 * np.abs(plain - photo_chroma).mean()
+    stylised, pasted = client.predict(0, None, 1.0, *([0.0] * 12), *(["all layers"] * 12), None, 0,
+                                      api_name="/selfie_colours")
+    assert len(stylised) == 1      # the slider back at 0: the style's own colours only
     (tmp_path / "bad.jpg").write_bytes(b"not an image at all")
     assert "bad.jpg: could not read the image" in refusal(lambda: run_selfie(client, tmp_path / "bad.jpg", path)[-1])
     Image.new("RGB", (200, 200), (90, 120, 150)).save(tmp_path / "wall.png")
