@@ -19,11 +19,12 @@ from nada_core.store.checkpoints import load_generator
 from nada_core.store.images import from_pil, open_image
 from nada_core.store.library import new_model_dir, new_run_dir, restore
 from nada_core.store.runs import RunFolder
-from nada_core.training.adapt import COMPILE_SETTINGS, Adapter, Recipe
+from nada_core.training.adapt import AMP_SETTINGS, COMPILE_SETTINGS, Adapter, Recipe
 from nada_core.training.diagnostics import best_snapshot_of_run
 from nada_core.training.freezing import STARTER_PRESETS, starter_settings
 from nada_core.training.loop import read_diagnostics
 from nada_core.training.mapper import MapperRecipe, MapperTrainer, identity_for
+from nada_core.training.official import PARITIES
 from nada_core.training.run import Run, preview_grid
 
 from .latent_tools import stream_trainer
@@ -139,13 +140,17 @@ def build(studio: Studio):
                     w2 = gr.Number(1.0, label=f"weight {studio.clip_names()[-1]}", visible=len(studio.clip_names()) > 1)
                 preview_seconds = Slider(0.5, 30, value=PREVIEW_SECONDS, step=0.5, label="Preview every N seconds")
                 with gr.Row():
-                    precision = gr.Radio([("float32 (auto)", "auto"), ("bfloat16 autocast", "bf16")], value="auto",
+                    precision = gr.Radio([("float32", "off"), ("bfloat16 autocast", "bf16")], value="off",
                                          label="Precision", elem_id="adapt-precision",
-                                         info="float32 was as fast as bfloat16 on an H100 and 3x faster on a CPU; bfloat16 saves GPU memory")
-                    compile_choice = gr.Radio([("off (auto)", "auto"), ("on", "on")], value="auto",
+                                         info="bfloat16 saves GPU memory; float32 is as fast or faster")
+                    compile_choice = gr.Radio([("off", "off"), ("on", "on")], value="off",
                                               label="torch.compile", elem_id="adapt-compile",
-                                              info="compiles for minutes before the first step, then steps run up to "
-                                                   "1.8x faster on CUDA: worth it for runs of thousands of steps")
+                                              info="minutes of compiling before the first step, faster steps on CUDA "
+                                                   "after it: for runs of thousands of steps")
+                parity = gr.Radio([("ours", "ours"), ("as the official code", "official")], value="ours",
+                                  label="Trained layers", elem_id="adapt-parity",
+                                  info="'as the official code' trains what rinongal/StyleGAN-nada trains (to_rgb1, the "
+                                       "constant input, its slot map), to reproduce its runs; README: Exactness")
             with gr.Accordion("Focus the domain (latent mapper)", open=False, elem_id="adapt-focus"):
                 gr.Markdown("For large shape changes (dog -> cat) the adapted model also makes in-between images. A "
                             "latent mapper trained on it with the target text moves every latent into the target "
@@ -207,7 +212,7 @@ def build(studio: Studio):
                      result_box, stop, retry, keep_run, estimate, resume_run, source, target, iterations]
     trained = start.click(bind(studio, before_start), None, status, api_visibility="private", show_progress="hidden").success(
         bind(studio, train), [base, preset, source, target, style_files, source_files, iterations, batch, lr, k, layer_iters, mixing,
-                clip_models, w1, w2, seed, preview_seconds, precision, compile_choice], train_outputs,
+                clip_models, w1, w2, seed, preview_seconds, precision, compile_choice, parity], train_outputs,
         api_name="train", concurrency_limit=1, concurrency_id="device", show_progress="minimal",
         show_progress_on=[status], scroll_to_output=True)
     stop.click(bind(studio, stop_training), None, status, api_name="stop", show_progress="hidden")
@@ -291,8 +296,8 @@ def before_start(studio: Studio, request: gr.Request):
 @status_on_error(0, N_TRAIN_OUTPUTS)
 @friendly
 def train(studio: Studio, base_name, preset_name, src, tgt, style_paths, source_paths, iters, bsz, lr_value, k_value, sel_iters, mix,
-          models, weight1, weight2, seed_value, every_s, precision_value="auto", compile_value="auto",
-          request: gr.Request = None):
+          models, weight1, weight2, seed_value, every_s, precision_value="off", compile_value="off",
+          parity_value="ours", request: gr.Request = None):
     session = _session(request)
     if studio.is_training(session):
         raise gr.Error(f"Already training ({studio.training_status()}).")
@@ -312,8 +317,9 @@ def train(studio: Studio, base_name, preset_name, src, tgt, style_paths, source_
                     seed=number(seed_value or 0, "Seed", 0, 2 ** 32 - 1), preview_every=n_iters,
                     snapshot_every=max(1, n_iters // 10), style_images=[_display(p) for p in style_paths or []],
                     source_images=[_display(p) for p in source_paths or []] if style_images else [],
-                    amp=choice(precision_value, "Precision", ("auto", "bf16", "off"), "auto"),
-                    compile=choice(compile_value, "torch.compile", COMPILE_SETTINGS, "auto"))
+                    amp=choice(precision_value, "Precision", AMP_SETTINGS, "off"),
+                    compile=choice(compile_value, "torch.compile", COMPILE_SETTINGS, "off"),
+                    parity=choice(parity_value, "Trained layers", PARITIES, "ours"))
     every = number(every_s, "Preview every N seconds", 0.5, 30, integer=False)
     recipe.validate(G.n_latent)
     clip = studio.clip(names, model_weights)

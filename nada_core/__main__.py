@@ -124,7 +124,7 @@ def cmd_adapt(args) -> int:
                         lr=args.lr, preset=args.preset, k=args.k, clip_models=clip_names, clip_weights=clip_weights,
                         mixing=args.mixing, seed=args.seed, preview_every=args.preview_every,
                         snapshot_every=args.snapshot_every, style_images=[str(p) for p in style_paths],
-                        source_images=[str(p) for p in source_paths], compile=args.compile or "auto",
+                        source_images=[str(p) for p in source_paths], compile=args.compile or "off",
                         amp=args.amp, parity=args.parity, auto_layer_iters=args.auto_layer_iters)
         out = Path(args.out) if args.out else new_run_dir(args.source, args.target or "style")
         try:
@@ -427,15 +427,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                                  "identity measured on each preview")
     a.add_argument("--identity", default="auto", choices=["auto", "on", "off"],
                    help="face identity distance in the diagnostics (auto: when the previews show faces)")
-    a.add_argument("--compile", default=None, choices=["auto", "on", "off"],
-                   help="torch.compile the generators and CLIP image encoders (inductor). auto (the default) = off: "
-                        "compiling took minutes and did not pay for itself within 300 steps, on CPU (slower steps) nor "
-                        "on an H100 (1.8x faster steps after 193 s of compiling; worth it from ~2,800 steps). Also "
-                        "applies with --resume (a speed setting; the run learns the same)")
-    a.add_argument("--amp", default="auto", choices=["auto", "bf16", "off"],
-                   help="bfloat16 autocast for the generators and CLIP. auto (the default) = off: float32 (TF32 on "
-                        "CUDA) was as fast on an H100 and 3x faster on a CPU; bf16 saves GPU memory (4.0 instead of "
-                        "5.5 GiB at 1024 px)")
+    a.add_argument("--compile", default=None, choices=["off", "on"],
+                   help="torch.compile the generators and CLIP image encoders (inductor): minutes of compiling before "
+                        "the first step, faster steps after it on CUDA, so for long runs (default off; README: Speed). "
+                        "Also applies with --resume (a speed setting; the run learns the same)")
+    a.add_argument("--amp", default="off", choices=["off", "bf16"],
+                   help="bfloat16 autocast for the generators and CLIP: less GPU memory, no faster (default off)")
     a.add_argument("--device", default=None)
     a.set_defaults(fn=cmd_adapt)
 

@@ -442,12 +442,15 @@ def test_image_guided_layer_selection_pulls_towards_the_style_images(clip):
 def test_compile_setting_rule_and_what_is_compiled(clip):
     from nada_core.training.adapt import compile_enabled
 
-    assert [compile_enabled(s, "cpu") for s in ("auto", "on", "off")] == [False, True, False]
-    assert [compile_enabled(s, "cuda") for s in ("auto", "on", "off")] == [False, True, False]
+    assert [compile_enabled(s, "cpu") for s in ("on", "off")] == [True, False]
+    assert [compile_enabled(s, "cuda") for s in ("on", "off")] == [True, False]
     with pytest.raises(ValueError, match="compile must be"):
         Adapter(tiny_generator(), recipe(compile="fast"), clip)
     assert Adapter(tiny_generator(), recipe(), clip).compiled == []  # auto on CPU
-    assert Recipe.from_dict({"target": "sketch"}).compile == "auto"  # recipes saved before the option
+    assert Recipe.from_dict({"target": "sketch"}).compile == "off"  # recipes saved before the option
+    old = Recipe.from_dict({"target": "sketch", "amp": "auto", "compile": "auto"})   # when "auto" meant off
+    assert (old.amp, old.compile) == ("off", "off")
+    assert Recipe(target="sketch", compile="auto", amp="auto").compile == "off"   # an old jobs file
     torch._dynamo.reset()
     assert Adapter(tiny_generator(), recipe(compile="on"), clip).compiled == ["G_train", "G_frozen", "CLIP tiny"]
     # adaptive layer selection changes the trained layers every step: G_train stays uncompiled

@@ -497,14 +497,14 @@ def test_snapshots_are_iterations_and_a_kept_one_gets_a_thumbnail(app):
         client.predict(3, api_name="/keep_snapshot")    # pruned: the scrubber's own range says so
 
 
-def test_precision_and_compile_settings_reach_the_saved_recipe(app):
+def test_precision_compile_and_parity_settings_reach_the_saved_recipe(app):
     client, studio, _ = app
     args = [*TRAIN_ARGS[:3], "Pastel drawing", *TRAIN_ARGS[4:]]
-    with pytest.raises(Exception, match="fast"):
-        client.predict(*args, "auto", "fast", api_name="/train")   # a value the Radio does not offer
-    client.predict(*args, "bf16", "auto", api_name="/train")
+    assert "torch.compile" in refusal(lambda: client.predict(*args, "off", "fast", api_name="/train"))  # not offered
+    assert "Trained layers" in refusal(lambda: client.predict(*args, "off", "off", "mine", api_name="/train"))
+    client.predict(*args, "bf16", "off", "official", api_name="/train")
     recipe = studio.entry("photo-to-pastel-drawing").recipe
-    assert (recipe["amp"], recipe["compile"]) == ("bf16", "auto")
+    assert (recipe["amp"], recipe["compile"], recipe["parity"]) == ("bf16", "off", "official")
     client.predict(*[*TRAIN_ARGS[:3], "Pencil drawing", *TRAIN_ARGS[4:]], api_name="/train")  # older clients: defaults
     recipe = studio.entry("photo-to-pencil-drawing").recipe
-    assert (recipe["amp"], recipe["compile"]) == ("auto", "auto")
+    assert (recipe["amp"], recipe["compile"], recipe["parity"]) == ("off", "off", "ours")

@@ -26,18 +26,15 @@ from .loop import Event, NonFiniteLoss, Phases, StepResult, Trainer, describe_er
 __all__ = ["Adapter", "COMPILE_SETTINGS", "Event", "NonFiniteLoss", "Recipe", "compile_enabled", "fit_images",
            "read_diagnostics"]
 
-COMPILE_SETTINGS = ("auto", "on", "off")
+COMPILE_SETTINGS = ("off", "on")
+AMP_SETTINGS = ("off", "bf16")
+LEGACY_AUTO = "auto"   # recipes saved before these were plain choices said "auto", which always meant "off"
 COMPILE_BACKEND = "inductor"   # what torch.compile lowers to (tests swap in a cheaper one)
 
 
 def compile_enabled(setting: str, device: str | torch.device) -> bool:
-    """Whether a run with ``Recipe.compile == setting`` compiles its generators and CLIP image encoders with
-    ``torch.compile``. "on" and "off" are literal; "auto" compiles where 300 iterations including the compile
-    finish at least 1.3x sooner (``bench/adapt.py --compile both``), which they did on no device measured:
-    on the 2-core CPU of README's Speed section (256 px) compiling took 2.5-3.5 min and compiled steps were
-    3-8% slower (0.81-0.82x over 300 iterations); on an H100 (1024 px, ViT-B/32 + B/16) compiled steps were
-    1.8x faster (0.086 s against 0.155 s) but compiling took 193 s, 0.22x over 300 iterations (it pays off
-    from about 2,800 iterations). So "auto" is off; "on" is for long runs."""
+    """Whether a run with ``Recipe.compile == setting`` compiles its generators and CLIP image encoders. Off by
+    default: compiling takes minutes and pays for itself only in long runs (bench/results: compile)."""
     del device  # the measured answer is the same on CPU and CUDA
     return setting == "on"
 
@@ -75,9 +72,14 @@ class Recipe:
     snapshot_every: int = 50
     truncation: float = 0.7
     train_noise: str = "random"     # per-layer noise while training; "random" as the official code
-    amp: str = "auto"               # bf16 autocast: "bf16", "off"; "auto" = off (see Adapter._autocast)
-    compile: str = "auto"           # torch.compile the generators and CLIP encoders: "on", "off"; "auto" = off
+    amp: str = "off"                # "bf16": bf16 autocast for the generators and CLIP (saves GPU memory)
+    compile: str = "off"            # "on": torch.compile the generators and CLIP encoders (long runs)
     parity: str = "ours"            # which layers train: "ours" (our slot map) | "official" (the official code's)
+
+    def __post_init__(self):
+        for name in ("amp", "compile"):   # saved recipes and jobs files from before these were plain choices
+            if getattr(self, name) == LEGACY_AUTO:
+                setattr(self, name, "off")
 
     def validate(self, n_latent: int) -> list[str]:
         """Raise ValueError for settings that cannot work; return warnings for odd ones."""
@@ -90,8 +92,8 @@ class Recipe:
             (0 <= self.mixing <= 1, "mixing probability must be in [0, 1]"),
             (0 <= self.truncation <= 1, "truncation must be in [0, 1]"),
             (self.train_noise in ("random", "const", "none"), "train_noise must be random, const or none"),
-            (self.amp in ("auto", "bf16", "off"), "amp must be auto, bf16 or off"),
-            (self.compile in COMPILE_SETTINGS, "compile must be auto, on or off"),
+            (self.amp in AMP_SETTINGS, "amp must be off or bf16"),
+            (self.compile in COMPILE_SETTINGS, "compile must be off or on"),
             (self.parity in official.PARITIES, "parity must be ours or official"),
             (self.auto_layer_iters >= 0 and self.auto_layer_batch >= 1, "layer-selection settings must be positive"),
             (len(self.clip_models) == len(self.clip_weights) and any(w > 0 for w in self.clip_weights),
@@ -292,11 +294,8 @@ class Adapter(Trainer):
 
     def _autocast(self):
         """bf16 autocast for both generators and CLIP when ``Recipe.amp == "bf16"``: the frozen and trained
-        images go through the same precision, so their CLIP-space difference carries no rounding bias. "auto"
-        runs float32 (TF32 convolutions on CUDA; CLIP's weights are bf16 there either way): on an H100 at
-        1024 px a step took 0.107 s in float32 and 0.109 s under autocast (bench/adapt.py --amp off,bf16;
-        peak memory 5.5 GiB against 4.0 GiB), and on a 2-core CPU at 256 px 3.7 s against 12.3 s (CLIP's bf16
-        matrix products are slow there)."""
+        images go through the same precision, so their CLIP-space difference carries no rounding bias. Off by
+        default: float32 was as fast on a GPU and much faster on a CPU (bench/results: amp)."""
         if self.recipe.amp != "bf16":
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
