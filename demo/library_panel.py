@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from nada_core.latent.sampling import thumbnail
+from nada_core.models.export import export_onnx
 from nada_core.store import weights
 from nada_core.store.checkpoints import export_rosinality
 from nada_core.store.delta import apply_delta, delta_info, export_delta
@@ -92,6 +93,7 @@ def build(studio: Studio):
                 with gr.Row():
                     download = gr.Button("Download", size="sm", min_width=80)
                     delta = gr.Button("Download style delta", size="sm", min_width=80)
+                    onnx = gr.Button("Download as ONNX", size="sm", min_width=80)
                     delete = gr.Button("Delete...", size="sm", variant="stop", min_width=80)
                     confirm = gr.Button("Yes, delete it", size="sm", variant="stop", visible=False, min_width=80,
                                         elem_id="library-confirm")
@@ -115,6 +117,8 @@ def build(studio: Studio):
     download.click(bind(studio, do_download), pick, [message, files], api_name="library_download", **shown)
     delta.click(bind(studio, do_delta), pick, [message, files], api_name="library_delta", concurrency_id="device",
                 concurrency_limit=1, **shown)
+    onnx.click(bind(studio, do_onnx), pick, [message, files], api_name="library_onnx", concurrency_id="device",
+               concurrency_limit=1, **shown)
     check_weights.click(bind(studio, do_check_weights), None, message, api_name="weights_check", concurrency_id="downloads",
                         concurrency_limit=1, **shown)
     imported = import_btn.click(bind(studio, do_import), [upload, import_base], outs, api_name="library_import",
@@ -175,6 +179,20 @@ def do_delta(studio: Studio, model_id):
     path = export_delta(studio.model(model_id), studio.base(entry.base), meta, folder / f"{entry.name}.nada.safetensors")
     return (progress_html(None, f"The style delta of **{entry.name}** is below (only its trained layers' difference "
                           "from the base).", "done"), gr.update(value=[str(path)], visible=True))
+
+
+@refused_in(0, 2)
+def do_onnx(studio: Studio, model_id):
+    """The model's synthesis network from W+ and its mapping network from z, as two ONNX files (noise baked in,
+    any batch size) to run with ONNX Runtime, outside Python too."""
+    entry = studio.entry(model_id)
+    G = studio.model(model_id)
+    folder = Path(tempfile.mkdtemp(prefix="nada_onnx_"))
+    paths = [export_onnx(G, folder / f"{entry.name}.synthesis.onnx"),
+             export_onnx(G, folder / f"{entry.name}.mapping.onnx", mapping=True)]
+    return (progress_html(None, f"**{entry.name}** as ONNX: the synthesis network (input ws, {G.n_latent} x "
+                          f"{G.style_dim}) and the whole generator from z; README: Run a style outside Python.",
+                          "done"), gr.update(value=[str(p) for p in paths], visible=True))
 
 
 @refused_in(0, 1)

@@ -508,3 +508,18 @@ def test_precision_compile_and_parity_settings_reach_the_saved_recipe(app):
     client.predict(*[*TRAIN_ARGS[:3], "Pencil drawing", *TRAIN_ARGS[4:]], api_name="/train")  # older clients: defaults
     recipe = studio.entry("photo-to-pencil-drawing").recipe
     assert (recipe["amp"], recipe["compile"], recipe["parity"]) == ("off", "off", "ours")
+
+
+def test_a_library_model_downloads_as_onnx_that_runs_like_pytorch(app):
+    from nada_core.models.export import onnx_difference
+
+    client, studio, _ = app
+    if not [e for e in studio.library() if e.kind == "run"]:
+        train(client)
+    model = next(e.id for e in studio.library() if e.kind == "run")
+    status, files = client.predict(model, api_name="/library_onnx")
+    paths = sorted((Path(f) for f in files["value"]), key=lambda p: p.name)
+    assert "as ONNX" in status and [p.name.split(".")[-2] for p in paths] == ["mapping", "synthesis"]
+    G = studio.model(model)
+    assert onnx_difference(G, paths[1]) <= 1e-3 and onnx_difference(G, paths[0], mapping=True) <= 1e-3
+    assert "unknown model" in refusal(lambda: client.predict("/etc/passwd", api_name="/library_onnx"))
