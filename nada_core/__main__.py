@@ -215,7 +215,7 @@ def cmd_sample(args) -> int:
     from .store.library import default_device, load_base
 
     device = args.device or default_device()
-    seeds = parse_seeds(args.seeds)
+    seeds = parse_seeds(args.seeds, field="--seeds")
     G, info = load_generator(args.model, device)
     base = args.base or info.get("meta", {}).get("source_model")
     if not base:

@@ -335,3 +335,64 @@ def test_refusals_never_show_the_server_path(tmp_path):
     for name in ("dir.pt", "empty.pt", "zip.pt", "short.pkl", "absent.pt"):
         message = assert_refused(folder / name, name="my model")
         assert "secret-folder" not in message
+
+
+# ===================================================================== bombs in text fields, measured apart
+BOMB_PROBE = r"""
+import json, resource, sys, time
+
+def peak_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+exec(sys.argv[1])   # imports and warm-up: what every call below needs, so only the calls are measured
+before, results = peak_mb(), {}
+for name, call in json.loads(sys.argv[2]).items():
+    t0 = time.perf_counter()
+    try:
+        outcome = "returned " + repr(eval(call))[:200]
+    except BaseException as e:
+        outcome = f"{type(e).__name__}: {str(e)[:300]}"
+    results[name] = {"outcome": outcome, "seconds": time.perf_counter() - t0}
+print(json.dumps({"grew_mb": peak_mb() - before, "results": results}))
+"""
+
+
+def bombs_in_fresh_process(setup: str, calls: dict[str, str]):
+    """Run each call (a Python expression) after ``setup`` in a fresh interpreter; returns (peak resident growth in
+    MB over all calls, {name: {"outcome": 'returned ...' or 'ErrorType: message', "seconds": wall time}})."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    run = subprocess.run([sys.executable, "-c", BOMB_PROBE, setup, json.dumps(calls)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    return report["grew_mb"], report["results"]
+
+
+def assert_refused_cheaply(grew_mb, results, expected: dict[str, str]):
+    """Every call raised ValueError (or a subclass) matching its pattern, within a second, and together they grew
+    the process by less than 50 MB."""
+    for name, pattern in expected.items():
+        outcome, seconds = results[name]["outcome"], results[name]["seconds"]
+        assert re.match(r"\w*(Error|Refused|Model): ", outcome) and re.search(pattern, outcome), (name, outcome)
+        assert seconds < 1.0, (name, seconds)
+    assert grew_mb < 50, (grew_mb, results)
+
+
+def test_seed_range_bombs_are_counted_before_they_are_built():
+    calls = {"range_1e8": "parse_seeds('0-100000000', limit=16)",
+             "range_1e11": "parse_seeds('0-99999999999', limit=16, field='Mix seeds')",
+             "many_ranges": "parse_seeds(','.join(['0-4294967295'] * 12), limit=16)",
+             "long_text": "parse_seeds('1,' * 5_000_000, limit=16)",
+             "huge_number": "parse_seeds('9' * 100_000, limit=16)"}
+    grew_mb, results = bombs_in_fresh_process("from nada_core.latent.sampling import parse_seeds\n"
+                                              "parse_seeds('0-15', limit=16)", calls)
+    assert_refused_cheaply(grew_mb, results, {
+        "range_1e8": r"^ValueError: Seeds: 100000001 seeds asked for; at most 16 at once",
+        "range_1e11": r"^ValueError: Mix seeds must be between 0 and 4294967295",
+        "many_ranges": r"at most 16 at once",
+        "long_text": r"^ValueError: Seeds: at most 200 characters",
+        "huge_number": r"at most 200 characters"})
+    from nada_core.latent.sampling import parse_seeds
+
+    assert parse_seeds("0-3, 7,9-10", limit=16) == [0, 1, 2, 3, 7, 9, 10]   # the callers' lists still work
+    assert parse_seeds("4294967295") == [4294967295]

@@ -196,3 +196,20 @@ def test_a_full_disk_loses_nothing(app, monkeypatch):
         studio.unsaved.clear()
     assert real_save is None or ck.save_file is real_save
     still_serves(client, studio)
+
+
+def test_seed_range_bombs_are_refused_at_once(app):
+    import time
+
+    client, studio, _ = app
+    model = studio.library()[0].id
+    for seeds in ("0-100000000", "0-99999999999", "1," * 100_000):
+        t0 = time.perf_counter()
+        sample = error_of(lambda: client.predict(model, seeds, 0.7, "const", 1.0, None, 0.5, None, 1.0,
+                                                 api_name="/sample"))
+        mix = error_of(lambda: client.predict(seeds, 0.7, model, None, None, None, 1.0, 0, 0, 0, api_name="/mix"))
+        assert time.perf_counter() - t0 < 10   # two round trips; the refusal itself is measured in test_abuse
+        for message in (sample, mix):
+            assert "Seeds" in message and ("at most 16" in message or "4294967295" in message
+                                           or "at most 200 characters" in message), message
+    still_serves(client, studio)
