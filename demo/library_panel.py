@@ -13,7 +13,7 @@ import pandas as pd
 
 from nada_core.latent.sampling import latents_for_seeds, render
 from nada_core.store import weights
-from nada_core.store.checkpoints import export_rosinality
+from nada_core.store.checkpoints import export_rosinality, read_safetensors_header, safetensors_metadata
 from nada_core.store.delta import apply_delta, delta_info, export_delta
 from nada_core.store.images import grid
 from nada_core.store.library import add_model, delete_model, disk_use, import_model, rename_model
@@ -43,16 +43,12 @@ def thumbnails(studio: Studio):
 
 
 def _trained_steps(path: Path) -> int | None:
-    """The step a model file was saved at (our safetensors metadata; read without the tensors)."""
-    import json
-
-    from safetensors import SafetensorError, safe_open
-
+    """The step a model file was saved at (our safetensors metadata, read within bounds, without the tensors)."""
     try:
-        with safe_open(str(path), framework="pt") as f:
-            step = json.loads((f.metadata() or {}).get("nada", "{}")).get("meta", {}).get("step")
+        meta = (safetensors_metadata(read_safetensors_header(path)[0], "nada") or {}).get("meta")
+        step = meta.get("step") if isinstance(meta, dict) else None
         return int(step) if step is not None else None
-    except (SafetensorError, OSError, ValueError, TypeError):
+    except (OSError, ValueError, TypeError):
         return None
 
 

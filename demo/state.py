@@ -2,7 +2,6 @@
 library, and the single training slot. Tabs call this and nada_core; nothing here draws UI."""
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
@@ -25,6 +24,7 @@ from nada_core.store.library import (
     load_base,
     remove_stale_parts,
 )
+from nada_core.store.runs import MAPPER, RunFolder
 
 FACE_DIRECTIONS = ["dir-age", "dir-smile", "dir-pose", "dir-gender", "dir-hair_length", "dir-beard"]
 UNSAVED_TTL = 30 * 60      # seconds a trained model whose save failed is kept in memory for a retry
@@ -173,11 +173,13 @@ class Studio:
             if not final.is_file():
                 continue
             try:
-                saved = json.loads(rec.read_text())
-            except (OSError, ValueError):
+                saved = RunFolder(rec.parent, MAPPER).read_record()   # bounded in size and depth
+            except ValueError:
                 continue
-            out.append({"id": rec.parent.name, "text": saved.get("recipe", {}).get("text", ""),
-                        "generator": saved.get("generator", {}).get("name", ""), "path": final})
+            generator = saved.get("generator")
+            out.append({"id": rec.parent.name, "text": str(saved.get("recipe", {}).get("text", "")),
+                        "generator": str(generator.get("name", "")) if isinstance(generator, dict) else "",
+                        "path": final})
         if generator is None:
             return out
         family = {generator}

@@ -396,3 +396,41 @@ def test_seed_range_bombs_are_counted_before_they_are_built():
 
     assert parse_seeds("0-3, 7,9-10", limit=16) == [0, 1, 2, 3, 7, 9, 10]   # the callers' lists still work
     assert parse_seeds("4294967295") == [4294967295]
+
+
+def test_json_from_files_is_bounded_in_size_and_depth_before_it_is_parsed(tmp_path):
+    from nada_core.store.bounded_json import JSONRefused, loads
+
+    G = tiny_generator(seed=2)
+    good = save_generator(G, tmp_path / "good.safetensors")
+    header, data = safetensors_parts(good)
+    deep = "[" * 100_000 + "]" * 100_000
+    for name, recipe in {"deep": '{"base": "tiny", "recipe": ' + deep + "}", "big": '{"base": "tiny", "recipe": {"target": "'
+                         + "x" * (50 << 20) + '"}}', "list": "[1, 2]", "recipe_list": '{"recipe": [1]}'}.items():
+        (tmp_path / "lib" / name).mkdir(parents=True)
+        (tmp_path / "lib" / name / "recipe.json").write_text(recipe)
+        (tmp_path / "lib" / name / "final.safetensors").write_bytes(good.read_bytes())
+    deep_meta = {**header, "__metadata__": {"nada": '{"format": "nada-studio-generator", "meta": ' + deep + "}"}}
+    (tmp_path / "deep_meta.safetensors").write_bytes(safetensors_file(deep_meta, data))
+    big_header = {**header, "__metadata__": {**header["__metadata__"], "padding": "x" * (50 << 20)}}
+    (tmp_path / "big_header.safetensors").write_bytes(safetensors_file(big_header, data))
+    lib = tmp_path / "lib"
+    calls = {name: f"RunFolder({str(lib / name)!r}).read_record()" for name in ("deep", "big", "list", "recipe_list")}
+    calls["listing"] = f"[e.name for e in list_library(Path({str(lib)!r}))]"
+    calls.update({name: f"load_generator({str(tmp_path / name)!r}, display_name={name!r})"
+                  for name in ("deep_meta.safetensors", "big_header.safetensors")})
+    grew_mb, results = bombs_in_fresh_process(
+        "from pathlib import Path\nfrom nada_core.store.runs import RunFolder\nfrom nada_core.store.library import "
+        f"list_library\nfrom nada_core.store.checkpoints import load_generator\nload_generator({str(good)!r})", calls)
+    assert results["listing"]["outcome"] == "returned []" and results["listing"]["seconds"] < 1.0
+    del results["listing"]
+    assert_refused_cheaply(grew_mb, results, {
+        "deep": r"^JSONRefused: deep: recipe.json nests deeper than 32 levels",
+        "big": r"^JSONRefused: big: recipe.json is larger than 1.0 MiB",
+        "list": r"recipe.json is a JSON array where a JSON object was expected",
+        "recipe_list": r"^ValueError: recipe_list: recipe.json does not describe a run",
+        "deep_meta.safetensors": r"^CheckpointError: deep_meta.safetensors: .*metadata nests deeper than 32 levels",
+        "big_header.safetensors": r"^CheckpointError: big_header.safetensors: its header is 50 MiB, more than the 4 MiB"})
+    with pytest.raises(JSONRefused, match="meta is a JSON text where a JSON object was expected"):
+        loads('"just text"', "meta")
+    assert loads('{"a": "' + "[" * 40 + '"}', "meta") == {"a": "[" * 40}  # texts are not nesting

@@ -9,7 +9,6 @@ from ..models.stylegan2 import Generator, seeds_to_z
 from ..store.images import to_pil
 from .editing import Direction, apply_edits, blend_generators, edit_z
 
-
 MAX_SEED_TEXT = 200     # characters of a seed list ('0-15' or sixteen 10-digit seeds fit many times over)
 MAX_SEED = 2 ** 32 - 1
 

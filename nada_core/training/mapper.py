@@ -37,7 +37,7 @@ from torch import nn
 
 from ..guidance.clip_guide import ClipMember, clip_text_loss, embedding_norm_mse, encode_pooled
 from ..models.stylegan2 import EqualLinear, Generator, PixelNorm
-from ..store.checkpoints import atomic_write, sniff
+from ..store.checkpoints import atomic_write, read_safetensors_header, safetensors_metadata, sniff
 from ..store.runs import MAPPER, RunFolder
 from .loop import Phases, StepResult, Trainer
 from .ranger import Ranger
@@ -197,18 +197,22 @@ def load_mapper(path: str | os.PathLike, device: str | torch.device = "cpu", n_l
         from safetensors import SafetensorError, safe_open
 
         try:
+            header = safetensors_metadata(read_safetensors_header(path)[0], "nada") or {}
             with safe_open(str(path), framework="pt") as f:
-                header = json.loads((f.metadata() or {}).get("nada", "{}"))
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except (SafetensorError, OSError, ValueError) as e:
             raise MapperError(f"{path}: damaged mapper file ({e})") from None
         if header.get("format") != MAPPER_FORMAT:
             raise MapperError(f"{path}: not a NADA Studio mapper (a generator? pass it as --model instead)")
-        cfg = dict(header["config"])
+        cfg = header.get("config")
+        if not isinstance(cfg, dict) or type(cfg.get("n_latent")) is not int or not 1 <= cfg["n_latent"] <= 64:
+            raise MapperError(f"{path}: damaged mapper file (its config is not a mapper's)")
+        cfg = {"bias_layout": "channel", **cfg}
         if bias_layout is not None:
             cfg["bias_layout"] = bias_layout
         m = mapper_from_state_dict(tensors, cfg["n_latent"], cfg["bias_layout"])
-        info = {"format": "nada-safetensors", "config": m.config, "meta": header.get("meta", {})}
+        meta = header.get("meta")
+        info = {"format": "nada-safetensors", "config": m.config, "meta": meta if isinstance(meta, dict) else {}}
     elif kind == "torch-zip":
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
