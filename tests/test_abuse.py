@@ -434,3 +434,39 @@ def test_json_from_files_is_bounded_in_size_and_depth_before_it_is_parsed(tmp_pa
     with pytest.raises(JSONRefused, match="meta is a JSON text where a JSON object was expected"):
         loads('"just text"', "meta")
     assert loads('{"a": "' + "[" * 40 + '"}', "meta") == {"a": "[" * 40}  # texts are not nesting
+
+
+def test_text_fields_are_bounded_on_the_server(tmp_path, capsys, monkeypatch):
+    from nada_core.__main__ import main
+
+    setup = ("from pathlib import Path\nfrom nada_core.training.adapt import Recipe\n"
+             "from nada_core.training.mapper import MapperRecipe, optimise_edit\n"
+             "from nada_core.store.library import add_model, check_new_name\n"
+             "from nada_core.guidance.clip_guide import check_prompts\n"
+             "big = 'x' * (50 << 20)\nRecipe(target='sketch', clip_models=['tiny'], clip_weights=[1.0]).validate(8)")
+    root = str(tmp_path / "lib")
+    calls = {"target": "Recipe(target=big).validate(8)", "source": "Recipe(source=big, style_images=['a.png']).validate(8)",
+             "prompt_check": "check_prompts('photo', big)", "mapper_text": "MapperRecipe(text=big).validate()",
+             "edit_text": "optimise_edit(None, None, big, [])",
+             "rename": f"check_new_name(big, Path({root!r}))", "mix_name": f"add_model(Path({root!r}), big, None, 'tiny', {{}})"}
+    grew_mb, results = bombs_in_fresh_process(setup, calls)
+    assert_refused_cheaply(grew_mb, results, {
+        "target": r"the target text must be at most 300 characters \(got 52428800\)",
+        "source": r"the source text must be at most 300 characters",
+        "prompt_check": r"^PromptError: the target text must be at most 300 characters",
+        "mapper_text": r"the text must be at most 300 characters", "edit_text": r"the edit text must be at most 300",
+        "rename": r"a model name is at most 80 characters", "mix_name": r"a model name is at most 80 characters"})
+    assert not (tmp_path / "lib").exists() or not list((tmp_path / "lib").iterdir())   # nothing was created
+
+    from nada_core.training.adapt import Recipe
+
+    with pytest.raises(ValueError, match="iterations must be between.*; batch must be between"):   # every problem at once
+        Recipe(target="sketch", iterations=0, batch=0).validate(8)
+    with pytest.raises(ValueError, match="wrong type"):   # as a recipe.json may hold it
+        Recipe.from_dict({"target": "sketch", "iterations": "many"}).validate(8)
+    lib = tmp_path / "cli-lib"
+    monkeypatch.setenv("NADA_LIBRARY_DIR", str(lib))
+    assert main(["adapt", "--base", "tiny", "--clip", "tiny", "--target", "x" * 5000]) == 1
+    err = capsys.readouterr().err
+    assert "error: the target text must be at most 300 characters (got 5000)" in err and "Traceback" not in err
+    assert not lib.exists() or not list(lib.iterdir())

@@ -213,3 +213,21 @@ def test_seed_range_bombs_are_refused_at_once(app):
             assert "Seeds" in message and ("at most 16" in message or "4294967295" in message
                                            or "at most 200 characters" in message), message
     still_serves(client, studio)
+
+
+def test_long_texts_are_refused_by_the_server(app):
+    client, studio, _ = app
+    model = studio.library()[0].id
+    before = {e.id for e in studio.library()}
+    long = "x" * 100_000   # the page's boxes stop at 300 or 80 characters; a script does not
+    args = list(TRAIN)
+    args[3] = long
+    assert "the target text must be at most 300 characters (got 100000)" in error_of(
+        lambda: client.predict(*args, api_name="/train"))
+    assert "at most 300 characters" in error_of(lambda: client.predict("tiny", long, 2, api_name="/edit_mapper"))
+    assert "a model name is at most 80 characters" in error_of(
+        lambda: client.predict(model, long, api_name="/library_rename"))
+    assert "a model name is at most 80 characters" in error_of(
+        lambda: client.predict(long, model, None, None, None, 1.0, 0, 0, 0, api_name="/mix_save"))
+    assert {e.id for e in studio.library()} == before and not list(studio.mapper_root.glob("*x" * 10 + "*"))
+    still_serves(client, studio)

@@ -27,8 +27,23 @@ class PromptError(ValueError):
     """A prompt that cannot guide training, with the reason a user can act on."""
 
 
+MAX_PROMPT_CHARS = 300   # CLIP reads 77 tokens; longer texts only cost the server time and memory
+
+
+def text_problem(text, field: str, limit: int = MAX_PROMPT_CHARS) -> str | None:
+    """Why ``text`` cannot be a prompt field's value (not text, or over ``limit`` characters), else None."""
+    if text is not None and not isinstance(text, str):
+        return f"{field} must be a text"
+    if text and len(text) > limit:
+        return f"{field} must be at most {limit} characters (got {len(text)})"
+    return None
+
+
 def check_prompts(source: str, target: str, tokenizer=None) -> list[str]:
     """Raise PromptError for unusable prompts; return warnings (e.g. truncation) for usable ones."""
+    for problem in (text_problem(source, "the source text"), text_problem(target, "the target text")):
+        if problem:
+            raise PromptError(problem)
     source, target = (source or "").strip(), (target or "").strip()
     if not target:
         raise PromptError("the target text is empty: describe the new domain, e.g. 'Sketch' or 'Pixar character'")

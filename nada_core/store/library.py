@@ -121,6 +121,7 @@ class UnknownModel(ValueError):
 
 
 MODEL_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,79}")
+MAX_NAME_CHARS = 80   # what a user may type as a model's name (its folder name is at most 60 characters)
 
 
 def _folder_bytes(folder: Path) -> int:
@@ -172,11 +173,18 @@ def find_model(model_id: object, entries: list[LibraryEntry]) -> LibraryEntry:
     raise UnknownModel(model_id)
 
 
+def check_name_text(name: object) -> str:
+    """A model name as a client sent it: a text of 1 to ``MAX_NAME_CHARS`` characters (ValueError otherwise)."""
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError("give the model a name")
+    if len(name) > MAX_NAME_CHARS:
+        raise ValueError(f"a model name is at most {MAX_NAME_CHARS} characters (got {len(name)})")
+    return name
+
+
 def check_new_name(name: str, root: Path, reserved=()) -> str:
     """A user-chosen model name as a safe folder name, refused when taken."""
-    slug = slugify(name or "")
-    if not name or not name.strip():
-        raise ValueError("give the model a name")
+    slug = slugify(check_name_text(name))
     if slug in reserved or (root / slug).exists():
         raise ValueError(f"a model named {slug!r} already exists; choose another name")
     return slug
@@ -258,7 +266,7 @@ def import_model(root: Path, upload: Path, display_name: str, base_name: str, ba
     if shapes(G) != shapes(base):  # configs may differ in name only (e.g. any channel multiplier at 32 channels)
         raise ValueError(f"{display_name} is a {G.config['size']} px generator with a different architecture from the "
                          f"base {base_name!r} ({base.config['size']} px); choose the base it was adapted from")
-    stem = Path(display_name).stem
+    stem = Path(display_name).stem[:MAX_NAME_CHARS]
     recipe = {"source": base_name, "target": stem, "imported_from": display_name, "format": info.get("format")}
     return add_model(root, stem, base_like(base, G), base_name, recipe)
 
@@ -267,7 +275,7 @@ def add_model(root: Path, name: str, G: Generator, base_name: str, recipe: dict)
     """Write a generator into the library as a model folder (final weights, recipe) under a fresh name."""
     from .checkpoints import save_generator
 
-    folder = new_model_dir(name, root)
+    folder = new_model_dir(check_name_text(name), root)
     save_generator(G, folder / "final.safetensors", {"source_model": base_name, "recipe": recipe, "step": None})
     (folder / "recipe.json").write_text(json.dumps({"base": base_name, "config": G.config, "recipe": recipe}, indent=2))
     return folder

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..guidance.clip_guide import ClipMember, clip_text_loss, embedding_norm_mse, encode_pooled
+from ..guidance.clip_guide import ClipMember, clip_text_loss, embedding_norm_mse, encode_pooled, text_problem
 from ..models.stylegan2 import EqualLinear, Generator, PixelNorm
 from ..store.checkpoints import atomic_write, read_safetensors_header, safetensors_metadata, sniff
 from ..store.runs import MAPPER, RunFolder
@@ -390,7 +390,9 @@ class MapperRecipe:
 
     def validate(self) -> list[str]:
         checks = [
-            (bool(self.text.strip()), "the text is empty: describe the edit, e.g. 'a face with purple hair'"),
+            (isinstance(self.text, str) and bool(self.text.strip()),
+             "the text is empty: describe the edit, e.g. 'a face with purple hair'"),
+            (not text_problem(self.text, "the text"), text_problem(self.text, "the text")),
             (1 <= self.iterations <= 1_000_000, "iterations must be between 1 and 1000000"),
             (1 <= self.batch <= 64, "batch must be between 1 and 64"),
             (math.isfinite(self.lr) and 0 < self.lr <= 10, "learning rate must be in (0, 10]"),
@@ -616,6 +618,8 @@ def optimise_edit(G: Generator, w_plus: torch.Tensor, text: str, clip: list[Clip
         raise ValueError("steps must be at least 1")
     if not (text or "").strip():
         raise ValueError("the text is empty: describe the edit")
+    if text_problem(text, "the edit text"):
+        raise ValueError(text_problem(text, "the edit text"))
     device = G.input.input.device
     start = G.to_w_plus(w_plus.to(device)).detach()
     w = start.clone().requires_grad_(True)
