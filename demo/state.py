@@ -24,7 +24,7 @@ from nada_core.store.library import (
     load_base,
     remove_stale_parts,
 )
-from nada_core.store.runs import MAPPER, RunFolder
+from nada_core.store.runs import MAPPER, MAPPERS, TINY, RunFolder
 
 FACE_DIRECTIONS = ["dir-age", "dir-smile", "dir-pose", "dir-gender", "dir-hair_length", "dir-beard"]
 UNSAVED_TTL = 30 * 60      # seconds a trained model whose save failed is kept in memory for a retry
@@ -54,7 +54,7 @@ class Studio:
     @property
     def library_root(self) -> Path:
         """Tiny-model runs live apart from real ones, so untrained output never mixes with real models."""
-        return library_dir() / "_tiny" if self.tiny else library_dir()
+        return library_dir() / TINY if self.tiny else library_dir()
 
     def base_names(self) -> list[str]:
         if self.tiny:
@@ -162,7 +162,7 @@ class Studio:
     # ------------------------------------------------------------------ latent mappers
     @property
     def mapper_root(self) -> Path:
-        return self.library_root / "mappers"
+        return self.library_root / MAPPERS
 
     def mappers(self, generator: str | None = None) -> list[dict]:
         """Finished mapper runs: {'id', 'text', 'generator' (library id or base name), 'path'}, newest first;

@@ -253,6 +253,7 @@ def _mapper_row(path, strength: float, G, w, noise: str, device):
 def cmd_mapper(args) -> int:
     from .guidance.clip_guide import load_ensemble
     from .store.library import default_device, library_dir, load_base, new_run_dir
+    from .store.runs import MAPPERS
     from .training.mapper import MapperRecipe, MapperTrainer, identity_for
     from .training.memory import for_device
     from .training.run import Run
@@ -275,7 +276,7 @@ def cmd_mapper(args) -> int:
         trainer = MapperTrainer.resume(args.resume, G, clip, device, id_fn=id_fn)
         out = Path(args.resume)
     else:
-        out = Path(args.out) if args.out else new_run_dir(Path(model_name).stem, args.text, library_dir() / "mappers")
+        out = Path(args.out) if args.out else new_run_dir(Path(model_name).stem, args.text, library_dir() / MAPPERS)
         trainer = MapperTrainer(G, recipe, clip, device, out, model_name, id_fn=id_fn)
     print(f"training a mapper on {model_name} ({device}) for '{trainer.recipe.text}', {trainer.recipe.iterations} "
           f"steps, output {out}; {id_note}", file=sys.stderr)

@@ -470,3 +470,24 @@ def test_text_fields_are_bounded_on_the_server(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "error: the target text must be at most 300 characters (got 5000)" in err and "Traceback" not in err
     assert not lib.exists() or not list(lib.iterdir())
+
+
+def test_library_names_never_take_a_reserved_folder(tmp_path):
+    from nada_core.store.library import add_model, check_new_name, import_model, list_library, rename_model
+    from nada_core.store.runs import MAPPERS, RESERVED, SNAPSHOTS, TINY, TRASH
+
+    assert {TRASH, MAPPERS, TINY, SNAPSHOTS} <= RESERVED
+    root = tmp_path / "lib"
+    G = tiny_generator(seed=1)
+    first = add_model(root, "Mine", G, "tiny", {"source": "photo", "target": "mine"})
+    for name in ("mappers", "Mappers", "snapshots", " MAPPERS "):
+        with pytest.raises(ValueError, match="one of the library's own folders"):
+            check_new_name(name, root)
+        with pytest.raises(ValueError, match="one of the library's own folders"):
+            rename_model(root, first.name, name)
+    assert [e.name for e in list_library(root)] == ["mine"]
+    mix = add_model(root, "mappers", G, "tiny", {"source": "tiny", "target": "mappers"})   # a mix's or import's name
+    torch.save({"g_ema": G.state_dict()}, tmp_path / "snapshots.pt")
+    imported = import_model(root, tmp_path / "snapshots.pt", "snapshots.pt", "tiny", tiny_generator())
+    assert (mix.name, imported.name) == ("mappers-2", "snapshots-2")
+    assert not (root / MAPPERS).exists() and not (root / SNAPSHOTS).exists()

@@ -231,3 +231,14 @@ def test_long_texts_are_refused_by_the_server(app):
         lambda: client.predict(long, model, None, None, None, 1.0, 0, 0, 0, api_name="/mix_save"))
     assert {e.id for e in studio.library()} == before and not list(studio.mapper_root.glob("*x" * 10 + "*"))
     still_serves(client, studio)
+
+
+def test_reserved_folder_names_are_refused_or_avoided(app):
+    client, studio, _ = app
+    model = studio.library()[0].id
+    assert "one of the library's own folders" in error_of(lambda: client.predict(model, "Mappers",
+                                                                                 api_name="/library_rename"))
+    client.predict("mappers", model, None, None, None, 1.0, 0, 0, 0, api_name="/mix_save")
+    assert studio.entry("mappers-2").recipe["target"] == "mappers"     # saved beside the mappers' folder, not in it
+    assert not (studio.mapper_root / "final.safetensors").exists()
+    still_serves(client, studio)

@@ -14,7 +14,7 @@ import torch
 from ..models.stylegan2 import Generator
 from . import weights
 from .checkpoints import load_generator
-from .runs import ACTIVE, ADAPTATION, SNAPSHOTS, TRASH, RunFolder
+from .runs import ACTIVE, ADAPTATION, SNAPSHOTS, TRASH, RunFolder, is_reserved
 
 
 def library_dir() -> Path:
@@ -69,6 +69,8 @@ def new_model_dir(name: str, root: Path | None = None) -> Path:
     stem = slugify(name)
     for i in range(1, 10_000):
         p = root / (stem if i == 1 else f"{stem}-{i}")
+        if is_reserved(p.name):   # e.g. a mix or an import called 'mappers' becomes 'mappers-2'
+            continue
         try:
             p.mkdir(exist_ok=False)
         except FileExistsError:
@@ -135,7 +137,7 @@ def list_library(root: Path | None = None) -> list[LibraryEntry]:
     entries = []
     for d in sorted(root.glob(f"*/{ADAPTATION.recipe}"), key=lambda p: p.stat().st_mtime, reverse=True):
         run = RunFolder(d.parent)
-        if not MODEL_ID.fullmatch(run.name):
+        if not MODEL_ID.fullmatch(run.name) or is_reserved(run.name):
             continue
         path = run.weights()
         if path is None:
@@ -157,7 +159,7 @@ def remove_abandoned(root: Path) -> list[str]:
     gone = []
     for d in root.glob(f"*/{ADAPTATION.recipe}") if root.is_dir() else []:
         run = RunFolder(d.parent)
-        if MODEL_ID.fullmatch(run.name) and run.weights() is None and not run.state_path.exists() \
+        if MODEL_ID.fullmatch(run.name) and not is_reserved(run.name) and run.weights() is None and not run.state_path.exists() \
                 and not run.is_active():
             shutil.rmtree(run.path, ignore_errors=True)
             gone.append(run.name)
@@ -185,6 +187,8 @@ def check_name_text(name: object) -> str:
 def check_new_name(name: str, root: Path, reserved=()) -> str:
     """A user-chosen model name as a safe folder name, refused when taken."""
     slug = slugify(check_name_text(name))
+    if is_reserved(slug):
+        raise ValueError(f"{slug!r} is the name of one of the library's own folders; choose another name")
     if slug in reserved or (root / slug).exists():
         raise ValueError(f"a model named {slug!r} already exists; choose another name")
     return slug
@@ -214,7 +218,7 @@ def restore(root: Path, name: str) -> Path:
         raise UnknownModel(name)
     dest = root / name
     i = 2
-    while dest.exists():
+    while dest.exists() or is_reserved(dest.name):
         dest, i = root / f"{name}-{i}", i + 1
     os.rename(src, dest)
     return dest

@@ -32,6 +32,14 @@ THUMB = "thumb.png"
 SNAPSHOTS = "snapshots"
 ACTIVE = ".active"
 TRASH = ".trash"                 # library folder of runs set aside (short stopped runs) until kept or emptied
+MAPPERS = "mappers"              # library folder of the latent-mapper runs
+TINY = "_tiny"                   # library folder of the tiny test models' runs (the app's --tiny)
+RESERVED = frozenset({TRASH, MAPPERS, TINY, SNAPSHOTS})   # library folder names that never name a model
+
+
+def is_reserved(name: str) -> bool:
+    """Whether a library folder of this name is the library's own (``RESERVED``, hidden or half-written)."""
+    return name in RESERVED or name.startswith((".", "_")) or name.endswith(".part")
 MAX_RECIPE_BYTES = 1 << 20       # a recipe.json is a few KB; a larger one is not read
 
 
