@@ -176,9 +176,9 @@ class Studio:
                 saved = RunFolder(rec.parent, MAPPER).read_record()   # bounded in size and depth
             except ValueError:
                 continue
-            generator = saved.get("generator")
+            made_on = saved.get("generator")
             out.append({"id": rec.parent.name, "text": str(saved.get("recipe", {}).get("text", "")),
-                        "generator": str(generator.get("name", "")) if isinstance(generator, dict) else "",
+                        "generator": str(made_on.get("name", "")) if isinstance(made_on, dict) else "",
                         "path": final})
         if generator is None:
             return out
