@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -14,9 +15,9 @@ import pandas as pd
 from nada_core.latent.sampling import latents_for_seeds, render
 from nada_core.store import weights
 from nada_core.store.checkpoints import export_rosinality, read_safetensors_header, safetensors_metadata
-from nada_core.store.delta import apply_delta, delta_info, export_delta
+from nada_core.store.delta import export_delta
 from nada_core.store.images import grid
-from nada_core.store.library import add_model, delete_model, disk_use, import_model, rename_model
+from nada_core.store.library import delete_model, disk_use, import_file, rename_model
 
 from .state import Studio
 from .ui import friendly, named_copy, progress_html
@@ -50,17 +51,6 @@ def _trained_steps(path: Path) -> int | None:
         return int(step) if step is not None else None
     except (OSError, ValueError, TypeError):
         return None
-
-
-def _is_delta(path: Path) -> bool:
-    """A style delta says so in its safetensors metadata (read without touching the tensors)."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return "nada-delta" in (f.metadata() or {})
-    except (SafetensorError, OSError, ValueError):
-        return False
 
 
 def _size(n: int) -> str:
@@ -147,7 +137,12 @@ def build(studio: Studio):
         entry = studio.entry(model_id)
         folder = Path(tempfile.mkdtemp(prefix="nada_delta_"))
         meta = {"source_model": entry.base, "recipe": entry.recipe, "name": entry.name}
-        path = export_delta(studio.model(model_id), studio.base(entry.base), meta, folder / f"{entry.name}.nada.safetensors")
+        try:
+            path = export_delta(studio.model(model_id), studio.base(entry.base), meta,
+                                folder / f"{entry.name}.nada.safetensors")
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
         return gr.update(value=[str(path)], visible=True)
 
     @friendly
@@ -168,18 +163,12 @@ def build(studio: Studio):
         display = upload_path.name
         base = studio.base(base_name)
         progress(0.3, desc=f"checking {display}")
-        if _is_delta(upload_path):
-            G = apply_delta(upload_path, base)
-            info = delta_info(upload_path)
-            recipe = {**(info.get("meta") or {}).get("recipe", {}), "imported_from": display}
-            stem = display.split(".")[0]
-            folder = add_model(studio.library_root, stem, G, base_name, recipe)
-        else:
-            folder = import_model(studio.library_root, upload_path, display, base_name, base, MAX_IMPORT_BYTES)
-        progress(0.8, desc="rendering a thumbnail")
-        G = studio.model(folder.name)
-        w = latents_for_seeds(base, [0, 1, 2, 3], 0.7)
-        grid(render([base, G], w), tile=max(128, min(256, G.size))).save(folder / "thumb.png")
+
+        def thumbnail(G):
+            w = latents_for_seeds(base, [0, 1, 2, 3], 0.7)
+            return grid(render([base, G.to(studio.device)], w), tile=max(128, min(256, G.size)))
+
+        folder = import_file(studio.library_root, upload_path, display, base_name, base, MAX_IMPORT_BYTES, thumbnail)
         return refreshed(f"Imported **{display}** as **{folder.name}**.")
 
     renamed = rename.click(do_rename, [pick, new_name], outs, api_name="library_rename")

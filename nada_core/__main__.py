@@ -325,19 +325,30 @@ def cmd_check_prompt(args) -> int:
 
 
 # ---------------------------------------------------------------------------- delta
+def _delta_base(given: str | None, recorded: object, src: Path):
+    """The base for ``delta``: the one given on the command line (a name or a file), else the one the file records,
+    taken by name only ('tiny', a weights manifest name, a library model), never as a path inside the file."""
+    from .store.library import load_base, load_named_base
+
+    if given:
+        return load_base(given)
+    if not recorded:
+        raise ValueError(f"{src} does not say which base it was made from; pass --base")
+    try:
+        return load_named_base(recorded)
+    except ValueError as e:
+        raise ValueError(f"{src}: {e}; pass --base") from None
+
+
 def cmd_delta(args) -> int:
     from .store.checkpoints import load_generator, save_generator
     from .store.delta import SUFFIX, apply_delta, delta_info, export_delta
-    from .store.library import load_base
 
     src = Path(args.file)
     if args.action == "export":
         G, info = load_generator(src)
         meta = dict(info.get("meta") or {})
-        base = args.base or meta.get("source_model")
-        if not base:
-            raise ValueError(f"{src} does not say which base it was adapted from; pass --base")
-        G_base, base_name = load_base(base)
+        G_base, base_name = _delta_base(args.base, meta.get("source_model"), src)
         meta["source_model"] = base_name
         out = Path(args.out or src.with_name(src.name.split(".")[0] + SUFFIX))
         export_delta(G, G_base, meta, out)
@@ -346,15 +357,12 @@ def cmd_delta(args) -> int:
         print(f"wrote {out}: {size / 2 ** 20:.2f} MiB, {100 * size / full:.1f}% of the full model's "
               f"{full / 2 ** 20:.1f} MiB ({delta_info(out)['tensors']} changed tensors; base {base_name})")
         return 0
-    meta = delta_info(src).get("meta") or {}
-    base = args.base or meta.get("source_model")
-    if not base:
-        raise ValueError(f"{src} does not say which base it was made from; pass --base")
-    G_base, _ = load_base(base)
+    meta = delta_info(src)["meta"]   # checked: a JSON object (else "not a NADA delta: ...")
+    G_base, base_name = _delta_base(args.base, meta.get("source_model"), src)
     G = apply_delta(src, G_base)
     out = Path(args.out or src.with_name(src.name.split(".")[0] + ".safetensors"))
     save_generator(G, out, meta)
-    print(f"wrote {out} (base {base} + {src.name})")
+    print(f"wrote {out} (base {base_name} + {src.name})")
     return 0
 
 
@@ -498,7 +506,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("delta", help="export a style as its difference from the base, or apply one")
     d.add_argument("action", choices=["export", "apply"])
     d.add_argument("file", help="export: the adapted model file; apply: the .nada.safetensors delta")
-    d.add_argument("--base", default=None, help="the base model (default: the one recorded in the file; 'tiny' allowed)")
+    d.add_argument("--base", default=None, help="the base model: a name, a file, or 'tiny' (default: the one the file "
+                                                "records, looked up by name only: 'tiny', a weights manifest name or a "
+                                                "library model)")
     d.add_argument("--out", default=None, help="export: F.nada.safetensors; apply: MODEL.safetensors")
     d.set_defaults(fn=cmd_delta)
     return p

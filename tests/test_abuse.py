@@ -491,3 +491,198 @@ def test_library_names_never_take_a_reserved_folder(tmp_path):
     imported = import_model(root, tmp_path / "snapshots.pt", "snapshots.pt", "tiny", tiny_generator())
     assert (mix.name, imported.name) == ("mappers-2", "snapshots-2")
     assert not (root / MAPPERS).exists() and not (root / SNAPSHOTS).exists()
+
+
+# ===================================================================== non-finite weights
+def _poisoned(seed=0, name="convs.0.conv.weight", value=float("nan")):
+    G = tiny_generator(seed=seed)
+    with torch.no_grad():
+        G.state_dict()[name].view(-1)[3] = value
+    return G
+
+
+def test_non_finite_weights_are_refused_wherever_a_generator_or_delta_is_read(tmp_path):
+    from safetensors.torch import save_file
+
+    from nada_core.store.delta import DeltaError, apply_delta, export_delta, read_delta
+    from nada_core.store.library import add_model, import_file, list_library
+
+    base = tiny_generator()
+    save_generator(_poisoned(), tmp_path / "nan.safetensors")
+    torch.save({"g_ema": _poisoned(value=float("inf")).state_dict()}, tmp_path / "inf.pt")
+    assert "tensor 'convs.0.conv.weight' holds NaN or infinite values" in assert_refused(
+        tmp_path / "nan.safetensors", name="nan.safetensors")
+    assert "holds NaN or infinite values" in assert_refused(tmp_path / "inf.pt", name="inf.pt")
+    lib = tmp_path / "lib"
+    with pytest.raises(CheckpointError, match="inf.pt: tensor 'convs.0.conv.weight' holds NaN"):
+        import_file(lib, tmp_path / "inf.pt", "inf.pt", "tiny", base)
+    with pytest.raises(ValueError, match="mix: tensor 'convs.0.conv.weight' holds NaN or infinite values"):
+        add_model(lib, "mix", _poisoned(), "tiny", {})   # a mix that overflowed, say
+    with pytest.raises(DeltaError, match="the model's tensor 'convs.0.conv.weight' holds NaN"):
+        export_delta(_poisoned(), base, {}, tmp_path / "never.nada.safetensors")
+    assert not (tmp_path / "never.nada.safetensors").exists()
+
+    # deltas: a NaN difference, and integer or bool tensors, which no difference of weights is
+    good = export_delta(tiny_generator(seed=0), base, {"source_model": "tiny"}, tmp_path / "good.nada.safetensors")
+    diffs, _ = read_delta(good)
+    from safetensors import safe_open
+
+    with safe_open(str(good), framework="pt") as f:
+        metadata = f.metadata()
+    name = "convs.2.conv.weight"
+    variants = {"nan": {name: torch.full((1, 16, 16, 3, 3), float("nan"))},
+                "int": {name: torch.zeros(1, 16, 16, 3, 3, dtype=torch.int64)},
+                "bool": {name: torch.zeros(1, 16, 16, 3, 3, dtype=torch.bool)}}
+    for kind, tensors in variants.items():
+        path = tmp_path / f"{kind}.nada.safetensors"
+        save_file({**diffs, **tensors}, path, metadata=metadata)
+        with pytest.raises(DeltaError, match=f"^{kind}.nada.safetensors: not a NADA delta: tensor '{name}' "
+                                             + ("holds NaN or infinite values" if kind == "nan" else
+                                                "is (I64|BOOL); a delta holds floating-point differences only")):
+            apply_delta(path, base, display_name=path.name)
+        with pytest.raises(DeltaError, match="not a NADA delta"):
+            import_file(lib, path, path.name, "tiny", base)
+    assert list_library(lib) == [] and (not lib.exists() or not list(lib.iterdir()))   # nothing added, not even a folder
+
+
+# ===================================================================== style deltas: malformed metadata
+def delta_with_metadata(path, text: str, tensors=None):
+    """A delta file whose ``nada-delta`` metadata is ``text``, exactly (valid JSON or not)."""
+    from safetensors.torch import save_file
+
+    save_file(tensors or {"convs.2.noise.weight": torch.zeros(1)}, path, metadata={"nada-delta": text})
+    return path
+
+
+def test_malformed_delta_metadata_is_not_a_nada_delta_in_the_core_and_the_cli(tmp_path, capsys):
+    from nada_core.__main__ import main
+    from nada_core.store.delta import DeltaError, apply_delta, delta_info, export_delta, read_delta
+    from nada_core.store.library import import_file
+
+    base = tiny_generator()
+    good = export_delta(tiny_generator(seed=4), base, {"source_model": "tiny", "recipe": {"target": "x"}},
+                        tmp_path / "good.nada.safetensors")
+    header = delta_info(good)
+
+    def variant(**changes):
+        return json.dumps({**header, **changes})
+
+    cases = {
+        "meta_list": (variant(meta=[1, 2]), "its meta is a JSON array, not a JSON object"),
+        "meta_text": (variant(meta="source_model"), "its meta is a JSON text"),
+        "recipe_list": (variant(meta={"recipe": ["target"]}), "its recipe is a JSON array, not a JSON object"),
+        "recipe_number": (variant(meta={"source_model": "tiny", "recipe": 5}), "its recipe is a JSON number"),
+        "source_model_dict": (variant(meta={"source_model": {"path": "/etc/passwd"}}), "source_model is not a name"),
+        "header_list": ("[1, 2, 3]", "its metadata is a JSON array where a JSON object was expected"),
+        "header_null": ("null", "its metadata is JSON null"),
+        "deep": ('{"format": "nada-studio-delta", "meta": ' + "[" * 100_000 + "]" * 100_000 + "}",
+                 "its metadata nests deeper than 32 levels"),
+        "not_json": ("{format: nada", "its metadata is not valid JSON"),
+        "config_list": (variant(config=[64]), "generator config must be a JSON object"),
+        "no_fingerprint": (variant(base_fingerprint=None), "base fingerprint is not a sha256"),
+        "long_target": (variant(meta={"recipe": {"target": "x" * 5000}}), "target text must be at most 300 characters"),
+    }
+    lib = tmp_path / "lib"
+    for name, (text, why) in cases.items():
+        path = delta_with_metadata(tmp_path / f"{name}.nada.safetensors", text)
+        for call in (lambda: read_delta(path, path.name), lambda: delta_info(path, path.name),
+                     lambda: apply_delta(path, base, path.name), lambda: import_file(lib, path, path.name, "tiny", base)):
+            with pytest.raises(DeltaError) as e:
+                call()
+            assert str(e.value).startswith(f"{path.name}: not a NADA delta: ") and why in str(e.value), (name, str(e.value))
+        assert main(["delta", "apply", str(path), "--base", "tiny", "--out", str(tmp_path / "out.safetensors")]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "not a NADA delta: " in err and why in err and "Traceback" not in err, err
+    # damaged deltas are described as deltas, not as generator files
+    (tmp_path / "cut.nada.safetensors").write_bytes(good.read_bytes()[:500])
+    with pytest.raises(DeltaError, match=r"^cut.nada.safetensors: not a NADA delta: file is damaged or truncated"):
+        import_file(lib, tmp_path / "cut.nada.safetensors", "cut.nada.safetensors", "tiny", base)
+    renamed = tmp_path / "upload.safetensors"   # the name says nothing; the header says delta
+    renamed.write_bytes(delta_with_metadata(tmp_path / "x.safetensors", variant(meta=[1])).read_bytes())
+    with pytest.raises(DeltaError, match="upload.safetensors: not a NADA delta: its meta is a JSON array") as e:
+        import_file(lib, renamed, renamed.name, "tiny", base)
+    assert "Expected a StyleGAN2 generator" not in str(e.value)
+    assert not lib.exists() or not list(lib.iterdir())
+
+
+def test_a_delta_with_a_50_mb_recipe_target_is_refused_at_import_with_little_memory(tmp_path):
+    from nada_core.store.delta import delta_info, export_delta
+
+    base = tiny_generator()
+    good = export_delta(tiny_generator(seed=4), base, {"source_model": "tiny"}, tmp_path / "good.nada.safetensors")
+    huge = {**delta_info(good), "meta": {"source_model": "tiny", "recipe": {"target": "x" * (50 << 20)}}}
+    delta_with_metadata(tmp_path / "huge.nada.safetensors", json.dumps(huge))
+    delta_with_metadata(tmp_path / "deep.safetensors", json.dumps(delta_info(good))[:-1] + ', "x": ' + "[" * 100_000
+                        + "]" * 100_000 + "}")
+    lib = tmp_path / "lib"
+    setup = ("from pathlib import Path\nfrom nada_core.models.tiny import tiny_generator\n"
+             "from nada_core.store.library import import_file\nbase = tiny_generator()\n"
+             f"import_file(Path({str(tmp_path / 'warm')!r}), Path({str(good)!r}), 'good.nada.safetensors', 'tiny', base)")
+    calls = {name: f"import_file(Path({str(lib)!r}), Path({str(tmp_path / name)!r}), {name!r}, 'tiny', base)"
+             for name in ("huge.nada.safetensors", "deep.safetensors")}
+    grew_mb, results = bombs_in_fresh_process(setup, calls)
+    assert_refused_cheaply(grew_mb, results, {
+        "huge.nada.safetensors": r"^DeltaError: huge.nada.safetensors: not a NADA delta: its header is 50 MiB, more "
+                                 r"than the 4 MiB",
+        "deep.safetensors": r"^DeltaError: deep.safetensors: not a NADA delta: its metadata nests deeper than 32"})
+    assert not lib.exists() or not list(lib.iterdir())
+
+
+def test_delta_apply_never_opens_a_base_path_written_in_the_delta(tmp_path, capsys, monkeypatch):
+    from nada_core.__main__ import main
+    from nada_core.store.delta import export_delta
+
+    monkeypatch.setenv("NADA_LIBRARY_DIR", str(tmp_path / "lib"))
+    base = tiny_generator()
+    base_file = save_generator(base, tmp_path / "the-right-base.safetensors")   # it would even fit
+    for recorded in (str(base_file), "/etc/passwd", "../../etc/passwd"):
+        path = export_delta(tiny_generator(seed=4), base, {"source_model": recorded}, tmp_path / "s.nada.safetensors")
+        assert main(["delta", "apply", str(path), "--out", str(tmp_path / "out.safetensors")]) == 1
+        err = capsys.readouterr().err
+        assert "is not 'tiny', a weights manifest name or a library model; pass --base" in err, err
+        assert recorded not in err and not (tmp_path / "out.safetensors").exists()
+    # a library model is a base by its name
+    from nada_core.store.library import add_model
+
+    add_model(tmp_path / "lib", "My Base", base, "tiny", {})
+    path = export_delta(tiny_generator(seed=4), base, {"source_model": "my-base"}, tmp_path / "s.nada.safetensors")
+    assert main(["delta", "apply", str(path), "--out", str(tmp_path / "out.safetensors")]) == 0
+    assert "base my-base" in capsys.readouterr().out
+
+
+# ===================================================================== a full disk while writing into the library
+def test_a_full_disk_during_import_or_mix_save_leaves_no_model_folder(tmp_path, monkeypatch):
+    import errno
+
+    from nada_core.store.delta import export_delta
+    from nada_core.store.library import add_model, import_file, list_library
+
+    base = tiny_generator()
+    lib = tmp_path / "lib"
+    add_model(lib, "kept", base, "tiny", {})
+    torch.save({"g_ema": tiny_generator(seed=3).state_dict()}, tmp_path / "upload.pt")
+    delta = export_delta(tiny_generator(seed=4), base, {"source_model": "tiny"}, tmp_path / "gift.nada.safetensors")
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def thumbnail(G):
+        from PIL import Image
+
+        return Image.new("RGB", (4, 4))
+
+    attempts = {"import": lambda: import_file(lib, tmp_path / "upload.pt", "upload.pt", "tiny", base),
+                "delta": lambda: import_file(lib, delta, delta.name, "tiny", base),
+                "mix": lambda: add_model(lib, "a mix", tiny_generator(seed=5), "tiny", {}, thumbnail)}
+    for writer in ("safetensors.torch.save_file", "PIL.Image.Image.save", "pathlib.Path.write_text"):
+        with monkeypatch.context() as m:
+            m.setattr(writer, disk_full)
+            for what, attempt in attempts.items():
+                if writer == "PIL.Image.Image.save" and what != "mix":   # only written when a thumbnail is asked for
+                    continue
+                with pytest.raises(OSError) as e:
+                    attempt()
+                assert e.value.errno == errno.ENOSPC, (writer, what)
+                assert sorted(p.name for p in lib.iterdir()) == ["kept"], (writer, what)   # no empty or .part folder
+    assert [e.name for e in list_library(lib)] == ["kept"]
+    assert import_file(lib, delta, delta.name, "tiny", base).name == "gift"   # with space again, it works

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ..store import weights
+from .text_limits import text_problem
 
 DEFAULT_MODELS = ("ViT-B-32", "ViT-B-16")
 
@@ -25,18 +26,6 @@ IMAGENET_TEMPLATES = _imagenet_templates()
 
 class PromptError(ValueError):
     """A prompt that cannot guide training, with the reason a user can act on."""
-
-
-MAX_PROMPT_CHARS = 300   # CLIP reads 77 tokens; longer texts only cost the server time and memory
-
-
-def text_problem(text, field: str, limit: int = MAX_PROMPT_CHARS) -> str | None:
-    """Why ``text`` cannot be a prompt field's value (not text, or over ``limit`` characters), else None."""
-    if text is not None and not isinstance(text, str):
-        return f"{field} must be a text"
-    if text and len(text) > limit:
-        return f"{field} must be at most {limit} characters (got {len(text)})"
-    return None
 
 
 def check_prompts(source: str, target: str, tokenizer=None) -> list[str]:

@@ -81,6 +81,16 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
     return path
 
 
+# --------------------------------------------------------------------------- finite values
+def first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor holding NaN or an infinity (None when every one is finite): a
+    diverged or damaged model renders black or noise, and every mix or delta made from it inherits that."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name
+    return None
+
+
 # --------------------------------------------------------------------------- saving
 def save_generator(G: Generator, path: str | os.PathLike, meta: dict | None = None) -> Path:
     """Write ``G`` as safetensors with the config and ``meta`` (source, recipe, ...) as JSON; a stored
@@ -790,6 +800,9 @@ def load_generator(path: str | os.PathLike, device: str | torch.device = "cpu",
         if not path.is_file():
             raise _Refused("no such file")
         G, info = _load(path)
+        bad = first_non_finite(G.state_dict())
+        if bad is not None:
+            raise _Refused(f"tensor {bad!r} holds NaN or infinite values (a diverged or damaged model)")
     except _Refused as e:
         raise CheckpointError(name, str(e)) from None
     except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, OSError, ValueError, KeyError,

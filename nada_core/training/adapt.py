@@ -15,14 +15,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..guidance.clip_guide import (
-    ClipMember,
-    check_prompts,
-    directional_loss,
-    embedding_norm_loss,
-    global_loss,
-    text_problem,
-)
+from ..guidance.clip_guide import ClipMember, check_prompts, directional_loss, embedding_norm_loss, global_loss
+from ..guidance.text_limits import text_problem
 from ..models.stylegan2 import Generator, grouped_kernels, seeds_to_z
 from ..store.checkpoints import save_generator
 from ..store.runs import RunFolder

@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..guidance.clip_guide import ClipMember, clip_text_loss, embedding_norm_mse, encode_pooled, text_problem
+from ..guidance.clip_guide import ClipMember, clip_text_loss, embedding_norm_mse, encode_pooled
+from ..guidance.text_limits import text_problem
 from ..models.stylegan2 import EqualLinear, Generator, PixelNorm
 from ..store.checkpoints import atomic_write, read_safetensors_header, safetensors_metadata, sniff
 from ..store.runs import MAPPER, RunFolder
