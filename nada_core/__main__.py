@@ -7,29 +7,7 @@ import sys
 from pathlib import Path
 
 from .latent.sampling import parse_seeds
-
-
-@contextlib.contextmanager
-def stop_on_ctrl_c(run):
-    """While training: the first Ctrl-C stops the run after its current step, as the app's Stop does (weights and
-    resumable state saved, ended as 'cancelled'; ``--resume`` continues it); a second Ctrl-C quits at once, unsaved."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def first(signum, frame):
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        print("\nstopping after this step and saving; Ctrl-C again quits without saving", file=sys.stderr, flush=True)
-        run.stop()
-
-    previous = signal.signal(signal.SIGINT, first)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
+from .training.run import stop_on_ctrl_c
 
 
 def _bar(done: int, total: int | None, extra: str = "") -> str:

@@ -248,3 +248,52 @@ def test_progress_lines_redraw_in_place_on_a_terminal(tmp_path, monkeypatch):
     assert text.count("\x1b[2F\x1b[J") == 1   # the two job lines were erased once, before the note
     assert "  1 a    running  [#############.......] 2/3 loss 0.5000 1.00s/it ETA 0:01" in text
     assert text.index("warning: something") < text.rindex("  2 b    queued")
+
+
+def test_ctrl_c_stops_the_job_through_its_run_keeps_it_resumable_and_starts_no_other(tmp_path):
+    """A local batch job trains through training.run.Run: the first Ctrl-C is Run.stop, which saves the weights and
+    the resumable state; the run lands in the library (continuable) and the next job never starts."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from nada_core.models.tiny import tiny_generator
+    from nada_core.store.runs import RunFolder
+    from nada_core.training.adapt import Adapter
+    from tests.conftest import ROOT
+
+    (tmp_path / "jobs.toml").write_text(TINY.replace("iterations = 3", "iterations = 100000") + """
+[[job]]
+name = "long"
+target = "sketch"
+
+[[job]]
+name = "never"
+target = "pixar character"
+""")
+    lib, tmp = tmp_path / "lib", tmp_path / "tmp"
+    tmp.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "nada_core", "batch", str(tmp_path / "jobs.toml"), "--library",
+                             str(lib), "--device", "cpu"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "TMPDIR": str(tmp)})
+    deadline = time.monotonic() + 120
+    while not list(tmp.glob("nada-batch-*/long/.active")) and time.monotonic() < deadline:   # training has begun
+        time.sleep(0.2)
+    time.sleep(3)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "stopping the job after this step and saving it; no other job starts" in err
+    assert "stopped by Ctrl-C; 1 job(s) not started" in err and f"adapt --resume {lib / 'long'}" in err
+    rows = _table(out)
+    assert rows["long"][2] == "stopped" and rows["never"][2] == "queued"
+    [entry] = list_library(lib)
+    assert entry.name == "long" and entry.continuable and entry.finished and entry.thumbnail
+    run = RunFolder(lib / "long")
+    assert run.state_path.is_file() and len(run.snapshots()) == 1
+    from nada_core.guidance.clip_guide import load_ensemble
+
+    resumed = Adapter.resume(lib / "long", tiny_generator(), load_ensemble(["tiny"], [1.0]))
+    assert 1 <= resumed.step == run.snapshot_steps()[0] < 100000 and resumed.recipe.iterations == 100000
+    assert not list(tmp.glob("nada-batch-*"))   # the temporary run folder went

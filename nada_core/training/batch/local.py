@@ -7,6 +7,7 @@ import os
 import shutil
 import socket
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -18,27 +19,43 @@ if TYPE_CHECKING:
     from ..loop import Event
 
 CLUSTER_HINT = "pip install -r requirements-cluster.txt"
-RUN_FILES = ("final.safetensors", "thumb.png", "recipe.json")   # recipe last: the app lists a folder from then on
+RUN_FILES = ("final.safetensors", "thumb.png", "recipe.json")   # what a finished job's folder holds
 
 
 class JobFailed(RuntimeError):
     """A job's training ended without a finished model (non-finite loss, out of memory, save failure...)."""
 
 
-def follow_run(trainer, out_dir: Path | None, on_event: Callable[[Event], None] | None = None) -> Event | None:
-    """Run ``trainer`` to its end, passing each event to ``on_event``; write ``thumb.png`` (source row above
-    adapted row) into ``out_dir`` from the final preview. Returns the last event (None if none came)."""
-    from ...store.images import grid, to_pil
+class JobStopped(Exception):
+    """A job stopped on request (``Run.stop``): ``files`` hold its run folder with the resumable state, if it
+    trained a step, so that the library keeps it and ``adapt --resume`` continues it."""
 
-    last = None
-    for ev in trainer.run():
-        if on_event is not None:
-            on_event(ev)
-        last = ev
-    if out_dir is not None and last is not None and last.preview is not None:
-        src, adapted = last.preview
-        grid([to_pil(src), to_pil(adapted)]).save(Path(out_dir) / "thumb.png")
-    return last
+    def __init__(self, message: str, files: dict[str, bytes]):
+        super().__init__(message)
+        self.files = files
+
+
+class Stop:
+    """A batch's stop request (the first Ctrl-C): the job training now stops after its step through ``Run.stop``,
+    which saves its weights and resumable state, and no further job starts."""
+
+    def __init__(self):
+        self.requested = False
+        self._run = None
+        self._lock = threading.Lock()
+
+    def attach(self, run) -> None:
+        """The ``training.run.Run`` of the job starting now (stopped at once if a stop came first)."""
+        with self._lock:
+            self._run = run
+            if self.requested:
+                run.stop()
+
+    def stop(self) -> None:
+        with self._lock:
+            self.requested = True
+            if self._run is not None:
+                self._run.stop()
 
 
 @contextlib.contextmanager
@@ -55,17 +72,21 @@ def _env(name: str, value: str):
 
 
 def run_job(job: Job, device: str, report: Callable[[dict], None] | None = None, shipped: dict | None = None,
-            threads: int | None = None) -> dict[str, bytes]:
-    """Train ``job`` on this machine in a temporary folder and return its run folder's files as bytes
-    (``RUN_FILES``). ``shipped``: what the driver sent instead of reading files here: ``{"base": safetensors bytes
-    or None, "clip": {file under weights/: bytes}, "images": {path: bytes}}``. Raises JobFailed when training
-    ends without a model."""
+            threads: int | None = None, on_run: Callable | None = None) -> dict[str, bytes]:
+    """Train ``job`` on this machine in a temporary folder, through ``training.run.Run`` with the CPU memory setting
+    of ``training.memory.for_device`` (the lifecycle of the CLI's ``adapt``), and return its run folder's files as
+    bytes ({path inside the folder: bytes}). ``shipped``: what the driver sent instead of reading files here:
+    ``{"base": safetensors bytes or None, "clip": {file under weights/: bytes}, "images": {path: bytes}}``;
+    ``on_run(run)`` is called before training (``Stop.attach``). Raises JobFailed when training ends without a
+    model, JobStopped when the run was stopped."""
     import torch
 
     from ...guidance.clip_guide import load_ensemble
     from ...store.images import from_pil, open_image
     from ...store.library import load_base
     from ..adapt import Adapter
+    from ..memory import for_device
+    from ..run import Run
 
     if threads:
         torch.set_num_threads(threads)
@@ -98,7 +119,9 @@ def run_job(job: Job, device: str, report: Callable[[dict], None] | None = None,
         style = [image(i, p) for i, p in enumerate(r.style_images)] or None
         source = [image(-1 - i, p) for i, p in enumerate(r.source_images)] or None
         out = tmp / job.name
-        ad = Adapter(G, r, clip, device, out, job.base, style_images=style, source_images=source)
+        run = Run(Adapter(G, r, clip, device, out, job.base, style_images=style, source_images=source))
+        if on_run is not None:
+            on_run(run)
         clock = {"t": 0.0}
 
         def on_event(ev: Event) -> None:
@@ -111,16 +134,27 @@ def run_job(job: Job, device: str, report: Callable[[dict], None] | None = None,
                     report({"kind": "step", "step": ev.step, "total": ev.total, "loss": ev.loss,
                             "sec_per_step": ev.sec_per_step, "eta": ev.eta})
 
-        last = follow_run(ad, out, on_event)
-        if last is None or last.kind != "done" or last.save_error or not (out / "final.safetensors").is_file():
+        with for_device(device):
+            last = run.run_here(on_event)   # also writes thumb.png
+        finished = last is not None and not last.save_error and run.folder.finished
+        if last is not None and last.kind == "cancelled":
+            raise JobStopped(last.message, _folder_files(out) if finished else {})
+        if last is None or last.kind != "done" or not finished:
             raise JobFailed(last.message if last is not None else "training produced no events")
-        return {f: (out / f).read_bytes() for f in RUN_FILES if (out / f).is_file()}
+        return _folder_files(out)
+
+
+def _folder_files(folder: Path) -> dict[str, bytes]:
+    """Every file a run wrote into ``folder`` ({path relative to it: bytes}), the lock file aside."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and not p.name.startswith(".")}
 
 
 def install_run(library: Path, name: str, files: dict[str, bytes]) -> Path:
-    """Write a finished run into the library as ``<library>/<name>`` (``name-2``... if that appeared meanwhile);
-    the weights and thumbnail first and recipe.json last, each atomically, so the app never lists half a run."""
+    """Write a run into the library as ``<library>/<name>`` (``name-2``... if that appeared meanwhile): every file
+    but recipe.json first and recipe.json last, each atomically, so the app never lists half a run."""
     from ...store.checkpoints import atomic_write
+    from ...store.runs import ADAPTATION
 
     library = Path(library)
     library.mkdir(parents=True, exist_ok=True)
@@ -133,10 +167,13 @@ def install_run(library: Path, name: str, files: dict[str, bytes]) -> Path:
         break
     else:
         raise OSError(f"no free folder name for {name} in {library}")
+    order = sorted(files, key=lambda f: f == ADAPTATION.recipe)   # the recipe last: the listing's sign
     try:
-        for f in RUN_FILES:
-            if f in files:
-                atomic_write(folder / f, lambda t, blob=files[f]: Path(t).write_bytes(blob))
+        for f in order:
+            target = folder / f
+            if folder.resolve() not in target.resolve().parents:
+                raise OSError(f"{f}: not a file of a run folder")
+            atomic_write(target, lambda t, blob=files[f]: Path(t).write_bytes(blob))
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
@@ -155,12 +192,14 @@ def _failure_text(e: BaseException) -> str:
 
 
 def attempt(job: Job, device: str, report: Callable[[dict], None] | None = None, shipped: dict | None = None,
-            threads: int | None = None) -> dict:
-    """One try of ``job`` here: ``{"files": ...}`` or ``{"error": text}``, with ``seconds`` it took. Any failure
-    of the job is an answer, not an exception (KeyboardInterrupt excepted)."""
+            threads: int | None = None, on_run: Callable | None = None) -> dict:
+    """One try of ``job`` here: ``{"files": ...}``, ``{"stopped": text, "files": ...}`` or ``{"error": text}``, with
+    ``seconds`` it took. Any failure of the job is an answer, not an exception (KeyboardInterrupt excepted)."""
     t0 = time.monotonic()
     try:
-        out = {"files": run_job(job, device, report, shipped, threads)}
+        out = {"files": run_job(job, device, report, shipped, threads, on_run)}
+    except JobStopped as e:
+        out = {"stopped": str(e), "files": e.files}
     except Exception as e:  # noqa: BLE001 - one job's failure, whatever it is, must not stop the batch
         out = {"error": _failure_text(e)}
     out["seconds"] = time.monotonic() - t0
@@ -178,13 +217,20 @@ def _finish_try(r: JobResult, view: ProgressView, library: Path, outcome: dict) 
     r.started = None
     error = outcome.get("error")
     if error is None:
+        stopped = outcome.get("stopped")
         try:
-            r.folder = install_run(library, r.job.name, outcome["files"])
+            r.folder = install_run(library, r.job.name, outcome["files"]) if outcome["files"] else None
         except OSError as e:
             error = f"could not write the model into the library ({describe_error(e)})"
         else:
-            r.state, r.error = "done", ""
-            view.note(f"{r.job.label}: done in {_fmt_time(r.seconds)} -> {r.folder}")
+            if stopped is None:
+                r.state, r.error = "done", ""
+                view.note(f"{r.job.label}: done in {_fmt_time(r.seconds)} -> {r.folder}")
+            else:
+                r.state = "stopped"
+                r.error = stopped + (f"; `python -m nada_core adapt --resume {r.folder}` continues it" if r.folder
+                                     else "")
+                view.note(f"{r.job.label}: {r.error}")
             return False
     r.errors.append(error)
     if r.tries < MAX_TRIES:
@@ -196,10 +242,13 @@ def _finish_try(r: JobResult, view: ProgressView, library: Path, outcome: dict) 
     return False
 
 
-def _run_here(results: list[JobResult], view: ProgressView, library: Path, device: str) -> None:
+def _run_here(results: list[JobResult], view: ProgressView, library: Path, device: str,
+              stop: Stop | None = None) -> None:
+    """Every job here, one after another; after ``stop`` (the job training then stops and is kept) none starts."""
     where = f"{socket.gethostname()} ({device})"
+    stop = stop or Stop()
     for r in results:
-        while True:
+        while not stop.requested:
             r.tries += 1
             _apply_event(r, {"kind": "start", "where": where}, view)
             view.refresh(force=True)
@@ -208,5 +257,5 @@ def _run_here(results: list[JobResult], view: ProgressView, library: Path, devic
                 _apply_event(r, d, view)
                 view.refresh()
 
-            if not _finish_try(r, view, library, attempt(r.job, device, report)):
+            if not _finish_try(r, view, library, attempt(r.job, device, report, on_run=stop.attach)):
                 break

@@ -22,7 +22,7 @@ def _fmt_time(s: float | None) -> str:
 @dataclass
 class JobResult:
     job: Job
-    state: str = "queued"        # queued | running | done | failed
+    state: str = "queued"        # queued | running | done | failed | stopped (kept, resumable)
     tries: int = 0
     step: int = 0
     loss: float | None = None
