@@ -98,7 +98,7 @@ lr = nan
                      "job 2 ('fractional'): iterations must be a whole number (got 2.5)",
                      "job 3 ('missing-image'): style_images: nope.png: no such file",
                      "job 4 ('too-many-slots'): k must be between 1 and 8",      # the tiny base has 8 W+ slots
-                     "job 5 ('unknown-base'): base 'no-such-model' is neither a file nor a known base model",
+                     "job 5 ('unknown-base'): base 'no-such-model' is not 'tiny', a weights manifest name",
                      "job 6 ('same-prompts'): source and target are both",
                      "job 7 ('bad-key'): unknown key 'mixng' (did you mean 'mixing'?)",
                      "job 9 ('sketch'): the name 'sketch' is taken by job 8",
@@ -118,6 +118,66 @@ lr = nan
     assert main(["batch", str(tmp_path / "ok.toml"), "--library", str(lib), "--check"]) == 0
     assert "photo-to-red: tiny, 'photo' -> 1 style image(s), 3 steps" in capsys.readouterr().err
     assert not lib.exists()
+
+
+def test_check_refuses_path_bases_and_reports_every_bad_field_of_every_job(tmp_path, capsys):
+    from nada_core.models.tiny import tiny_generator
+    from nada_core.store.checkpoints import save_generator
+    from nada_core.store.library import add_model
+
+    save_generator(tiny_generator(), tmp_path / "base.safetensors")   # even a real generator file is no base
+    lib = tmp_path / "lib"
+    add_model(lib, "Mine", tiny_generator(seed=2), "tiny", {})
+    (tmp_path / "jobs.toml").write_text(TINY + """
+[[job]]
+name = "passwd"
+target = "sketch"
+base = "/etc/passwd"
+
+[[job]]
+name = "many"
+base = "../base.safetensors"
+target = "x"
+iterations = 0
+batch = 1000
+k = 99
+mixing = 2.0
+clip = []
+
+[[job]]
+name = "also-bad"
+base = "base.safetensors"
+lr = 5.0
+preset = "everything"
+target = "sketch"
+
+[[job]]
+name = "mappers"
+target = "sketch"
+
+[[job]]
+name = "on-mine"
+base = "mine"
+target = "sketch"
+""")
+    assert main(["batch", str(tmp_path / "jobs.toml"), "--library", str(lib), "--check"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "nothing was run" in err and "root:" not in err   # /etc/passwd was never read
+    for expected in ["job 1 ('passwd'): base '/etc/passwd' is not 'tiny', a weights manifest name",
+                     "never as a file path",
+                     "job 2 ('many'): base '../base.safetensors' is not 'tiny'",
+                     "job 2 ('many'): clip must name one or more CLIP models",
+                     "job 2 ('many'): iterations must be between 1 and 100000",
+                     "job 2 ('many'): batch must be between 1 and 64",
+                     "job 2 ('many'): mixing probability must be in [0, 1]",
+                     "job 2 ('many'): k must be between 1 and 18",     # the base is unknown: the most W+ slots
+                     "job 3 ('also-bad'): base 'base.safetensors' is not 'tiny'",
+                     "job 3 ('also-bad'): learning rate must be in (0, 1]",
+                     "job 3 ('also-bad'): preset must be one of",
+                     "job 4 ('mappers'): name 'mappers' cannot be a model name"]:
+        assert expected in err, (expected, err)
+    assert "job 5" not in err   # a library model is a base by its name
+    assert err.count("\n  job ") == 11 and "has 11 problems" in err, err
 
 
 def test_missing_ray_says_how_to_install_it(tmp_path, monkeypatch, capsys):
@@ -163,9 +223,10 @@ mixing = 0.5
                     reason="Ray is not installed (pip install -r requirements-cluster.txt)")
 def test_ray_cluster_runs_jobs_in_parallel_and_reports_the_failure(tmp_path, capsys):
     from nada_core.models.tiny import tiny_generator
-    from nada_core.store.checkpoints import save_generator
+    from nada_core.store.library import add_model
 
-    save_generator(tiny_generator(seed=3), tmp_path / "base.safetensors")  # a file base: shipped with --ship-weights
+    lib = tmp_path / "lib"
+    add_model(lib, "Library Base", tiny_generator(seed=3), "tiny", {})   # a library model as base: always shipped
     Image.new("RGB", (64, 48), (240, 200, 20)).save(tmp_path / "yellow.jpg")  # images always travel with the job
     (tmp_path / "jobs.toml").write_text(TINY + """
 [[job]]
@@ -173,12 +234,11 @@ name = "yellow"
 style_images = ["yellow.jpg"]
 
 [[job]]
-name = "from-file"
-base = "base.safetensors"
+name = "from-library"
+base = "library-base"
 target = "watercolor painting"
 preset = "texture"
 """ + BROKEN)
-    lib = tmp_path / "lib"
     # a local cluster of 2 CPUs, with this package as the job's code (as `--ray ADDRESS` sets it up itself)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"working_dir": str(batch._stage_code(_mkdir(tmp_path / "code")))})
@@ -191,15 +251,15 @@ preset = "texture"
     assert code == 1, err
     assert "Ray cluster: 1 node(s), no GPU, 2 CPUs; 1 CPU(s) per job" in err
     rows = _table(out)
-    assert rows["yellow"][2:4] == ["done", "1"] and rows["from-file"][2:4] == ["done", "1"]
+    assert rows["yellow"][2:4] == ["done", "1"] and rows["from-library"][2:4] == ["done", "1"]
     assert rows["broken"][2:4] == ["failed", "2"] and "the loss became inf at step 1" in rows["broken"][5]
     assert "job 3 ('broken'): try 1 failed" in err and "failed after 2 tries" in err
 
-    entries = {e.name: e for e in list_library(lib)}
-    assert sorted(entries) == ["from-file", "yellow"]
+    entries = {e.name: e for e in list_library(lib) if e.name != "library-base"}
+    assert sorted(entries) == ["from-library", "yellow"]
     assert all(e.finished and e.thumbnail for e in entries.values())
-    assert entries["from-file"].base == str((tmp_path / "base.safetensors").resolve())
-    assert entries["from-file"].recipe["preset"] == "texture"
+    assert entries["from-library"].base == "library-base"
+    assert entries["from-library"].recipe["preset"] == "texture"
     assert entries["yellow"].recipe["style_images"] == [str((tmp_path / "yellow.jpg").resolve())]
 
 

@@ -78,8 +78,9 @@ class Recipe:
     amp: str = "auto"               # bf16 autocast: "bf16", "off"; "auto" = off (see Adapter._autocast)
     compile: str = "auto"           # torch.compile the generators and CLIP encoders: "on", "off"; "auto" = off
 
-    def problems(self, n_latent: int) -> list[str]:
-        """Every setting that cannot work, each in its own words (empty when the recipe can run)."""
+    def problems(self, n_latent: int, prompts: bool = True) -> list[str]:
+        """Every setting that cannot work, each in its own words (empty when the recipe can run); ``prompts=False``
+        leaves out the prompt check (a caller that reports a missing target its own way)."""
         problems = [p for p in (text_problem(self.source, "the source text"), text_problem(self.target, "the target text"))
                     if p]
         checks = [
@@ -107,7 +108,7 @@ class Recipe:
                 ok, message = False, "the recipe holds a value of the wrong type (a text where a number belongs?)"
             if not ok and message not in problems:
                 problems.append(message)
-        if not problems and not self.style_images:
+        if not problems and prompts and not self.style_images:
             try:
                 check_prompts(self.source, self.target)
             except ValueError as e:

@@ -18,18 +18,21 @@ The file holds optional ``[defaults]`` and one ``[[job]]`` table per model::
 
 A job's keys are ``name``, ``base``, ``clip`` and any field of :class:`nada_core.training.adapt.Recipe` (``source``,
 ``target``, ``style_images``, ``source_images``, ``iterations``, ``batch``, ``lr``, ``preset``, ``k``, ``mixing``,
-``clip_weights``, ``seed``, ...) except ``snapshot_every``: batch runs keep no snapshots. The whole file is
-checked before anything runs; every problem is reported with its job and field.
+``clip_weights``, ``seed``, ...) except ``snapshot_every``: batch runs keep no snapshots. A base is a name only:
+'tiny', a weights manifest name ('ffhq', ...) or a library model, never a file path. The whole file is checked
+before anything runs; every problem of every job is reported with its job and field.
 
 Every job trains in a temporary folder of the machine that runs it; the driver (this process) writes the
 finished run folder -- ``recipe.json``, ``final.safetensors``, ``thumb.png`` -- into the library, so the
 app lists it, and a cluster needs no shared disk for the results. A failed job is tried once more, then
-reported; the exit code is 1 if any job failed.
+reported; the exit code is 1 if any job failed. Here, the first Ctrl-C stops the job training after its step
+(``Run.stop``: it is kept, resumable) and starts no other; the exit code is then 130.
 
 On a cluster each job takes one GPU (when the cluster has GPUs) or ``--cpus-per-job`` CPUs. The code and the
 weights manifest travel with the jobs (Ray's ``working_dir``); the weights are read on each node from the
 driver's weights folder path (``NADA_WEIGHTS_DIR``, a path every node must see), or with ``--ship-weights``
-sent through Ray's object store (the base generator as our safetensors, the CLIP files as they are).
+sent through Ray's object store (the base generator as our safetensors, the CLIP files as they are); a library
+model as a base is always sent that way.
 Ray is imported only here, only when asked for (``pip install -r requirements-cluster.txt``).
 
 The package: ``jobs`` (the file and its checks), ``local`` (one job on this machine, through ``training.run.Run``;

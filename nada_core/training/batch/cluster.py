@@ -61,21 +61,26 @@ def _ray_job(job: Job, device: str, threads: int, board, tries: int, base_blob, 
     return attempt(job, device, report, shipped, threads)
 
 
-def _ship(ray, jobs: list[Job]) -> tuple[dict, dict]:
-    """Put each distinct base (as our safetensors, loaded here on the CPU) and CLIP file in the object store once."""
+def _ship(ray, jobs: list[Job], weights_too: bool = True) -> tuple[dict, dict]:
+    """Put each distinct base in the object store once: library models always (nodes see no library), manifest
+    bases (as our safetensors, loaded here on the CPU) and CLIP files when ``weights_too`` (--ship-weights)."""
     from ...store import weights
     from ...store.checkpoints import save_generator
-    from ...store.library import load_base
+    from ...store.library import load_named_base
 
     bases, clips = {}, {}
     for job in jobs:
-        if job.base != "tiny" and job.base not in bases:
-            G, _ = load_base(job.base, "cpu")
+        if job.base in bases or job.base == "tiny":
+            pass
+        elif job.base_file:   # already our safetensors, checked on the driver
+            bases[job.base] = ray.put(Path(job.base_file).read_bytes())
+        elif weights_too:
+            G, _ = load_named_base(job.base, "cpu")
             with tempfile.TemporaryDirectory() as tmp:
                 p = save_generator(G, Path(tmp) / "base.safetensors")
                 bases[job.base] = ray.put(p.read_bytes())
             del G
-        for name in job.recipe.clip_models:
+        for name in job.recipe.clip_models if weights_too else ():
             if name != "tiny" and name not in clips:
                 asset = weights.get_asset(f"clip-{name}")
                 clips[name] = (asset.file, ray.put(asset.path.read_bytes()))
@@ -105,7 +110,7 @@ def _run_on_ray(ray, results: list[JobResult], view: ProgressView, library: Path
     from ..loop import describe_error
 
     jobs = [r.job for r in results]
-    bases, clips = _ship(ray, jobs) if ship_weights else ({}, {})
+    bases, clips = _ship(ray, jobs, ship_weights)
     # style and source images are small and were checked here: they always travel with their job
     images = {j.index: {p: Path(p).read_bytes() for p in j.recipe.style_images + j.recipe.source_images} for j in jobs}
     env = {"env_vars": {"NADA_WEIGHTS_DIR": str(weights.weights_dir().resolve())}}

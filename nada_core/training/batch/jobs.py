@@ -43,9 +43,10 @@ class Job:
 
     index: int                    # 1-based position in the file
     name: str                     # the library folder it becomes
-    base: str                     # 'tiny', a manifest name (resolved: 'ffhq' -> ffhq-256/1024) or an absolute path
+    base: str                     # 'tiny', a manifest name (resolved: 'ffhq' -> ffhq-256/1024) or a library model
     recipe: Recipe
     n_latent: int | None = None   # W+ slots of the base when known before loading it
+    base_file: str | None = None  # a library model base: its weights on the driver (always shipped to Ray nodes)
 
     @property
     def label(self) -> str:
@@ -133,30 +134,37 @@ def _check_images(paths: list[str], key: str, where: str, folder: Path, problems
     return out
 
 
-def _check_base(base: str, folder: Path, device_kind: str, need_files: bool) -> tuple[str, int | None]:
-    """(the base as jobs record it, its W+ slot count when known) or ValueError."""
+def _check_base(base: str, device_kind: str, need_files: bool, library: Path) -> tuple[str, int | None, str | None]:
+    """(the base as jobs record it, its W+ slot count when known, a library model's weights file) or ValueError.
+    Bases are chosen by name only ('tiny', a weights manifest name, a library model), never by a path: a jobs file
+    must not make the batch read any file it names."""
     from ...store import weights
-    from ...store.library import resolve_base_name
+    from ...store.library import list_library, resolve_base_name
 
     if base == "tiny":
         from ...models.tiny import TINY_GENERATOR
 
-        return "tiny", 2 * int(math.log2(TINY_GENERATOR["size"])) - 2
-    for candidate in (_resolve_path(base, folder), Path(base).expanduser()):
-        if candidate.is_file():
-            return str(candidate.resolve()), None
+        return "tiny", 2 * int(math.log2(TINY_GENERATOR["size"])) - 2, None
     name = resolve_base_name(base, device_kind)
     manifest = weights.load_manifest()
     asset = manifest.get(name)
-    if asset is None or asset.kind not in ("generator", "style"):   # as load_base: a ready style can be a base
-        known = ", ".join(n for n, a in manifest.items() if a.kind == "generator")
-        raise ValueError(f"base {base!r} is neither a file nor a known base model: use a file path, 'tiny', "
-                         f"'ffhq' or one of {known}")
-    if need_files and not asset.present:
-        raise ValueError(f"base {name}: not downloaded ({asset.how_to_get()})")
-    parent = manifest.get(asset.extra.get("base", ""))
-    res = asset.extra.get("resolution") or (parent.extra.get("resolution") if parent else None)
-    return name, (2 * int(math.log2(res)) - 2) if res else None
+    if asset is not None and asset.kind in ("generator", "style"):   # as load_base: a ready style can be a base
+        if need_files and not asset.present:
+            raise ValueError(f"base {name}: not downloaded ({asset.how_to_get()})")
+        parent = manifest.get(asset.extra.get("base", ""))
+        res = asset.extra.get("resolution") or (parent.extra.get("resolution") if parent else None)
+        return name, (2 * int(math.log2(res)) - 2) if res else None, None
+    entry = next((e for e in list_library(library) if e.kind == "run" and e.id == base), None)
+    if entry is not None:
+        config = entry.folder.read_record().get("config")
+        size = config.get("size") if isinstance(config, dict) else None
+        n_latent = 2 * int(math.log2(size)) - 2 if isinstance(size, int) and size >= 4 else None
+        return entry.id, n_latent, str(entry.path)
+    known = ", ".join(n for n, a in manifest.items() if a.kind == "generator")
+    shown = repr(base) if len(base) <= 80 else repr(base[:80] + "...")
+    raise ValueError(f"base {shown} is not 'tiny', a weights manifest name ('ffhq', {known}) or a model of the "
+                     f"library {library} (bases are chosen by name, never as a file path: import a file into the "
+                     "library first)")
 
 
 def _check_clip(names: list[str], need_files: bool) -> None:
@@ -183,7 +191,8 @@ def load_jobs(path: str | os.PathLike, device_kind: str = "cpu", need_files: boo
     ``device_kind`` ('cpu' or 'cuda') resolves ``base = "ffhq"`` as training would; ``need_files``: the weights
     must be present here (sequential runs, --ship-weights). Names already in ``library`` are refused unless
     ``skip_existing`` (then jobs whose model is finished there are dropped, with a warning)."""
-    from ...store.library import MODEL_ID, slugify
+    from ...store.library import MODEL_ID, library_dir, slugify
+    from ...store.runs import is_reserved
     from ..adapt import Recipe
 
     keys = job_keys()
@@ -195,6 +204,7 @@ def load_jobs(path: str | os.PathLike, device_kind: str = "cpu", need_files: boo
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise BatchError(f"{path}: not valid TOML ({e})") from None
     folder = path.resolve().parent
+    library_root = Path(library) if library is not None else library_dir()
     problems: list[str] = []
     warnings: list[str] = []
     for key in data:
@@ -216,44 +226,47 @@ def load_jobs(path: str | os.PathLike, device_kind: str = "cpu", need_files: boo
         problems.append(f"{path.name}: no jobs: add one [[job]] table per model")
 
     jobs, names = [], {}
-    for i, table in enumerate(tables, 1):
+    for i, table in enumerate(tables, 1):   # every problem of every job is reported, not just the first
         where = f"job {i}" + (f" ({table['name']!r})" if isinstance(table.get("name"), str) else "")
         before = len(problems)
-        spec = {**defaults, **_check_keys(table, where, problems, keys)}
-        if len(problems) > before:
-            continue
+        own = _check_keys(table, where, problems, keys)
+        bad_keys = set(table) - set(own)
+        spec = {**defaults, **own}
         if spec.get("source_images") and not spec.get("style_images"):
             problems.append(f"{where}: source_images only make sense together with style_images")
+        style_given = bool(spec.get("style_images")) or "style_images" in bad_keys
         style = _check_images(spec.pop("style_images", []), "style_images", where, folder, problems)
         source_imgs = _check_images(spec.pop("source_images", []), "source_images", where, folder, problems)
-        if not spec.get("target", "").strip() and not style:
-            if len(problems) == before:
-                problems.append(f"{where}: give a target text (target = \"...\") or style_images")
-            continue
-        if len(problems) > before:
-            continue
+        has_target = bool(spec.get("target", "").strip())
+        if not has_target and not style_given and "target" not in bad_keys:
+            problems.append(f"{where}: give a target text (target = \"...\") or style_images")
         clip = spec.pop("clip", ["ViT-B-32", "ViT-B-16"])
         spec.setdefault("clip_weights", [1.0] * len(clip))
         base_text = spec.pop("base", "ffhq")
         name = slugify(spec.pop("name", None) or f"{spec.get('source', 'photo')}-to-"
-                       f"{spec.get('target') or Path(style[0]).stem}")
-        recipe = Recipe(**spec, clip_models=clip, style_images=style, source_images=source_imgs, snapshot_every=0)
+                       f"{spec.get('target') or (Path(style[0]).stem if style else 'style')}")
         try:
             _check_clip(clip, need_files)
-            base, n_latent = _check_base(base_text, folder, device_kind, need_files)
-            for w in recipe.validate(n_latent or 18):   # 18: the most W+ slots (1024 px); rechecked on the node
-                warnings.append(f"{where}: {w}")
         except ValueError as e:
             problems.append(f"{where}: {e}")
-            continue
-        if not MODEL_ID.fullmatch(name):
-            problems.append(f"{where}: name {name!r} cannot be a model name (letters, digits and '-')")
-            continue
-        if name in names:
+        base, n_latent, base_file = base_text, None, None
+        try:
+            base, n_latent, base_file = _check_base(base_text, device_kind, need_files, library_root)
+        except ValueError as e:
+            problems.append(f"{where}: {e}")
+        recipe = Recipe(**spec, clip_models=clip, style_images=style, source_images=source_imgs, snapshot_every=0)
+        # 18: the most W+ slots (1024 px), when the base's are not known here; rechecked on the node
+        problems += [f"{where}: {p}" for p in recipe.problems(n_latent or 18, prompts=has_target or bool(style))]
+        if not MODEL_ID.fullmatch(name) or is_reserved(name):
+            problems.append(f"{where}: name {name!r} cannot be a model name (letters, digits and '-', and not one "
+                            "of the library's own folders)")
+        elif name in names:
             problems.append(f"{where}: the name {name!r} is taken by job {names[name]}; give each job its own name")
-            continue
-        names[name] = i
-        jobs.append(Job(i, name, base, recipe, n_latent))
+        else:
+            names[name] = i
+        if len(problems) == before:
+            warnings += [f"{where}: {w}" for w in recipe.validate(n_latent or 18)]
+            jobs.append(Job(i, name, base, recipe, n_latent, base_file))
     if library is not None:
         kept = []
         for job in jobs:

@@ -82,8 +82,9 @@ def run_job(job: Job, device: str, report: Callable[[dict], None] | None = None,
     import torch
 
     from ...guidance.clip_guide import load_ensemble
+    from ...store.checkpoints import load_generator
     from ...store.images import from_pil, open_image
-    from ...store.library import load_base
+    from ...store.library import load_named_base
     from ..adapt import Adapter
     from ..memory import for_device
     from ..run import Run
@@ -94,11 +95,13 @@ def run_job(job: Job, device: str, report: Callable[[dict], None] | None = None,
     r = job.recipe
     with tempfile.TemporaryDirectory(prefix="nada-batch-") as tmp:
         tmp = Path(tmp)
-        base = job.base
         if shipped and shipped.get("base") is not None:
-            base = str(tmp / "base.safetensors")
-            Path(base).write_bytes(shipped["base"])
-        G, _ = load_base(base, device)
+            (tmp / "base.safetensors").write_bytes(shipped["base"])
+            G, _ = load_generator(tmp / "base.safetensors", device)
+        elif job.base_file:   # a library model, read where the driver checked it
+            G, _ = load_generator(job.base_file, device)
+        else:
+            G, _ = load_named_base(job.base, device)
         weights_env = contextlib.nullcontext()
         if shipped and shipped.get("clip"):
             for rel, blob in shipped["clip"].items():
