@@ -686,3 +686,64 @@ def test_a_full_disk_during_import_or_mix_save_leaves_no_model_folder(tmp_path, 
                 assert sorted(p.name for p in lib.iterdir()) == ["kept"], (writer, what)   # no empty or .part folder
     assert [e.name for e in list_library(lib)] == ["kept"]
     assert import_file(lib, delta, delta.name, "tiny", base).name == "gift"   # with space again, it works
+
+
+# ===================================================================== batch jobs files
+def test_check_refuses_path_bases_and_reports_every_bad_field_of_every_job(tmp_path, capsys):
+    from nada_core.__main__ import main
+    from nada_core.store.library import add_model
+    from tests.test_batch import TINY
+
+    save_generator(tiny_generator(), tmp_path / "base.safetensors")   # even a real generator file is no base
+    lib = tmp_path / "lib"
+    add_model(lib, "Mine", tiny_generator(seed=2), "tiny", {})
+    (tmp_path / "jobs.toml").write_text(TINY + """
+[[job]]
+name = "passwd"
+target = "sketch"
+base = "/etc/passwd"
+
+[[job]]
+name = "many"
+base = "../base.safetensors"
+target = "x"
+iterations = 0
+batch = 1000
+k = 99
+mixing = 2.0
+clip = []
+
+[[job]]
+name = "also-bad"
+base = "base.safetensors"
+lr = 5.0
+preset = "everything"
+target = "sketch"
+
+[[job]]
+name = "mappers"
+target = "sketch"
+
+[[job]]
+name = "on-mine"
+base = "mine"
+target = "sketch"
+""")
+    assert main(["batch", str(tmp_path / "jobs.toml"), "--library", str(lib), "--check"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "nothing was run" in err and "root:" not in err   # /etc/passwd was never read
+    for expected in ["job 1 ('passwd'): base '/etc/passwd' is not 'tiny', a weights manifest name",
+                     "never as a file path",
+                     "job 2 ('many'): base '../base.safetensors' is not 'tiny'",
+                     "job 2 ('many'): clip must name one or more CLIP models",
+                     "job 2 ('many'): iterations must be between 1 and 100000",
+                     "job 2 ('many'): batch must be between 1 and 64",
+                     "job 2 ('many'): mixing probability must be in [0, 1]",
+                     "job 2 ('many'): k must be between 1 and 18",     # the base is unknown: the most W+ slots
+                     "job 3 ('also-bad'): base 'base.safetensors' is not 'tiny'",
+                     "job 3 ('also-bad'): learning rate must be in (0, 1]",
+                     "job 3 ('also-bad'): preset must be one of",
+                     "job 4 ('mappers'): name 'mappers' cannot be a model name"]:
+        assert expected in err, (expected, err)
+    assert "job 5" not in err   # a library model is a base by its name
+    assert err.count("\n  job ") == 11 and "has 11 problems" in err, err
