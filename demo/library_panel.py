@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -14,10 +15,9 @@ import pandas as pd
 from nada_core.latent.sampling import thumbnail
 from nada_core.models.export import export_onnx
 from nada_core.store import weights
-from nada_core.store.checkpoints import export_rosinality
-from nada_core.store.delta import apply_delta, delta_info, export_delta
-from nada_core.store.library import add_model, delete_model, disk_use, import_model, rename_model
-from nada_core.store.runs import RunFolder
+from nada_core.store.checkpoints import export_rosinality, read_safetensors_header, safetensors_metadata
+from nada_core.store.delta import export_delta
+from nada_core.store.library import delete_model, disk_use, import_file, rename_model
 
 from .state import Studio
 from .ui import bind, named_copy, progress_html, refused_in
@@ -44,28 +44,13 @@ def thumbnails(studio: Studio):
 
 
 def _trained_steps(path: Path) -> int | None:
-    """The step a model file was saved at (our safetensors metadata; read without the tensors)."""
-    import json
-
-    from safetensors import SafetensorError, safe_open
-
+    """The step a model file was saved at (our safetensors metadata, read within bounds, without the tensors)."""
     try:
-        with safe_open(str(path), framework="pt") as f:
-            step = json.loads((f.metadata() or {}).get("nada", "{}")).get("meta", {}).get("step")
+        meta = (safetensors_metadata(read_safetensors_header(path)[0], "nada") or {}).get("meta")
+        step = meta.get("step") if isinstance(meta, dict) else None
         return int(step) if step is not None else None
-    except (SafetensorError, OSError, ValueError, TypeError):
+    except (OSError, ValueError, TypeError):
         return None
-
-
-def _is_delta(path: Path) -> bool:
-    """A style delta says so in its safetensors metadata (read without touching the tensors)."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return "nada-delta" in (f.metadata() or {})
-    except (SafetensorError, OSError, ValueError):
-        return False
 
 
 def _size(n: int) -> str:
@@ -176,7 +161,12 @@ def do_delta(studio: Studio, model_id):
     entry = studio.entry(model_id)
     folder = Path(tempfile.mkdtemp(prefix="nada_delta_"))
     meta = {"source_model": entry.base, "recipe": entry.recipe, "name": entry.name}
-    path = export_delta(studio.model(model_id), studio.base(entry.base), meta, folder / f"{entry.name}.nada.safetensors")
+    try:
+        path = export_delta(studio.model(model_id), studio.base(entry.base), meta,
+                            folder / f"{entry.name}.nada.safetensors")
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
     return (progress_html(None, f"The style delta of **{entry.name}** is below (only its trained layers' difference "
                           "from the base).", "done"), gr.update(value=[str(path)], visible=True))
 
@@ -214,15 +204,6 @@ def do_import(studio: Studio, file, base_name, progress=gr.Progress()):
     display = upload_path.name
     base = studio.base(base_name)
     progress(0.3, desc=f"checking {display}")
-    if _is_delta(upload_path):
-        G = apply_delta(upload_path, base)
-        info = delta_info(upload_path)
-        recipe = {**(info.get("meta") or {}).get("recipe", {}), "imported_from": display}
-        stem = display.split(".")[0]
-        folder = add_model(studio.library_root, stem, G, base_name, recipe)
-    else:
-        folder = import_model(studio.library_root, upload_path, display, base_name, base, MAX_IMPORT_BYTES)
-    progress(0.8, desc="rendering a thumbnail")
-    G = studio.model(folder.name)
-    RunFolder(folder).write_thumb(thumbnail(base, G))
+    folder = import_file(studio.library_root, upload_path, display, base_name, base, MAX_IMPORT_BYTES,
+                         lambda G: thumbnail(base, G.to(studio.device)))
     return refreshed(studio, f"Imported **{display}** as **{folder.name}**.")

@@ -2,7 +2,6 @@
 library, and the single training slot. Tabs call this and nada_core; nothing here draws UI."""
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
@@ -26,6 +25,7 @@ from nada_core.store.library import (
     load_base,
     remove_stale_parts,
 )
+from nada_core.store.runs import MAPPER, MAPPERS, TINY, RunFolder
 
 FACE_DIRECTIONS = ["dir-age", "dir-smile", "dir-pose", "dir-gender", "dir-hair_length", "dir-beard"]
 PROMPT_REPORTS = 256      # prompt checks remembered (each is a few text embeddings)
@@ -58,7 +58,7 @@ class Studio:
     @property
     def library_root(self) -> Path:
         """Tiny-model runs live apart from real ones, so untrained output never mixes with real models."""
-        return library_dir() / "_tiny" if self.tiny else library_dir()
+        return library_dir() / TINY if self.tiny else library_dir()
 
     def base_names(self) -> list[str]:
         if self.tiny:
@@ -179,7 +179,7 @@ class Studio:
     # ------------------------------------------------------------------ latent mappers
     @property
     def mapper_root(self) -> Path:
-        return self.library_root / "mappers"
+        return self.library_root / MAPPERS
 
     def mappers(self, generator: str | None = None) -> list[dict]:
         """Finished mapper runs: {'id', 'text', 'generator' (library id or base name), 'path'}, newest first;
@@ -190,11 +190,13 @@ class Studio:
             if not final.is_file():
                 continue
             try:
-                saved = json.loads(rec.read_text())
-            except (OSError, ValueError):
+                saved = RunFolder(rec.parent, MAPPER).read_record()   # bounded in size and depth
+            except ValueError:
                 continue
-            out.append({"id": rec.parent.name, "text": saved.get("recipe", {}).get("text", ""),
-                        "generator": saved.get("generator", {}).get("name", ""), "path": final})
+            made_on = saved.get("generator")
+            out.append({"id": rec.parent.name, "text": str(saved.get("recipe", {}).get("text", "")),
+                        "generator": str(made_on.get("name", "")) if isinstance(made_on, dict) else "",
+                        "path": final})
         if generator is None:
             return out
         family = {generator}

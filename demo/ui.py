@@ -156,9 +156,13 @@ def named_copy(path, filename: str) -> str:
 
     target = Path(tempfile.mkdtemp(prefix="nada_download_")) / filename
     try:
-        os.link(path, target)
-    except OSError:
-        shutil.copy(path, target)
+        try:
+            os.link(path, target)
+        except OSError:
+            shutil.copy(path, target)
+    except BaseException:   # a full disk: no half copy, no empty folder
+        shutil.rmtree(target.parent, ignore_errors=True)
+        raise
     return str(target)
 
 

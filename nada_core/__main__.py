@@ -7,29 +7,7 @@ import sys
 from pathlib import Path
 
 from .latent.sampling import parse_seeds
-
-
-@contextlib.contextmanager
-def stop_on_ctrl_c(run):
-    """While training: the first Ctrl-C stops the run after its current step, as the app's Stop does (weights and
-    resumable state saved, ended as 'cancelled'; ``--resume`` continues it); a second Ctrl-C quits at once, unsaved."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def first(signum, frame):
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        print("\nstopping after this step and saving; Ctrl-C again quits without saving", file=sys.stderr, flush=True)
-        run.stop()
-
-    previous = signal.signal(signal.SIGINT, first)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
+from .training.run import stop_on_ctrl_c
 
 
 def _bar(done: int, total: int | None, extra: str = "") -> str:
@@ -215,7 +193,7 @@ def cmd_sample(args) -> int:
     from .store.library import default_device, load_base
 
     device = args.device or default_device()
-    seeds = parse_seeds(args.seeds)
+    seeds = parse_seeds(args.seeds, field="--seeds")
     G, info = load_generator(args.model, device)
     base = args.base or info.get("meta", {}).get("source_model")
     if not base:
@@ -253,6 +231,7 @@ def _mapper_row(path, strength: float, G, w, noise: str, device):
 def cmd_mapper(args) -> int:
     from .guidance.clip_guide import load_ensemble
     from .store.library import default_device, library_dir, load_base, new_run_dir
+    from .store.runs import MAPPERS
     from .training.mapper import MapperRecipe, MapperTrainer, identity_for
     from .training.memory import for_device
     from .training.run import Run
@@ -275,7 +254,7 @@ def cmd_mapper(args) -> int:
         trainer = MapperTrainer.resume(args.resume, G, clip, device, id_fn=id_fn)
         out = Path(args.resume)
     else:
-        out = Path(args.out) if args.out else new_run_dir(Path(model_name).stem, args.text, library_dir() / "mappers")
+        out = Path(args.out) if args.out else new_run_dir(Path(model_name).stem, args.text, library_dir() / MAPPERS)
         trainer = MapperTrainer(G, recipe, clip, device, out, model_name, id_fn=id_fn)
     print(f"training a mapper on {model_name} ({device}) for '{trainer.recipe.text}', {trainer.recipe.iterations} "
           f"steps, output {out}; {id_note}", file=sys.stderr)
@@ -326,19 +305,30 @@ def cmd_check_prompt(args) -> int:
 
 
 # ---------------------------------------------------------------------------- delta
+def _delta_base(given: str | None, recorded: object, src: Path):
+    """The base for ``delta``: the one given on the command line (a name or a file), else the one the file records,
+    taken by name only ('tiny', a weights manifest name, a library model), never as a path inside the file."""
+    from .store.library import load_base, load_named_base
+
+    if given:
+        return load_base(given)
+    if not recorded:
+        raise ValueError(f"{src} does not say which base it was made from; pass --base")
+    try:
+        return load_named_base(recorded)
+    except ValueError as e:
+        raise ValueError(f"{src}: {e}; pass --base") from None
+
+
 def cmd_delta(args) -> int:
     from .store.checkpoints import load_generator, save_generator
     from .store.delta import SUFFIX, apply_delta, delta_info, export_delta
-    from .store.library import load_base
 
     src = Path(args.file)
     if args.action == "export":
         G, info = load_generator(src)
         meta = dict(info.get("meta") or {})
-        base = args.base or meta.get("source_model")
-        if not base:
-            raise ValueError(f"{src} does not say which base it was adapted from; pass --base")
-        G_base, base_name = load_base(base)
+        G_base, base_name = _delta_base(args.base, meta.get("source_model"), src)
         meta["source_model"] = base_name
         out = Path(args.out or src.with_name(src.name.split(".")[0] + SUFFIX))
         export_delta(G, G_base, meta, out)
@@ -347,15 +337,12 @@ def cmd_delta(args) -> int:
         print(f"wrote {out}: {size / 2 ** 20:.2f} MiB, {100 * size / full:.1f}% of the full model's "
               f"{full / 2 ** 20:.1f} MiB ({delta_info(out)['tensors']} changed tensors; base {base_name})")
         return 0
-    meta = delta_info(src).get("meta") or {}
-    base = args.base or meta.get("source_model")
-    if not base:
-        raise ValueError(f"{src} does not say which base it was made from; pass --base")
-    G_base, _ = load_base(base)
+    meta = delta_info(src)["meta"]   # checked: a JSON object (else "not a NADA delta: ...")
+    G_base, base_name = _delta_base(args.base, meta.get("source_model"), src)
     G = apply_delta(src, G_base)
     out = Path(args.out or src.with_name(src.name.split(".")[0] + ".safetensors"))
     save_generator(G, out, meta)
-    print(f"wrote {out} (base {base} + {src.name})")
+    print(f"wrote {out} (base {base_name} + {src.name})")
     return 0
 
 
@@ -521,7 +508,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("delta", help="export a style as its difference from the base, or apply one")
     d.add_argument("action", choices=["export", "apply"])
     d.add_argument("file", help="export: the adapted model file; apply: the .nada.safetensors delta")
-    d.add_argument("--base", default=None, help="the base model (default: the one recorded in the file; 'tiny' allowed)")
+    d.add_argument("--base", default=None, help="the base model: a name, a file, or 'tiny' (default: the one the file "
+                                                "records, looked up by name only: 'tiny', a weights manifest name or a "
+                                                "library model)")
     d.add_argument("--out", default=None, help="export: F.nada.safetensors; apply: MODEL.safetensors")
     d.set_defaults(fn=cmd_delta)
 

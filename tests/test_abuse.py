@@ -335,3 +335,415 @@ def test_refusals_never_show_the_server_path(tmp_path):
     for name in ("dir.pt", "empty.pt", "zip.pt", "short.pkl", "absent.pt"):
         message = assert_refused(folder / name, name="my model")
         assert "secret-folder" not in message
+
+
+# ===================================================================== bombs in text fields, measured apart
+BOMB_PROBE = r"""
+import json, resource, sys, time
+
+def peak_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+exec(sys.argv[1])   # imports and warm-up: what every call below needs, so only the calls are measured
+before, results = peak_mb(), {}
+for name, call in json.loads(sys.argv[2]).items():
+    t0 = time.perf_counter()
+    try:
+        outcome = "returned " + repr(eval(call))[:200]
+    except BaseException as e:
+        outcome = f"{type(e).__name__}: {str(e)[:300]}"
+    results[name] = {"outcome": outcome, "seconds": time.perf_counter() - t0}
+print(json.dumps({"grew_mb": peak_mb() - before, "results": results}))
+"""
+
+
+def bombs_in_fresh_process(setup: str, calls: dict[str, str]):
+    """Run each call (a Python expression) after ``setup`` in a fresh interpreter; returns (peak resident growth in
+    MB over all calls, {name: {"outcome": 'returned ...' or 'ErrorType: message', "seconds": wall time}})."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    run = subprocess.run([sys.executable, "-c", BOMB_PROBE, setup, json.dumps(calls)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    return report["grew_mb"], report["results"]
+
+
+def assert_refused_cheaply(grew_mb, results, expected: dict[str, str]):
+    """Every call raised ValueError (or a subclass) matching its pattern, within a second, and together they grew
+    the process by less than 50 MB."""
+    for name, pattern in expected.items():
+        outcome, seconds = results[name]["outcome"], results[name]["seconds"]
+        assert re.match(r"\w*(Error|Refused|Model): ", outcome) and re.search(pattern, outcome), (name, outcome)
+        assert seconds < 1.0, (name, seconds)
+    assert grew_mb < 50, (grew_mb, results)
+
+
+def test_seed_range_bombs_are_counted_before_they_are_built():
+    calls = {"range_1e8": "parse_seeds('0-100000000', limit=16)",
+             "range_1e11": "parse_seeds('0-99999999999', limit=16, field='Mix seeds')",
+             "many_ranges": "parse_seeds(','.join(['0-4294967295'] * 12), limit=16)",
+             "long_text": "parse_seeds('1,' * 5_000_000, limit=16)",
+             "huge_number": "parse_seeds('9' * 100_000, limit=16)"}
+    grew_mb, results = bombs_in_fresh_process("from nada_core.latent.sampling import parse_seeds\n"
+                                              "parse_seeds('0-15', limit=16)", calls)
+    assert_refused_cheaply(grew_mb, results, {
+        "range_1e8": r"^ValueError: Seeds: 100000001 seeds asked for; at most 16 at once",
+        "range_1e11": r"^ValueError: Mix seeds must be between 0 and 4294967295",
+        "many_ranges": r"at most 16 at once",
+        "long_text": r"^ValueError: Seeds: at most 200 characters",
+        "huge_number": r"at most 200 characters"})
+    from nada_core.latent.sampling import parse_seeds
+
+    assert parse_seeds("0-3, 7,9-10", limit=16) == [0, 1, 2, 3, 7, 9, 10]   # the callers' lists still work
+    assert parse_seeds("4294967295") == [4294967295]
+
+
+def test_json_from_files_is_bounded_in_size_and_depth_before_it_is_parsed(tmp_path):
+    from nada_core.store.bounded_json import JSONRefused, loads
+
+    G = tiny_generator(seed=2)
+    good = save_generator(G, tmp_path / "good.safetensors")
+    header, data = safetensors_parts(good)
+    deep = "[" * 100_000 + "]" * 100_000
+    for name, recipe in {"deep": '{"base": "tiny", "recipe": ' + deep + "}", "big": '{"base": "tiny", "recipe": {"target": "'
+                         + "x" * (50 << 20) + '"}}', "list": "[1, 2]", "recipe_list": '{"recipe": [1]}'}.items():
+        (tmp_path / "lib" / name).mkdir(parents=True)
+        (tmp_path / "lib" / name / "recipe.json").write_text(recipe)
+        (tmp_path / "lib" / name / "final.safetensors").write_bytes(good.read_bytes())
+    deep_meta = {**header, "__metadata__": {"nada": '{"format": "nada-studio-generator", "meta": ' + deep + "}"}}
+    (tmp_path / "deep_meta.safetensors").write_bytes(safetensors_file(deep_meta, data))
+    big_header = {**header, "__metadata__": {**header["__metadata__"], "padding": "x" * (50 << 20)}}
+    (tmp_path / "big_header.safetensors").write_bytes(safetensors_file(big_header, data))
+    lib = tmp_path / "lib"
+    calls = {name: f"RunFolder({str(lib / name)!r}).read_record()" for name in ("deep", "big", "list", "recipe_list")}
+    calls["listing"] = f"[e.name for e in list_library(Path({str(lib)!r}))]"
+    calls.update({name: f"load_generator({str(tmp_path / name)!r}, display_name={name!r})"
+                  for name in ("deep_meta.safetensors", "big_header.safetensors")})
+    grew_mb, results = bombs_in_fresh_process(
+        "from pathlib import Path\nfrom nada_core.store.runs import RunFolder\nfrom nada_core.store.library import "
+        f"list_library\nfrom nada_core.store.checkpoints import load_generator\nload_generator({str(good)!r})", calls)
+    assert results["listing"]["outcome"] == "returned []" and results["listing"]["seconds"] < 1.0
+    del results["listing"]
+    assert_refused_cheaply(grew_mb, results, {
+        "deep": r"^JSONRefused: deep: recipe.json nests deeper than 32 levels",
+        "big": r"^JSONRefused: big: recipe.json is larger than 1.0 MiB",
+        "list": r"recipe.json is a JSON array where a JSON object was expected",
+        "recipe_list": r"^ValueError: recipe_list: recipe.json does not describe a run",
+        "deep_meta.safetensors": r"^CheckpointError: deep_meta.safetensors: .*metadata nests deeper than 32 levels",
+        "big_header.safetensors": r"^CheckpointError: big_header.safetensors: its header is 50 MiB, more than the 4 MiB"})
+    with pytest.raises(JSONRefused, match="meta is a JSON text where a JSON object was expected"):
+        loads('"just text"', "meta")
+    assert loads('{"a": "' + "[" * 40 + '"}', "meta") == {"a": "[" * 40}  # texts are not nesting
+
+
+def test_text_fields_are_bounded_on_the_server(tmp_path, capsys, monkeypatch):
+    from nada_core.__main__ import main
+
+    setup = ("from pathlib import Path\nfrom nada_core.training.adapt import Recipe\n"
+             "from nada_core.training.mapper import MapperRecipe, optimise_edit\n"
+             "from nada_core.store.library import add_model, check_new_name\n"
+             "from nada_core.guidance.clip_guide import check_prompts\n"
+             "big = 'x' * (50 << 20)\nRecipe(target='sketch', clip_models=['tiny'], clip_weights=[1.0]).validate(8)")
+    root = str(tmp_path / "lib")
+    calls = {"target": "Recipe(target=big).validate(8)", "source": "Recipe(source=big, style_images=['a.png']).validate(8)",
+             "prompt_check": "check_prompts('photo', big)", "mapper_text": "MapperRecipe(text=big).validate()",
+             "edit_text": "optimise_edit(None, None, big, [])",
+             "rename": f"check_new_name(big, Path({root!r}))", "mix_name": f"add_model(Path({root!r}), big, None, 'tiny', {{}})"}
+    grew_mb, results = bombs_in_fresh_process(setup, calls)
+    assert_refused_cheaply(grew_mb, results, {
+        "target": r"the target text must be at most 300 characters \(got 52428800\)",
+        "source": r"the source text must be at most 300 characters",
+        "prompt_check": r"^PromptError: the target text must be at most 300 characters",
+        "mapper_text": r"the text must be at most 300 characters", "edit_text": r"the edit text must be at most 300",
+        "rename": r"a model name is at most 80 characters", "mix_name": r"a model name is at most 80 characters"})
+    assert not (tmp_path / "lib").exists() or not list((tmp_path / "lib").iterdir())   # nothing was created
+
+    from nada_core.training.adapt import Recipe
+
+    with pytest.raises(ValueError, match="iterations must be between.*; batch must be between"):   # every problem at once
+        Recipe(target="sketch", iterations=0, batch=0).validate(8)
+    with pytest.raises(ValueError, match="wrong type"):   # as a recipe.json may hold it
+        Recipe.from_dict({"target": "sketch", "iterations": "many"}).validate(8)
+    lib = tmp_path / "cli-lib"
+    monkeypatch.setenv("NADA_LIBRARY_DIR", str(lib))
+    assert main(["adapt", "--base", "tiny", "--clip", "tiny", "--target", "x" * 5000]) == 1
+    err = capsys.readouterr().err
+    assert "error: the target text must be at most 300 characters (got 5000)" in err and "Traceback" not in err
+    assert not lib.exists() or not list(lib.iterdir())
+
+
+def test_library_names_never_take_a_reserved_folder(tmp_path):
+    from nada_core.store.library import add_model, check_new_name, import_model, list_library, rename_model
+    from nada_core.store.runs import MAPPERS, RESERVED, SNAPSHOTS, TINY, TRASH
+
+    assert {TRASH, MAPPERS, TINY, SNAPSHOTS} <= RESERVED
+    root = tmp_path / "lib"
+    G = tiny_generator(seed=1)
+    first = add_model(root, "Mine", G, "tiny", {"source": "photo", "target": "mine"})
+    for name in ("mappers", "Mappers", "snapshots", " MAPPERS "):
+        with pytest.raises(ValueError, match="one of the library's own folders"):
+            check_new_name(name, root)
+        with pytest.raises(ValueError, match="one of the library's own folders"):
+            rename_model(root, first.name, name)
+    assert [e.name for e in list_library(root)] == ["mine"]
+    mix = add_model(root, "mappers", G, "tiny", {"source": "tiny", "target": "mappers"})   # a mix's or import's name
+    torch.save({"g_ema": G.state_dict()}, tmp_path / "snapshots.pt")
+    imported = import_model(root, tmp_path / "snapshots.pt", "snapshots.pt", "tiny", tiny_generator())
+    assert (mix.name, imported.name) == ("mappers-2", "snapshots-2")
+    assert not (root / MAPPERS).exists() and not (root / SNAPSHOTS).exists()
+
+
+# ===================================================================== non-finite weights
+def _poisoned(seed=0, name="convs.0.conv.weight", value=float("nan")):
+    G = tiny_generator(seed=seed)
+    with torch.no_grad():
+        G.state_dict()[name].view(-1)[3] = value
+    return G
+
+
+def test_non_finite_weights_are_refused_wherever_a_generator_or_delta_is_read(tmp_path):
+    from safetensors.torch import save_file
+
+    from nada_core.store.delta import DeltaError, apply_delta, export_delta, read_delta
+    from nada_core.store.library import add_model, import_file, list_library
+
+    base = tiny_generator()
+    save_generator(_poisoned(), tmp_path / "nan.safetensors")
+    torch.save({"g_ema": _poisoned(value=float("inf")).state_dict()}, tmp_path / "inf.pt")
+    assert "tensor 'convs.0.conv.weight' holds NaN or infinite values" in assert_refused(
+        tmp_path / "nan.safetensors", name="nan.safetensors")
+    assert "holds NaN or infinite values" in assert_refused(tmp_path / "inf.pt", name="inf.pt")
+    lib = tmp_path / "lib"
+    with pytest.raises(CheckpointError, match="inf.pt: tensor 'convs.0.conv.weight' holds NaN"):
+        import_file(lib, tmp_path / "inf.pt", "inf.pt", "tiny", base)
+    with pytest.raises(ValueError, match="mix: tensor 'convs.0.conv.weight' holds NaN or infinite values"):
+        add_model(lib, "mix", _poisoned(), "tiny", {})   # a mix that overflowed, say
+    with pytest.raises(DeltaError, match="the model's tensor 'convs.0.conv.weight' holds NaN"):
+        export_delta(_poisoned(), base, {}, tmp_path / "never.nada.safetensors")
+    assert not (tmp_path / "never.nada.safetensors").exists()
+
+    # deltas: a NaN difference, and integer or bool tensors, which no difference of weights is
+    good = export_delta(tiny_generator(seed=0), base, {"source_model": "tiny"}, tmp_path / "good.nada.safetensors")
+    diffs, _ = read_delta(good)
+    from safetensors import safe_open
+
+    with safe_open(str(good), framework="pt") as f:
+        metadata = f.metadata()
+    name = "convs.2.conv.weight"
+    variants = {"nan": {name: torch.full((1, 16, 16, 3, 3), float("nan"))},
+                "int": {name: torch.zeros(1, 16, 16, 3, 3, dtype=torch.int64)},
+                "bool": {name: torch.zeros(1, 16, 16, 3, 3, dtype=torch.bool)}}
+    for kind, tensors in variants.items():
+        path = tmp_path / f"{kind}.nada.safetensors"
+        save_file({**diffs, **tensors}, path, metadata=metadata)
+        with pytest.raises(DeltaError, match=f"^{kind}.nada.safetensors: not a NADA delta: tensor '{name}' "
+                                             + ("holds NaN or infinite values" if kind == "nan" else
+                                                "is (I64|BOOL); a delta holds floating-point differences only")):
+            apply_delta(path, base, display_name=path.name)
+        with pytest.raises(DeltaError, match="not a NADA delta"):
+            import_file(lib, path, path.name, "tiny", base)
+    assert list_library(lib) == [] and (not lib.exists() or not list(lib.iterdir()))   # nothing added, not even a folder
+
+
+# ===================================================================== style deltas: malformed metadata
+def delta_with_metadata(path, text: str, tensors=None):
+    """A delta file whose ``nada-delta`` metadata is ``text``, exactly (valid JSON or not)."""
+    from safetensors.torch import save_file
+
+    save_file(tensors or {"convs.2.noise.weight": torch.zeros(1)}, path, metadata={"nada-delta": text})
+    return path
+
+
+def test_malformed_delta_metadata_is_not_a_nada_delta_in_the_core_and_the_cli(tmp_path, capsys):
+    from nada_core.__main__ import main
+    from nada_core.store.delta import DeltaError, apply_delta, delta_info, export_delta, read_delta
+    from nada_core.store.library import import_file
+
+    base = tiny_generator()
+    good = export_delta(tiny_generator(seed=4), base, {"source_model": "tiny", "recipe": {"target": "x"}},
+                        tmp_path / "good.nada.safetensors")
+    header = delta_info(good)
+
+    def variant(**changes):
+        return json.dumps({**header, **changes})
+
+    cases = {
+        "meta_list": (variant(meta=[1, 2]), "its meta is a JSON array, not a JSON object"),
+        "meta_text": (variant(meta="source_model"), "its meta is a JSON text"),
+        "recipe_list": (variant(meta={"recipe": ["target"]}), "its recipe is a JSON array, not a JSON object"),
+        "recipe_number": (variant(meta={"source_model": "tiny", "recipe": 5}), "its recipe is a JSON number"),
+        "source_model_dict": (variant(meta={"source_model": {"path": "/etc/passwd"}}), "source_model is not a name"),
+        "header_list": ("[1, 2, 3]", "its metadata is a JSON array where a JSON object was expected"),
+        "header_null": ("null", "its metadata is JSON null"),
+        "deep": ('{"format": "nada-studio-delta", "meta": ' + "[" * 100_000 + "]" * 100_000 + "}",
+                 "its metadata nests deeper than 32 levels"),
+        "not_json": ("{format: nada", "its metadata is not valid JSON"),
+        "config_list": (variant(config=[64]), "generator config must be a JSON object"),
+        "no_fingerprint": (variant(base_fingerprint=None), "base fingerprint is not a sha256"),
+        "long_target": (variant(meta={"recipe": {"target": "x" * 5000}}), "target text must be at most 300 characters"),
+    }
+    lib = tmp_path / "lib"
+    for name, (text, why) in cases.items():
+        path = delta_with_metadata(tmp_path / f"{name}.nada.safetensors", text)
+        for call in (lambda: read_delta(path, path.name), lambda: delta_info(path, path.name),
+                     lambda: apply_delta(path, base, path.name), lambda: import_file(lib, path, path.name, "tiny", base)):
+            with pytest.raises(DeltaError) as e:
+                call()
+            assert str(e.value).startswith(f"{path.name}: not a NADA delta: ") and why in str(e.value), (name, str(e.value))
+        assert main(["delta", "apply", str(path), "--base", "tiny", "--out", str(tmp_path / "out.safetensors")]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "not a NADA delta: " in err and why in err and "Traceback" not in err, err
+    # damaged deltas are described as deltas, not as generator files
+    (tmp_path / "cut.nada.safetensors").write_bytes(good.read_bytes()[:500])
+    with pytest.raises(DeltaError, match=r"^cut.nada.safetensors: not a NADA delta: file is damaged or truncated"):
+        import_file(lib, tmp_path / "cut.nada.safetensors", "cut.nada.safetensors", "tiny", base)
+    renamed = tmp_path / "upload.safetensors"   # the name says nothing; the header says delta
+    renamed.write_bytes(delta_with_metadata(tmp_path / "x.safetensors", variant(meta=[1])).read_bytes())
+    with pytest.raises(DeltaError, match="upload.safetensors: not a NADA delta: its meta is a JSON array") as e:
+        import_file(lib, renamed, renamed.name, "tiny", base)
+    assert "Expected a StyleGAN2 generator" not in str(e.value)
+    assert not lib.exists() or not list(lib.iterdir())
+
+
+def test_a_delta_with_a_50_mb_recipe_target_is_refused_at_import_with_little_memory(tmp_path):
+    from nada_core.store.delta import delta_info, export_delta
+
+    base = tiny_generator()
+    good = export_delta(tiny_generator(seed=4), base, {"source_model": "tiny"}, tmp_path / "good.nada.safetensors")
+    huge = {**delta_info(good), "meta": {"source_model": "tiny", "recipe": {"target": "x" * (50 << 20)}}}
+    delta_with_metadata(tmp_path / "huge.nada.safetensors", json.dumps(huge))
+    delta_with_metadata(tmp_path / "deep.safetensors", json.dumps(delta_info(good))[:-1] + ', "x": ' + "[" * 100_000
+                        + "]" * 100_000 + "}")
+    lib = tmp_path / "lib"
+    setup = ("from pathlib import Path\nfrom nada_core.models.tiny import tiny_generator\n"
+             "from nada_core.store.library import import_file\nbase = tiny_generator()\n"
+             f"import_file(Path({str(tmp_path / 'warm')!r}), Path({str(good)!r}), 'good.nada.safetensors', 'tiny', base)")
+    calls = {name: f"import_file(Path({str(lib)!r}), Path({str(tmp_path / name)!r}), {name!r}, 'tiny', base)"
+             for name in ("huge.nada.safetensors", "deep.safetensors")}
+    grew_mb, results = bombs_in_fresh_process(setup, calls)
+    assert_refused_cheaply(grew_mb, results, {
+        "huge.nada.safetensors": r"^DeltaError: huge.nada.safetensors: not a NADA delta: its header is 50 MiB, more "
+                                 r"than the 4 MiB",
+        "deep.safetensors": r"^DeltaError: deep.safetensors: not a NADA delta: its metadata nests deeper than 32"})
+    assert not lib.exists() or not list(lib.iterdir())
+
+
+def test_delta_apply_never_opens_a_base_path_written_in_the_delta(tmp_path, capsys, monkeypatch):
+    from nada_core.__main__ import main
+    from nada_core.store.delta import export_delta
+
+    monkeypatch.setenv("NADA_LIBRARY_DIR", str(tmp_path / "lib"))
+    base = tiny_generator()
+    base_file = save_generator(base, tmp_path / "the-right-base.safetensors")   # it would even fit
+    for recorded in (str(base_file), "/etc/passwd", "../../etc/passwd"):
+        path = export_delta(tiny_generator(seed=4), base, {"source_model": recorded}, tmp_path / "s.nada.safetensors")
+        assert main(["delta", "apply", str(path), "--out", str(tmp_path / "out.safetensors")]) == 1
+        err = capsys.readouterr().err
+        assert "is not 'tiny', a weights manifest name or a library model; pass --base" in err, err
+        assert recorded not in err and not (tmp_path / "out.safetensors").exists()
+    # a library model is a base by its name
+    from nada_core.store.library import add_model
+
+    add_model(tmp_path / "lib", "My Base", base, "tiny", {})
+    path = export_delta(tiny_generator(seed=4), base, {"source_model": "my-base"}, tmp_path / "s.nada.safetensors")
+    assert main(["delta", "apply", str(path), "--out", str(tmp_path / "out.safetensors")]) == 0
+    assert "base my-base" in capsys.readouterr().out
+
+
+# ===================================================================== a full disk while writing into the library
+def test_a_full_disk_during_import_or_mix_save_leaves_no_model_folder(tmp_path, monkeypatch):
+    import errno
+
+    from nada_core.store.delta import export_delta
+    from nada_core.store.library import add_model, import_file, list_library
+
+    base = tiny_generator()
+    lib = tmp_path / "lib"
+    add_model(lib, "kept", base, "tiny", {})
+    torch.save({"g_ema": tiny_generator(seed=3).state_dict()}, tmp_path / "upload.pt")
+    delta = export_delta(tiny_generator(seed=4), base, {"source_model": "tiny"}, tmp_path / "gift.nada.safetensors")
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def thumbnail(G):
+        from PIL import Image
+
+        return Image.new("RGB", (4, 4))
+
+    attempts = {"import": lambda: import_file(lib, tmp_path / "upload.pt", "upload.pt", "tiny", base),
+                "delta": lambda: import_file(lib, delta, delta.name, "tiny", base),
+                "mix": lambda: add_model(lib, "a mix", tiny_generator(seed=5), "tiny", {}, thumbnail)}
+    for writer in ("safetensors.torch.save_file", "PIL.Image.Image.save", "pathlib.Path.write_text"):
+        with monkeypatch.context() as m:
+            m.setattr(writer, disk_full)
+            for what, attempt in attempts.items():
+                if writer == "PIL.Image.Image.save" and what != "mix":   # only written when a thumbnail is asked for
+                    continue
+                with pytest.raises(OSError) as e:
+                    attempt()
+                assert e.value.errno == errno.ENOSPC, (writer, what)
+                assert sorted(p.name for p in lib.iterdir()) == ["kept"], (writer, what)   # no empty or .part folder
+    assert [e.name for e in list_library(lib)] == ["kept"]
+    assert import_file(lib, delta, delta.name, "tiny", base).name == "gift"   # with space again, it works
+
+
+# ===================================================================== batch jobs files
+def test_check_refuses_path_bases_and_reports_every_bad_field_of_every_job(tmp_path, capsys):
+    from nada_core.__main__ import main
+    from nada_core.store.library import add_model
+    from tests.test_batch import TINY
+
+    save_generator(tiny_generator(), tmp_path / "base.safetensors")   # even a real generator file is no base
+    lib = tmp_path / "lib"
+    add_model(lib, "Mine", tiny_generator(seed=2), "tiny", {})
+    (tmp_path / "jobs.toml").write_text(TINY + """
+[[job]]
+name = "passwd"
+target = "sketch"
+base = "/etc/passwd"
+
+[[job]]
+name = "many"
+base = "../base.safetensors"
+target = "x"
+iterations = 0
+batch = 1000
+k = 99
+mixing = 2.0
+clip = []
+
+[[job]]
+name = "also-bad"
+base = "base.safetensors"
+lr = 5.0
+preset = "everything"
+target = "sketch"
+
+[[job]]
+name = "mappers"
+target = "sketch"
+
+[[job]]
+name = "on-mine"
+base = "mine"
+target = "sketch"
+""")
+    assert main(["batch", str(tmp_path / "jobs.toml"), "--library", str(lib), "--check"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "nothing was run" in err and "root:" not in err   # /etc/passwd was never read
+    for expected in ["job 1 ('passwd'): base '/etc/passwd' is not 'tiny', a weights manifest name",
+                     "never as a file path",
+                     "job 2 ('many'): base '../base.safetensors' is not 'tiny'",
+                     "job 2 ('many'): clip must name one or more CLIP models",
+                     "job 2 ('many'): iterations must be between 1 and 100000",
+                     "job 2 ('many'): batch must be between 1 and 64",
+                     "job 2 ('many'): mixing probability must be in [0, 1]",
+                     "job 2 ('many'): k must be between 1 and 18",     # the base is unknown: the most W+ slots
+                     "job 3 ('also-bad'): base 'base.safetensors' is not 'tiny'",
+                     "job 3 ('also-bad'): learning rate must be in (0, 1]",
+                     "job 3 ('also-bad'): preset must be one of",
+                     "job 4 ('mappers'): name 'mappers' cannot be a model name"]:
+        assert expected in err, (expected, err)
+    assert "job 5" not in err   # a library model is a base by its name
+    assert err.count("\n  job ") == 11 and "has 11 problems" in err, err

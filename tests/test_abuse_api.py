@@ -3,6 +3,7 @@ probes, bad images, bad numbers, a disk that fills while saving. Each asserts th
 nothing was lost, and that the server still serves."""
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -196,4 +197,116 @@ def test_a_full_disk_loses_nothing(app, monkeypatch):
         assert {e.id for e in studio.library()} - before
         studio.unsaved.clear()
     assert real_save is None or ck.save_file is real_save
+    still_serves(client, studio)
+
+
+def test_seed_range_bombs_are_refused_at_once(app):
+    import time
+
+    client, studio, _ = app
+    model = studio.library()[0].id
+    for seeds in ("0-100000000", "0-99999999999", "1," * 100_000):
+        t0 = time.perf_counter()
+        sample = error_of(lambda: client.predict(model, seeds, 0.7, "const", 1.0, None, 0.5, None, 1.0,
+                                                 api_name="/sample"))
+        mix = error_of(lambda: client.predict(seeds, 0.7, model, None, None, None, 1.0, 0, 0, 0, api_name="/mix"))
+        assert time.perf_counter() - t0 < 10   # two round trips; the refusal itself is measured in test_abuse
+        for message in (sample, mix):
+            assert "Seeds" in message and ("at most 16" in message or "4294967295" in message
+                                           or "at most 200 characters" in message), message
+    still_serves(client, studio)
+
+
+def test_long_texts_are_refused_by_the_server(app):
+    client, studio, _ = app
+    model = studio.library()[0].id
+    before = {e.id for e in studio.library()}
+    long = "x" * 100_000   # the page's boxes stop at 300 or 80 characters; a script does not
+    args = list(TRAIN)
+    args[3] = long
+    assert "the target text must be at most 300 characters (got 100000)" in error_of(
+        lambda: client.predict(*args, api_name="/train"))
+    assert "at most 300 characters" in error_of(lambda: client.predict("tiny", long, 2, api_name="/edit_mapper"))
+    assert "a model name is at most 80 characters" in error_of(
+        lambda: client.predict(model, long, api_name="/library_rename"))
+    assert "a model name is at most 80 characters" in error_of(
+        lambda: client.predict(long, model, None, None, None, 1.0, 0, 0, 0, api_name="/mix_save"))
+    assert {e.id for e in studio.library()} == before and not list(studio.mapper_root.glob("*x" * 10 + "*"))
+    still_serves(client, studio)
+
+
+def test_reserved_folder_names_are_refused_or_avoided(app):
+    client, studio, _ = app
+    model = studio.library()[0].id
+    assert "one of the library's own folders" in error_of(lambda: client.predict(model, "Mappers",
+                                                                                 api_name="/library_rename"))
+    client.predict("mappers", model, None, None, None, 1.0, 0, 0, 0, api_name="/mix_save")
+    assert studio.entry("mappers-2").recipe["target"] == "mappers"     # saved beside the mappers' folder, not in it
+    assert not (studio.mapper_root / "final.safetensors").exists()
+    still_serves(client, studio)
+
+
+def test_damaged_deltas_and_non_finite_models_get_clear_messages_at_import(app, tmp_path):
+    import json as json_
+
+    import torch
+    from safetensors.torch import save_file
+
+    from nada_core.store.delta import delta_info, export_delta
+
+    client, studio, _ = app
+    before = sorted(p.name for p in studio.library_root.iterdir())
+    base = tiny_generator()
+    good = export_delta(tiny_generator(seed=4), base, {"source_model": "tiny"}, tmp_path / "good.nada.safetensors")
+    header = delta_info(good)
+    for name, text, why in [("meta list.nada.safetensors", json_.dumps({**header, "meta": [1]}), "its meta is a JSON array"),
+                            ("listed.nada.safetensors", "[1, 2]", "its metadata is a JSON array"),
+                            ("deep.nada.safetensors", "[" * 100_000 + "]" * 100_000, "nests deeper than 32 levels")]:
+        save_file({"convs.2.noise.weight": torch.zeros(1)}, tmp_path / name, metadata={"nada-delta": text})
+        message = error_of(lambda: client.predict(handle_file(str(tmp_path / name)), "tiny", api_name="/library_import"))
+        assert f"{name}: not a NADA delta: " in message and why in message, message
+        assert "Something went wrong" not in message and "Expected a StyleGAN2 generator" not in message
+    G = tiny_generator(seed=2)
+    with torch.no_grad():
+        G.input.input[0, 0, 0, 0] = float("nan")
+    torch.save({"g_ema": G.state_dict()}, tmp_path / "diverged.pt")
+    message = error_of(lambda: client.predict(handle_file(str(tmp_path / "diverged.pt")), "tiny",
+                                              api_name="/library_import"))
+    assert "diverged.pt: tensor 'input.input' holds NaN or infinite values" in message, message
+    assert sorted(p.name for p in studio.library_root.iterdir()) == before
+    still_serves(client, studio)
+
+
+def test_a_full_disk_during_import_mix_save_or_download_says_so_and_leaves_no_folder(app, tmp_path, monkeypatch):
+    import errno
+
+    import torch
+
+    client, studio, _ = app
+    model = studio.library()[0].id
+    torch.save({"g_ema": tiny_generator(seed=8).state_dict()}, tmp_path / "new style.pt")
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def folders():
+        return sorted(p.name for p in studio.library_root.rglob("*"))
+
+    before = folders()
+    with monkeypatch.context() as m:
+        m.setattr("safetensors.torch.save_file", disk_full)
+        for message in (error_of(lambda: client.predict(handle_file(str(tmp_path / "new style.pt")), "tiny",
+                                                        api_name="/library_import")),
+                        error_of(lambda: client.predict("Full disk mix", model, None, None, None, 1.0, 0, 0, 0,
+                                                        api_name="/mix_save"))):
+            assert "The disk is full" in message, message
+        assert folders() == before
+    client.predict("Mix to download", model, None, None, None, 0.5, 0, 0, 0, api_name="/mix_save")
+    before = folders()
+    with monkeypatch.context() as m:
+        m.setattr("torch.save", disk_full)   # the rosinality .pt written on a first download
+        assert "The disk is full" in error_of(lambda: client.predict("mix-to-download", api_name="/library_download"))
+    assert folders() == before   # no half-written .pt, nothing else
+    files = client.predict("mix-to-download", api_name="/library_download")
+    assert sorted(Path(f).name for f in files["value"]) == ["mix-to-download.pt", "mix-to-download.safetensors"]
     still_serves(client, studio)

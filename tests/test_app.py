@@ -100,7 +100,7 @@ def test_sample_blend_and_interpolate(app):
         frames = [f.to_ndarray(format="rgb24") for f in video.decode(video=0)]
     assert len(frames) == 8 and frames[0].shape == (256, 256, 3)  # 32 px frames scaled up to play at 256 px
     assert not np.array_equal(frames[0], frames[4])
-    with pytest.raises(Exception, match="seeds must look like"):
+    with pytest.raises(Exception, match="Seeds must look like"):
         client.predict(path, "x-y", 0.7, "const", 1.0, None, 0.5, None, 1.0, api_name="/sample")
 
 

@@ -98,7 +98,7 @@ lr = nan
                      "job 2 ('fractional'): iterations must be a whole number (got 2.5)",
                      "job 3 ('missing-image'): style_images: nope.png: no such file",
                      "job 4 ('too-many-slots'): k must be between 1 and 8",      # the tiny base has 8 W+ slots
-                     "job 5 ('unknown-base'): base 'no-such-model' is neither a file nor a known base model",
+                     "job 5 ('unknown-base'): base 'no-such-model' is not 'tiny', a weights manifest name",
                      "job 6 ('same-prompts'): source and target are both",
                      "job 7 ('bad-key'): unknown key 'mixng' (did you mean 'mixing'?)",
                      "job 9 ('sketch'): the name 'sketch' is taken by job 8",
@@ -163,9 +163,10 @@ mixing = 0.5
                     reason="Ray is not installed (pip install -r requirements-cluster.txt)")
 def test_ray_cluster_runs_jobs_in_parallel_and_reports_the_failure(tmp_path, capsys):
     from nada_core.models.tiny import tiny_generator
-    from nada_core.store.checkpoints import save_generator
+    from nada_core.store.library import add_model
 
-    save_generator(tiny_generator(seed=3), tmp_path / "base.safetensors")  # a file base: shipped with --ship-weights
+    lib = tmp_path / "lib"
+    add_model(lib, "Library Base", tiny_generator(seed=3), "tiny", {})   # a library model as base: always shipped
     Image.new("RGB", (64, 48), (240, 200, 20)).save(tmp_path / "yellow.jpg")  # images always travel with the job
     (tmp_path / "jobs.toml").write_text(TINY + """
 [[job]]
@@ -173,12 +174,11 @@ name = "yellow"
 style_images = ["yellow.jpg"]
 
 [[job]]
-name = "from-file"
-base = "base.safetensors"
+name = "from-library"
+base = "library-base"
 target = "watercolor painting"
 preset = "texture"
 """ + BROKEN)
-    lib = tmp_path / "lib"
     # a local cluster of 2 CPUs, with this package as the job's code (as `--ray ADDRESS` sets it up itself)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"working_dir": str(batch._stage_code(_mkdir(tmp_path / "code")))})
@@ -191,15 +191,15 @@ preset = "texture"
     assert code == 1, err
     assert "Ray cluster: 1 node(s), no GPU, 2 CPUs; 1 CPU(s) per job" in err
     rows = _table(out)
-    assert rows["yellow"][2:4] == ["done", "1"] and rows["from-file"][2:4] == ["done", "1"]
+    assert rows["yellow"][2:4] == ["done", "1"] and rows["from-library"][2:4] == ["done", "1"]
     assert rows["broken"][2:4] == ["failed", "2"] and "the loss became inf at step 1" in rows["broken"][5]
     assert "job 3 ('broken'): try 1 failed" in err and "failed after 2 tries" in err
 
-    entries = {e.name: e for e in list_library(lib)}
-    assert sorted(entries) == ["from-file", "yellow"]
+    entries = {e.name: e for e in list_library(lib) if e.name != "library-base"}
+    assert sorted(entries) == ["from-library", "yellow"]
     assert all(e.finished and e.thumbnail for e in entries.values())
-    assert entries["from-file"].base == str((tmp_path / "base.safetensors").resolve())
-    assert entries["from-file"].recipe["preset"] == "texture"
+    assert entries["from-library"].base == "library-base"
+    assert entries["from-library"].recipe["preset"] == "texture"
     assert entries["yellow"].recipe["style_images"] == [str((tmp_path / "yellow.jpg").resolve())]
 
 
@@ -248,3 +248,52 @@ def test_progress_lines_redraw_in_place_on_a_terminal(tmp_path, monkeypatch):
     assert text.count("\x1b[2F\x1b[J") == 1   # the two job lines were erased once, before the note
     assert "  1 a    running  [#############.......] 2/3 loss 0.5000 1.00s/it ETA 0:01" in text
     assert text.index("warning: something") < text.rindex("  2 b    queued")
+
+
+def test_ctrl_c_stops_the_job_through_its_run_keeps_it_resumable_and_starts_no_other(tmp_path):
+    """A local batch job trains through training.run.Run: the first Ctrl-C is Run.stop, which saves the weights and
+    the resumable state; the run lands in the library (continuable) and the next job never starts."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from nada_core.models.tiny import tiny_generator
+    from nada_core.store.runs import RunFolder
+    from nada_core.training.adapt import Adapter
+    from tests.conftest import ROOT
+
+    (tmp_path / "jobs.toml").write_text(TINY.replace("iterations = 3", "iterations = 100000") + """
+[[job]]
+name = "long"
+target = "sketch"
+
+[[job]]
+name = "never"
+target = "pixar character"
+""")
+    lib, tmp = tmp_path / "lib", tmp_path / "tmp"
+    tmp.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "nada_core", "batch", str(tmp_path / "jobs.toml"), "--library",
+                             str(lib), "--device", "cpu"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "TMPDIR": str(tmp)})
+    deadline = time.monotonic() + 120
+    while not list(tmp.glob("nada-batch-*/long/.active")) and time.monotonic() < deadline:   # training has begun
+        time.sleep(0.2)
+    time.sleep(3)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "stopping the job after this step and saving it; no other job starts" in err
+    assert "stopped by Ctrl-C; 1 job(s) not started" in err and f"adapt --resume {lib / 'long'}" in err
+    rows = _table(out)
+    assert rows["long"][2] == "stopped" and rows["never"][2] == "queued"
+    [entry] = list_library(lib)
+    assert entry.name == "long" and entry.continuable and entry.finished and entry.thumbnail
+    run = RunFolder(lib / "long")
+    assert run.state_path.is_file() and len(run.snapshots()) == 1
+    from nada_core.guidance.clip_guide import load_ensemble
+
+    resumed = Adapter.resume(lib / "long", tiny_generator(), load_ensemble(["tiny"], [1.0]))
+    assert 1 <= resumed.step == run.snapshot_steps()[0] < 100000 and resumed.recipe.iterations == 100000
+    assert not list(tmp.glob("nada-batch-*"))   # the temporary run folder went

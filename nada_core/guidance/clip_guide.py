@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ..store import weights
+from .text_limits import text_problem
 
 DEFAULT_MODELS = ("ViT-B-32", "ViT-B-16")
 
@@ -30,6 +31,9 @@ class PromptError(ValueError):
 
 def check_prompts(source: str, target: str, tokenizer=None) -> list[str]:
     """Raise PromptError for unusable prompts; return warnings (e.g. truncation) for usable ones."""
+    for problem in (text_problem(source, "the source text"), text_problem(target, "the target text")):
+        if problem:
+            raise PromptError(problem)
     source, target = (source or "").strip(), (target or "").strip()
     if not target:
         raise PromptError("the target text is empty: describe the new domain, e.g. 'Sketch' or 'Pixar character'")

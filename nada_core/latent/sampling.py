@@ -9,29 +9,37 @@ from ..models.stylegan2 import Generator, seeds_to_z
 from ..store.images import grid, to_pil
 from .editing import Direction, apply_edits, blend_generators, edit_z
 
+MAX_SEED_TEXT = 200     # characters of a seed list ('0-15' or sixteen 10-digit seeds fit many times over)
+MAX_SEED = 2 ** 32 - 1
 
-def parse_seeds(text: str, limit: int = 256) -> list[int]:
-    """'1-8', '1,3,5' or '0-3,10' -> list of seeds; refuses negative, reversed or huge lists."""
-    seeds: list[int] = []
+
+def parse_seeds(text: str, limit: int = 256, field: str = "Seeds") -> list[int]:
+    """'1-8', '1,3,5' or '0-3,10' -> list of seeds; refuses negative, reversed or too long lists. Ranges are
+    counted before anything is built, so '0-99999999999' costs nothing; ``field`` names the input in messages."""
+    text = str(text)
+    if len(text) > MAX_SEED_TEXT:
+        raise ValueError(f"{field}: at most {MAX_SEED_TEXT} characters (got {len(text)})")
+    spans: list[tuple[int, int]] = []
     try:
-        for part in filter(None, (p.strip() for p in str(text).split(","))):
+        for part in filter(None, (p.strip() for p in text.split(","))):
             if "-" in part[1:]:
                 a, b = (int(x) for x in part.split("-", 1))
                 if b < a:
                     raise ValueError(f"range {part} runs backwards")
-                seeds.extend(range(a, b + 1))
             else:
-                seeds.append(int(part))
+                a = b = int(part)
+            spans.append((a, b))
     except ValueError as e:
-        detail = str(e) if "runs backwards" in str(e) else f"got {str(text)[:40]!r}"
-        raise ValueError(f"seeds must look like '1-8' or '1,3,5' ({detail})") from None
-    if not seeds:
-        raise ValueError("no seeds given")
-    if any(s < 0 or s >= 2 ** 32 for s in seeds):
-        raise ValueError("seeds must be between 0 and 4294967295")
-    if len(seeds) > limit:
-        raise ValueError(f"{len(seeds)} seeds asked for; at most {limit} at once")
-    return seeds
+        detail = str(e) if "runs backwards" in str(e) else f"got {text[:40]!r}"
+        raise ValueError(f"{field} must look like '1-8' or '1,3,5' ({detail})") from None
+    if not spans:
+        raise ValueError(f"{field}: no seeds given")
+    if any(a < 0 or b > MAX_SEED for a, b in spans):
+        raise ValueError(f"{field} must be between 0 and {MAX_SEED}")
+    count = sum(b - a + 1 for a, b in spans)
+    if count > limit:
+        raise ValueError(f"{field}: {count} seeds asked for; at most {limit} at once")
+    return [s for a, b in spans for s in range(a, b + 1)]
 
 
 @torch.no_grad()

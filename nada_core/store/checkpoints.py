@@ -37,6 +37,8 @@ import torch
 from safetensors import SafetensorError
 
 from ..models.stylegan2 import Generator, channel_table
+from . import bounded_json
+from .bounded_json import JSONRefused
 
 FORMAT_NAME = "nada-studio-generator"
 FORMAT_VERSION = 1
@@ -77,6 +79,16 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+# --------------------------------------------------------------------------- finite values
+def first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor holding NaN or an infinity (None when every one is finite): a
+    diverged or damaged model renders black or noise, and every mix or delta made from it inherits that."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name
+    return None
 
 
 # --------------------------------------------------------------------------- saving
@@ -654,27 +666,54 @@ def _load_nvidia_pickle(path: Path, size: int) -> tuple[Generator, dict]:
 
 # --------------------------------------------------------------------------- our format
 _SAFETENSORS_FLOATS = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
+MAX_HEADER_BYTES = 4 << 20   # a 1024 px generator's safetensors header is ~50 KB
+
+
+def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, int]:
+    """(JSON header, bytes of tensor data after it) of a safetensors file: the header's declared length is checked
+    against the file and ``MAX_HEADER_BYTES`` before it is read (the safetensors library reads up to 100 MB of it),
+    then its size and depth (``bounded_json``). JSONRefused (a ValueError) for a damaged or oversized one."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else 0
+        if not 0 < n <= size - 8:
+            raise JSONRefused(f"file is damaged or truncated (its header declares {n} bytes, the whole file has {size})")
+        if n > MAX_HEADER_BYTES:
+            raise JSONRefused(f"its header is {n >> 20} MiB, more than the {MAX_HEADER_BYTES >> 20} MiB any model "
+                              "file of ours needs")
+        raw = f.read(n)
+    return bounded_json.loads(raw, "its header", dict, MAX_HEADER_BYTES, max_depth=4), size - 8 - n
+
+
+def safetensors_metadata(header: dict, key: str, what: str = "its metadata") -> dict | None:
+    """The JSON object a safetensors header keeps under ``__metadata__[key]`` (None when there is none), bounded
+    in size and depth; JSONRefused when it is not a JSON object."""
+    meta = header.get("__metadata__")
+    if not isinstance(meta, dict) or key not in meta:
+        return None
+    if not isinstance(meta[key], str):
+        raise JSONRefused(f"{what} is not a JSON text")
+    return bounded_json.loads(meta[key], what)
 
 
 def _safetensors_header(path: Path, size: int) -> dict:
     """Check what a safetensors file declares before any tensor is read: a JSON header inside the file,
     our metadata with a config in bounds, and exactly that config's tensors (names, shapes, float dtypes)
     at disjoint offsets inside the file. Returns our metadata."""
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        if n > size - 8:
-            raise _damaged(f"its header declares {n} bytes, the whole file has {size}")
-        raw = f.read(n)
     try:
-        header = json.loads(raw)
-        nada = json.loads(header["__metadata__"]["nada"])
-    except (ValueError, KeyError, TypeError, RecursionError):
-        nada = None
+        header, data_bytes = read_safetensors_header(path)
+    except JSONRefused as e:
+        raise _Refused(str(e)) from None
+    try:
+        nada = safetensors_metadata(header, "nada")
+    except JSONRefused as e:
+        raise _Refused(f"safetensors file without readable NADA Studio generator metadata ({e})") from None
     if not isinstance(nada, dict) or nada.get("format") != FORMAT_NAME:
         raise _Refused("safetensors file without NADA Studio generator metadata")
     cfg = check_config(nada.get("config"))
     expected = {**expected_layout(cfg), W_AVG_KEY: (1, cfg.get("style_dim", 512))}
-    data_bytes, spans = size - 8 - n, []
+    spans = []
     for key, entry in header.items():
         if key == "__metadata__":
             continue
@@ -761,6 +800,9 @@ def load_generator(path: str | os.PathLike, device: str | torch.device = "cpu",
         if not path.is_file():
             raise _Refused("no such file")
         G, info = _load(path)
+        bad = first_non_finite(G.state_dict())
+        if bad is not None:
+            raise _Refused(f"tensor {bad!r} holds NaN or infinite values (a diverged or damaged model)")
     except _Refused as e:
         raise CheckpointError(name, str(e)) from None
     except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, OSError, ValueError, KeyError,

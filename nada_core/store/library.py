@@ -14,7 +14,7 @@ import torch
 from ..models.stylegan2 import Generator
 from . import weights
 from .checkpoints import load_generator
-from .runs import ACTIVE, ADAPTATION, SNAPSHOTS, TRASH, RunFolder
+from .runs import ACTIVE, ADAPTATION, SNAPSHOTS, THUMB, TRASH, RunFolder, is_reserved
 
 
 def library_dir() -> Path:
@@ -87,6 +87,8 @@ def new_model_dir(name: str, root: Path | None = None) -> Path:
     stem = slugify(name)
     for i in range(1, 10_000):
         p = root / (stem if i == 1 else f"{stem}-{i}")
+        if is_reserved(p.name):   # e.g. a mix or an import called 'mappers' becomes 'mappers-2'
+            continue
         try:
             p.mkdir(exist_ok=False)
         except FileExistsError:
@@ -139,6 +141,7 @@ class UnknownModel(ValueError):
 
 
 MODEL_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,79}")
+MAX_NAME_CHARS = 80   # what a user may type as a model's name (its folder name is at most 60 characters)
 
 
 def _folder_bytes(folder: Path) -> int:
@@ -152,7 +155,7 @@ def list_library(root: Path | None = None) -> list[LibraryEntry]:
     entries = []
     for d in sorted(root.glob(f"*/{ADAPTATION.recipe}"), key=lambda p: p.stat().st_mtime, reverse=True):
         run = RunFolder(d.parent)
-        if not MODEL_ID.fullmatch(run.name):
+        if not MODEL_ID.fullmatch(run.name) or is_reserved(run.name):
             continue
         path = run.weights()
         if path is None:
@@ -174,7 +177,7 @@ def remove_abandoned(root: Path) -> list[str]:
     gone = []
     for d in root.glob(f"*/{ADAPTATION.recipe}") if root.is_dir() else []:
         run = RunFolder(d.parent)
-        if MODEL_ID.fullmatch(run.name) and run.weights() is None and not run.state_path.exists() \
+        if MODEL_ID.fullmatch(run.name) and not is_reserved(run.name) and run.weights() is None and not run.state_path.exists() \
                 and not run.is_active():
             shutil.rmtree(run.path, ignore_errors=True)
             gone.append(run.name)
@@ -190,11 +193,20 @@ def find_model(model_id: object, entries: list[LibraryEntry]) -> LibraryEntry:
     raise UnknownModel(model_id)
 
 
+def check_name_text(name: object) -> str:
+    """A model name as a client sent it: a text of 1 to ``MAX_NAME_CHARS`` characters (ValueError otherwise)."""
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError("give the model a name")
+    if len(name) > MAX_NAME_CHARS:
+        raise ValueError(f"a model name is at most {MAX_NAME_CHARS} characters (got {len(name)})")
+    return name
+
+
 def check_new_name(name: str, root: Path, reserved=()) -> str:
     """A user-chosen model name as a safe folder name, refused when taken."""
-    slug = slugify(name or "")
-    if not name or not name.strip():
-        raise ValueError("give the model a name")
+    slug = slugify(check_name_text(name))
+    if is_reserved(slug):
+        raise ValueError(f"{slug!r} is the name of one of the library's own folders; choose another name")
     if slug in reserved or (root / slug).exists():
         raise ValueError(f"a model named {slug!r} already exists; choose another name")
     return slug
@@ -224,7 +236,7 @@ def restore(root: Path, name: str) -> Path:
         raise UnknownModel(name)
     dest = root / name
     i = 2
-    while dest.exists():
+    while dest.exists() or is_reserved(dest.name):
         dest, i = root / f"{name}-{i}", i + 1
     os.rename(src, dest)
     return dest
@@ -266,26 +278,88 @@ def base_like(base: Generator, G: Generator) -> Generator:
 
 
 def import_model(root: Path, upload: Path, display_name: str, base_name: str, base: Generator,
-                 max_bytes: int = 2 << 30) -> Path:
+                 max_bytes: int = 2 << 30, thumbnail=None) -> Path:
     """Make a user's generator file a library model: read it with the safe loaders (never as a path a
     client chose for rendering), check it fits the chosen base, and copy it in as our safetensors."""
-    if upload.stat().st_size > max_bytes:
-        raise ValueError(f"{display_name}: file too large ({upload.stat().st_size >> 20} MiB); the limit is {max_bytes >> 20} MiB")
+    _check_upload_size(upload, display_name, max_bytes)
     G, info = load_generator(upload, "cpu", display_name=display_name)
     shapes = lambda g: {k: tuple(v.shape) for k, v in g.state_dict().items()}  # noqa: E731
     if shapes(G) != shapes(base):  # configs may differ in name only (e.g. any channel multiplier at 32 channels)
         raise ValueError(f"{display_name} is a {G.config['size']} px generator with a different architecture from the "
                          f"base {base_name!r} ({base.config['size']} px); choose the base it was adapted from")
-    stem = Path(display_name).stem
+    stem = Path(display_name).stem[:MAX_NAME_CHARS]
     recipe = {"source": base_name, "target": stem, "imported_from": display_name, "format": info.get("format")}
-    return add_model(root, stem, base_like(base, G), base_name, recipe)
+    return add_model(root, stem, base_like(base, G), base_name, recipe, thumbnail)
 
 
-def add_model(root: Path, name: str, G: Generator, base_name: str, recipe: dict) -> Path:
-    """Write a generator into the library as a model folder (final weights, recipe) under a fresh name."""
-    from .checkpoints import save_generator
+def import_delta(root: Path, upload: Path, display_name: str, base_name: str, base: Generator,
+                 max_bytes: int = 2 << 30, thumbnail=None) -> Path:
+    """Make a style delta a library model: its differences applied to ``base`` (which must be the base it was made
+    from), with the recipe it carries. Refusals say ``<name>: not a NADA delta: ...``."""
+    from .delta import apply_delta, delta_info
 
+    _check_upload_size(upload, display_name, max_bytes)
+    info = delta_info(upload, display_name)   # checked: meta and its recipe are JSON objects
+    G = apply_delta(upload, base, display_name)
+    recipe = {**info["meta"].get("recipe", {}), "imported_from": display_name}
+    stem = display_name.split(".")[0][:MAX_NAME_CHARS] or "style"
+    return add_model(root, stem, G, base_name, recipe, thumbnail)
+
+
+def import_file(root: Path, upload: Path, display_name: str, base_name: str, base: Generator,
+                max_bytes: int = 2 << 30, thumbnail=None) -> Path:
+    """``import_delta`` for a file that claims to be a style delta (damaged ones too), else ``import_model``."""
+    from .delta import is_delta
+
+    how = import_delta if is_delta(upload, display_name) else import_model
+    return how(root, upload, display_name, base_name, base, max_bytes, thumbnail)
+
+
+def _check_upload_size(upload: Path, display_name: str, max_bytes: int) -> None:
+    if upload.stat().st_size > max_bytes:
+        raise ValueError(f"{display_name}: file too large ({upload.stat().st_size >> 20} MiB); the limit is {max_bytes >> 20} MiB")
+
+
+def add_model(root: Path, name: str, G: Generator, base_name: str, recipe: dict, thumbnail=None) -> Path:
+    """Write a generator into the library as a model folder (final weights, recipe, and ``thumbnail(G)``'s image when
+    given) under a fresh name. Every file is written into a temporary folder first, renamed onto the fresh one at the
+    end: a full disk (or any failure) leaves no model folder, empty or half written. Non-finite weights are refused."""
+    from .checkpoints import first_non_finite, save_generator
+
+    check_name_text(name)
+    bad = first_non_finite(G.state_dict())
+    if bad is not None:
+        raise ValueError(f"{name}: tensor {bad!r} holds NaN or infinite values; nothing was saved")
     folder = new_model_dir(name, root)
-    save_generator(G, folder / "final.safetensors", {"source_model": base_name, "recipe": recipe, "step": None})
-    (folder / "recipe.json").write_text(json.dumps({"base": base_name, "config": G.config, "recipe": recipe}, indent=2))
+    tmp = folder.parent / f".{folder.name}.part"   # removed by remove_stale_parts if this process dies meanwhile
+    try:
+        tmp.mkdir()
+        save_generator(G, tmp / ADAPTATION.final, {"source_model": base_name, "recipe": recipe, "step": None})
+        if thumbnail is not None:
+            thumbnail(G).save(tmp / THUMB, format="PNG")
+        (tmp / ADAPTATION.recipe).write_text(json.dumps({"base": base_name, "config": G.config, "recipe": recipe},
+                                                        indent=2))
+        os.replace(tmp, folder)   # onto the empty folder reserved above
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
     return folder
+
+
+def load_named_base(name: object, device: str = "cpu", root: Path | None = None) -> tuple[Generator, str]:
+    """(generator, name) for a base chosen by name only: 'tiny', a weights-manifest generator or style ('ffhq'
+    resolved), or a library model's id. Never a path: a name written inside a file (a delta's ``source_model``)
+    cannot make us open another file."""
+    if name == "tiny":
+        return load_base("tiny", device)
+    if isinstance(name, str):
+        resolved = resolve_base_name(name, device)
+        manifest = weights.load_manifest()
+        if resolved in manifest and manifest[resolved].kind in ("generator", "style"):
+            return load_generator(weights.require(resolved, manifest), device)[0], resolved
+        for entry in list_library(root):
+            if entry.id == name:
+                return load_generator(entry.path, device)[0], name
+    shown = f" {name!r}" if isinstance(name, str) and MODEL_ID.fullmatch(name) else ""
+    raise ValueError(f"the base{shown} is not 'tiny', a weights manifest name or a library model")

@@ -19,6 +19,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from .bounded_json import load_file
+
 try:
     import fcntl
 except ImportError:  # not POSIX: the lock is the file's existence
@@ -30,6 +32,14 @@ THUMB = "thumb.png"
 SNAPSHOTS = "snapshots"
 ACTIVE = ".active"
 TRASH = ".trash"                 # library folder of runs set aside (short stopped runs) until kept or emptied
+MAPPERS = "mappers"              # library folder of the latent-mapper runs
+TINY = "_tiny"                   # library folder of the tiny test models' runs (the app's --tiny)
+RESERVED = frozenset({TRASH, MAPPERS, TINY, SNAPSHOTS})   # library folder names that never name a model
+
+
+def is_reserved(name: str) -> bool:
+    """Whether a library folder of this name is the library's own (``RESERVED``, hidden or half-written)."""
+    return name in RESERVED or name.startswith((".", "_")) or name.endswith(".part")
 MAX_RECIPE_BYTES = 1 << 20       # a recipe.json is a few KB; a larger one is not read
 
 
@@ -124,17 +134,16 @@ class RunFolder:
 
     def read_record(self) -> dict:
         """The recipe file's JSON object (``{"base", "config", "recipe"}`` for adaptation runs). ValueError for a
-        missing, oversized or unreadable one."""
+        missing, oversized, too deeply nested or unreadable one (``bounded_json``: checked before it is parsed)."""
+        what = f"{self.name}: {self.kind.recipe}"
         try:
-            if self.recipe_path.stat().st_size > MAX_RECIPE_BYTES:
-                raise ValueError(f"{self.name}: {self.kind.recipe} is larger than {MAX_RECIPE_BYTES >> 10} KiB")
-            record = json.loads(self.recipe_path.read_text())
+            record = load_file(self.recipe_path, what, dict, MAX_RECIPE_BYTES)
         except FileNotFoundError:
             raise ValueError(f"{self.path} holds no run ({self.kind.recipe} is missing)") from None
-        except (OSError, UnicodeDecodeError, RecursionError, json.JSONDecodeError) as e:
-            raise ValueError(f"{self.name}: {self.kind.recipe} is not readable ({type(e).__name__})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("recipe", {}), dict):
-            raise ValueError(f"{self.name}: {self.kind.recipe} does not describe a run")
+        except OSError as e:
+            raise ValueError(f"{what} is not readable ({type(e).__name__})") from None
+        if not isinstance(record.get("recipe", {}), dict):
+            raise ValueError(f"{what} does not describe a run")
         return record
 
     # ------------------------------------------------------------ lifecycle

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..guidance.clip_guide import ClipMember, check_prompts, directional_loss, embedding_norm_loss, global_loss
+from ..guidance.text_limits import text_problem
 from ..models.stylegan2 import Generator, grouped_kernels, seeds_to_z
 from ..store.checkpoints import save_generator
 from ..store.runs import RunFolder
@@ -81,30 +82,49 @@ class Recipe:
             if getattr(self, name) == LEGACY_AUTO:
                 setattr(self, name, "off")
 
-    def validate(self, n_latent: int) -> list[str]:
-        """Raise ValueError for settings that cannot work; return warnings for odd ones."""
+    def problems(self, n_latent: int, prompts: bool = True) -> list[str]:
+        """Every setting that cannot work, each in its own words (empty when the recipe can run); ``prompts=False``
+        leaves out the prompt check (a caller that reports a missing target its own way)."""
+        problems = [p for p in (text_problem(self.source, "the source text"), text_problem(self.target, "the target text"))
+                    if p]
         checks = [
-            (1 <= self.iterations <= 100_000, "iterations must be between 1 and 100000"),
-            (1 <= self.batch <= 64, "batch must be between 1 and 64"),
-            (0 < self.lr <= 1, "learning rate must be in (0, 1]"),
-            (self.preset in PRESETS, f"preset must be one of {', '.join(PRESETS)}"),
-            (self.k is None or 1 <= self.k <= n_latent, f"k must be between 1 and {n_latent} (the W+ slots)"),
-            (0 <= self.mixing <= 1, "mixing probability must be in [0, 1]"),
-            (0 <= self.truncation <= 1, "truncation must be in [0, 1]"),
-            (self.train_noise in ("random", "const", "none"), "train_noise must be random, const or none"),
-            (self.amp in AMP_SETTINGS, "amp must be off or bf16"),
-            (self.compile in COMPILE_SETTINGS, "compile must be off or on"),
-            (self.parity in official.PARITIES, "parity must be ours or official"),
-            (self.auto_layer_iters >= 0 and self.auto_layer_batch >= 1, "layer-selection settings must be positive"),
-            (len(self.clip_models) == len(self.clip_weights) and any(w > 0 for w in self.clip_weights),
+            (lambda: 1 <= self.iterations <= 100_000, "iterations must be between 1 and 100000"),
+            (lambda: 1 <= self.batch <= 64, "batch must be between 1 and 64"),
+            (lambda: 0 < self.lr <= 1, "learning rate must be in (0, 1]"),
+            (lambda: self.preset in PRESETS, f"preset must be one of {', '.join(PRESETS)}"),
+            (lambda: self.k is None or 1 <= self.k <= n_latent, f"k must be between 1 and {n_latent} (the W+ slots)"),
+            (lambda: 0 <= self.mixing <= 1, "mixing probability must be in [0, 1]"),
+            (lambda: 0 <= self.truncation <= 1, "truncation must be in [0, 1]"),
+            (lambda: self.train_noise in ("random", "const", "none"), "train_noise must be random, const or none"),
+            (lambda: self.amp in AMP_SETTINGS, "amp must be off or bf16"),
+            (lambda: self.compile in COMPILE_SETTINGS, "compile must be off or on"),
+            (lambda: self.parity in official.PARITIES, "parity must be ours or official"),
+            (lambda: self.auto_layer_iters >= 0 and self.auto_layer_batch >= 1, "layer-selection settings must be positive"),
+            (lambda: len(self.clip_models) == len(self.clip_weights) and any(w > 0 for w in self.clip_weights),
              "give one weight per CLIP model, at least one above zero"),
-            (all(math.isfinite(v) for v in (self.lr, self.lambda_direction, self.lambda_global, self.lambda_norm,
-                                            *self.clip_weights)),
+            (lambda: all(math.isfinite(v) for v in (self.lr, self.lambda_direction, self.lambda_global, self.lambda_norm,
+                                                    *self.clip_weights)),
              "losses, CLIP weights and learning rate must be finite numbers"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        for test, message in checks:
+            try:
+                ok = test()
+            except TypeError:   # a recipe read from a file may hold anything
+                ok, message = False, "the recipe holds a value of the wrong type (a text where a number belongs?)"
+            if not ok and message not in problems:
+                problems.append(message)
+        if not problems and prompts and not self.style_images:
+            try:
+                check_prompts(self.source, self.target)
+            except ValueError as e:
+                problems.append(str(e))
+        return problems
+
+    def validate(self, n_latent: int) -> list[str]:
+        """Raise ValueError naming every setting that cannot work; return warnings for odd ones."""
+        problems = self.problems(n_latent)
+        if problems:
+            raise ValueError("; ".join(problems))
         warnings = [] if self.style_images else check_prompts(self.source, self.target)
         if self.lr > 0.02:
             warnings.append(f"learning rate {self.lr} is 10x the paper's 0.002; training may diverge")

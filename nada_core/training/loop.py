@@ -26,8 +26,11 @@ from typing import Iterator, NamedTuple, Protocol
 
 import torch
 
+from ..store.bounded_json import load_file
 from ..store.checkpoints import atomic_write
 from ..store.runs import ADAPTATION, DIAGNOSTICS, RunBusy, RunFolder, RunKind
+
+MAX_DIAGNOSTICS_BYTES = 64 << 20   # ~120 bytes a measured step: 100,000 steps measured at every one fit
 
 
 @dataclass
@@ -94,7 +97,7 @@ def read_diagnostics(run_dir: str | Path) -> dict[int, dict]:
     the file cannot be read."""
     path = Path(run_dir) / DIAGNOSTICS
     try:
-        raw = json.loads(path.read_text())
+        raw = load_file(path, expect=dict, max_bytes=MAX_DIAGNOSTICS_BYTES, max_depth=4)
         return {int(k): dict(v) for k, v in sorted(raw.items(), key=lambda kv: int(kv[0])) if isinstance(v, dict)}
     except (OSError, ValueError, TypeError, AttributeError):
         return {}

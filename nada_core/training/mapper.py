@@ -36,8 +36,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..guidance.clip_guide import ClipMember, clip_text_loss, embedding_norm_mse, encode_pooled
+from ..guidance.text_limits import text_problem
 from ..models.stylegan2 import EqualLinear, Generator, PixelNorm
-from ..store.checkpoints import atomic_write, sniff
+from ..store.checkpoints import atomic_write, read_safetensors_header, safetensors_metadata, sniff
 from ..store.runs import MAPPER, RunFolder
 from .loop import Phases, StepResult, Trainer
 from .ranger import Ranger
@@ -197,18 +198,22 @@ def load_mapper(path: str | os.PathLike, device: str | torch.device = "cpu", n_l
         from safetensors import SafetensorError, safe_open
 
         try:
+            header = safetensors_metadata(read_safetensors_header(path)[0], "nada") or {}
             with safe_open(str(path), framework="pt") as f:
-                header = json.loads((f.metadata() or {}).get("nada", "{}"))
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except (SafetensorError, OSError, ValueError) as e:
             raise MapperError(f"{path}: damaged mapper file ({e})") from None
         if header.get("format") != MAPPER_FORMAT:
             raise MapperError(f"{path}: not a NADA Studio mapper (a generator? pass it as --model instead)")
-        cfg = dict(header["config"])
+        cfg = header.get("config")
+        if not isinstance(cfg, dict) or type(cfg.get("n_latent")) is not int or not 1 <= cfg["n_latent"] <= 64:
+            raise MapperError(f"{path}: damaged mapper file (its config is not a mapper's)")
+        cfg = {"bias_layout": "channel", **cfg}
         if bias_layout is not None:
             cfg["bias_layout"] = bias_layout
         m = mapper_from_state_dict(tensors, cfg["n_latent"], cfg["bias_layout"])
-        info = {"format": "nada-safetensors", "config": m.config, "meta": header.get("meta", {})}
+        meta = header.get("meta")
+        info = {"format": "nada-safetensors", "config": m.config, "meta": meta if isinstance(meta, dict) else {}}
     elif kind == "torch-zip":
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -386,7 +391,9 @@ class MapperRecipe:
 
     def validate(self) -> list[str]:
         checks = [
-            (bool(self.text.strip()), "the text is empty: describe the edit, e.g. 'a face with purple hair'"),
+            (isinstance(self.text, str) and bool(self.text.strip()),
+             "the text is empty: describe the edit, e.g. 'a face with purple hair'"),
+            (not text_problem(self.text, "the text"), text_problem(self.text, "the text")),
             (1 <= self.iterations <= 1_000_000, "iterations must be between 1 and 1000000"),
             (1 <= self.batch <= 64, "batch must be between 1 and 64"),
             (math.isfinite(self.lr) and 0 < self.lr <= 10, "learning rate must be in (0, 10]"),
@@ -612,6 +619,8 @@ def optimise_edit(G: Generator, w_plus: torch.Tensor, text: str, clip: list[Clip
         raise ValueError("steps must be at least 1")
     if not (text or "").strip():
         raise ValueError("the text is empty: describe the edit")
+    if text_problem(text, "the edit text"):
+        raise ValueError(text_problem(text, "the edit text"))
     device = G.device
     start = G.to_w_plus(w_plus.to(device)).detach()
     w = start.clone().requires_grad_(True)

@@ -9,6 +9,8 @@ the time the run will really take.
 """
 from __future__ import annotations
 
+import contextlib
+import sys
 import threading
 import time
 from collections import deque
@@ -224,3 +226,26 @@ class Run:
             with self._lock:
                 self._view.diagnostics.append((ev.step, dict(ev.diagnostics)))
         self._update(final=ev, state=ev.kind, step=ev.step, set_aside=aside)
+
+
+@contextlib.contextmanager
+def stop_on_ctrl_c(run, message: str = "stopping after this step and saving"):
+    """While a terminal command trains: the first Ctrl-C calls ``run.stop()`` (a ``Run`` ends after its current step
+    with its weights and resumable state saved, as the app's Stop; a batch also starts no further job); a second
+    Ctrl-C quits at once, unsaved. Does nothing outside the main thread (signals are delivered there)."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def first(signum, frame):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        print(f"\n{message}; Ctrl-C again quits without saving", file=sys.stderr, flush=True)
+        run.stop()
+
+    previous = signal.signal(signal.SIGINT, first)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
