@@ -24,6 +24,10 @@ _EXPORTS = {
     "load_ensemble": "guidance.clip_guide",
     "Recipe": "training.adapt",
     "Adapter": "training.adapt",
+    "Run": "training.run",
+    "RunFolder": "store.runs",
+    "thumbnail": "latent.sampling",
+    "keep_colours": "faces.colour",
     "latents_for_seeds": "latent.sampling",
     "render": "latent.sampling",
 }

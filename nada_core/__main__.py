@@ -186,6 +186,33 @@ def cmd_batch(args) -> int:
 
 
 # ---------------------------------------------------------------------------- sample
+def _model_file(text: str) -> Path:
+    """The weights file of a model as a command may name it: the file itself, a run folder (its final weights,
+    else its newest snapshot) or a library model's id."""
+    from .store.library import list_library
+    from .store.runs import RunFolder
+
+    path = Path(text)
+    if path.is_dir():
+        weights = RunFolder(path).weights()
+        if weights is None:
+            raise ValueError(f"{text} holds no weights yet (no final weights and no snapshot)")
+        return weights
+    if path.is_file():
+        return path
+    entry = next((e for e in list_library() if e.id == text), None)
+    if entry is None:
+        raise ValueError(f"no such file or model: {text} (give a model file, a run folder or a library model's id)")
+    return entry.path
+
+
+def _recorded_base(model: Path) -> str | None:
+    """The base a model file says it was adapted from (its metadata), if it says."""
+    from .store.checkpoints import load_generator
+
+    return (load_generator(model)[1].get("meta") or {}).get("source_model")
+
+
 def cmd_sample(args) -> int:
     from .latent.sampling import latents_for_seeds, render
     from .store.checkpoints import load_generator
@@ -194,6 +221,7 @@ def cmd_sample(args) -> int:
 
     device = args.device or default_device()
     seeds = parse_seeds(args.seeds, field="--seeds")
+    args.model = str(_model_file(args.model))
     G, info = load_generator(args.model, device)
     base = args.base or info.get("meta", {}).get("source_model")
     if not base:
@@ -279,7 +307,9 @@ def cmd_invert(args) -> int:
     pipeline = stylize_group_photo if args.all_faces else stylize_photo
     if not 0 <= args.keep_colours <= 1:   # before the (slow) alignment and inversion
         raise ValueError(f"--keep-colours must be between 0 and 1, got {args.keep_colours}")
-    result = pipeline(args.photo, [args.model] if args.model else [], base=args.base, steps=args.steps,
+    model = _model_file(args.model) if args.model else None
+    base = args.base or (_recorded_base(model) if model else None) or "ffhq"   # as sample: the model's own base
+    result = pipeline(args.photo, [str(model)] if model else [], base=base, steps=args.steps,
                       device=args.device, encoder=args.encoder, keep_colours=args.keep_colours)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -326,11 +356,14 @@ def cmd_delta(args) -> int:
 
     src = Path(args.file)
     if args.action == "export":
+        src = _model_file(args.file)      # a model file, a run folder or a library id
         G, info = load_generator(src)
         meta = dict(info.get("meta") or {})
         G_base, base_name = _delta_base(args.base, meta.get("source_model"), src)
         meta["source_model"] = base_name
-        out = Path(args.out or src.with_name(src.name.split(".")[0] + SUFFIX))
+        given = Path(args.file)
+        out = Path(args.out or (given / f"{given.name}{SUFFIX}" if given.is_dir() else
+                                src.with_name(src.name.split(".")[0] + SUFFIX)))
         export_delta(G, G_base, meta, out)
         full = sum(t.numel() * t.element_size() for t in G.state_dict().values())
         size = out.stat().st_size
@@ -483,8 +516,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("invert", help="align a face photo, invert it, stylise it and paste it back")
     v.add_argument("photo")
-    v.add_argument("--model", default=None, help="adapted model to stylise with")
-    v.add_argument("--base", default="ffhq")
+    v.add_argument("--model", default=None, help="adapted model to stylise with: a file, a run folder or a library id")
+    v.add_argument("--base", default=None, help="the base to invert into (default: the model's own, else ffhq)")
     v.add_argument("--encoder", default="auto", choices=["auto", "e4e", "none"])
     v.add_argument("--steps", type=int, default=200, help="optimisation steps (0: encoder only)")
     v.add_argument("--out", default="out")
@@ -507,7 +540,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("delta", help="export a style as its difference from the base, or apply one")
     d.add_argument("action", choices=["export", "apply"])
-    d.add_argument("file", help="export: the adapted model file; apply: the .nada.safetensors delta")
+    d.add_argument("file", help="export: the adapted model (a file, a run folder or a library id); apply: the "
+                                ".nada.safetensors delta")
     d.add_argument("--base", default=None, help="the base model: a name, a file, or 'tiny' (default: the one the file "
                                                 "records, looked up by name only: 'tiny', a weights manifest name or a "
                                                 "library model)")

@@ -16,7 +16,7 @@ from nada_core.store.images import open_image
 from tests.app_server import launch_tiny, refusal
 
 SLIDERS, RANGES = [0.0] * 12, ["all layers"] * 12
-TRAIN = ["tiny", "Style", "Photo", "Sketch", [], [], 3, 2, 0.002, 0, 1, 0.0, ["tiny"], 1.0, 1.0, 0, 2, "off", "off"]
+TRAIN = ["tiny", "Style", "Photo", "Sketch", [], [], 3, 2, 0.002, 0, 1, 0.0, ["tiny"], 1.0, 1.0, 0, 2, "off", "off", "ours"]
 
 
 @pytest.fixture(scope="module")

@@ -152,3 +152,21 @@ def test_ctrl_c_stops_after_the_step_and_saves(tmp_path):
     assert final["kind"] == "cancelled" and 2 <= final["step"] < 100000
     assert final["checkpoint"] == str(out / "final.safetensors") and (out / "final.safetensors").is_file()
     assert "stopping after this step and saving" in err and f"adapt --resume {out}" in err
+
+
+def test_commands_take_a_run_folder_and_the_models_own_base(tmp_path, capsys):
+    """delta export RUN_FOLDER and invert --model RUN_FOLDER (no --base: the model's recorded base, as sample)."""
+    from skimage import data
+
+    run = tmp_path / "run"
+    assert main(["adapt", "--base", "tiny", "--clip", "tiny", "--source", "photo", "--target", "sketch",
+                 "--iters", "2", "--out", str(run)]) == 0
+    assert main(["delta", "export", str(run)]) == 0
+    assert (run / "run.nada.safetensors").is_file() and "base tiny" in capsys.readouterr().out
+    Image.fromarray(data.astronaut()).save(tmp_path / "photo.jpg")
+    assert main(["invert", str(tmp_path / "photo.jpg"), "--model", str(run), "--steps", "3",
+                 "--out", str(tmp_path / "out")]) == 0
+    assert Image.open(tmp_path / "out" / "reconstruction.png").size == (32, 32)   # inverted into the tiny base
+    assert main(["sample", "--model", str(run), "--seeds", "0-1", "--out", str(tmp_path / "s.png")]) == 0
+    assert main(["delta", "export", str(tmp_path / "nothing-here")]) == 1
+    assert "no such file or model" in capsys.readouterr().err

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ..store import weights
+from ..store.images import resize_and_crop
 from .text_limits import text_problem
 
 DEFAULT_MODELS = ("ViT-B-32", "ViT-B-16")
@@ -55,14 +56,7 @@ def check_prompts(source: str, target: str, tokenizer=None) -> list[str]:
 def preprocess(images: torch.Tensor, size: int, mean, std) -> torch.Tensor:
     """Generator images in [-1, 1] (any size) -> CLIP input, differentiably: [0,1], bicubic resize of
     the short side to ``size``, centre crop, CLIP mean/std."""
-    x = (images + 1) / 2
-    h, w = x.shape[-2:]
-    scale = size / min(h, w)
-    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-    if (nh, nw) != (h, w):
-        x = F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False)
-    top, left = (nh - size) // 2, (nw - size) // 2
-    x = x[..., top:top + size, left:left + size]
+    x = resize_and_crop((images + 1) / 2, size)
     m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     return (x - m) / s

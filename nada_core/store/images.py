@@ -6,6 +6,7 @@ import threading
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 
@@ -22,6 +23,18 @@ def from_pil(img: Image.Image, size: int | None = None) -> torch.Tensor:
         img = img.resize((size, size), Image.LANCZOS)
     a = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1)
     return (a / 127.5 - 1).unsqueeze(0)
+
+
+def resize_and_crop(x: torch.Tensor, size: int, antialias: bool = False) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, size, size), differentiably: the short side resized to ``size`` (bicubic), then the
+    centre cropped, as CLIP's preprocessing does. ``antialias`` for photos shrunk a lot (style images)."""
+    h, w = x.shape[-2:]
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    if (nh, nw) != (h, w):
+        x = F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False, antialias=antialias)
+    top, left = (nh - size) // 2, (nw - size) // 2
+    return x[..., top:top + size, left:left + size]
 
 
 def grid(rows: list[list[Image.Image]], pad: int = 4, tile: int | None = None) -> Image.Image:

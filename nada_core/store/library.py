@@ -44,6 +44,8 @@ def load_base(name_or_path: str, device: str = "cpu") -> tuple[Generator, str]:
         return tiny_generator().to(device), "tiny"
     if Path(name_or_path).is_file():
         return load_generator(name_or_path, device)[0], str(name_or_path)
+    if Path(name_or_path).is_dir() and RunFolder(name_or_path).weights() is not None:   # a run folder
+        return load_generator(RunFolder(name_or_path).weights(), device)[0], Path(name_or_path).name
     name = resolve_base_name(name_or_path, device)
     manifest = weights.load_manifest()
     if name not in manifest or manifest[name].kind not in ("generator", "style"):
@@ -53,10 +55,12 @@ def load_base(name_or_path: str, device: str = "cpu") -> tuple[Generator, str]:
 
 
 def load_model(name_or_path: str, device: str = "cpu", root: Path | None = None) -> tuple[Generator, str]:
-    """(generator, canonical name) for any model a command may name: a model file, a library model's id (its
+    """(generator, canonical name) for any model a command may name: a model file, a run folder, a library model's id (its
     final weights, else its newest snapshot), or a base (see :func:`load_base`)."""
     if Path(name_or_path).is_file():
         return load_generator(name_or_path, device)[0], str(name_or_path)
+    if Path(name_or_path).is_dir() and RunFolder(name_or_path).weights() is not None:   # a run folder
+        return load_generator(RunFolder(name_or_path).weights(), device)[0], Path(name_or_path).name
     if MODEL_ID.fullmatch(name_or_path):
         for entry in list_library(root):
             if entry.id == name_or_path:

@@ -19,6 +19,7 @@ from ..guidance.clip_guide import ClipMember, check_prompts, directional_loss, e
 from ..guidance.text_limits import text_problem
 from ..models.stylegan2 import Generator, grouped_kernels, seeds_to_z
 from ..store.checkpoints import save_generator
+from ..store.images import resize_and_crop
 from ..store.runs import RunFolder
 from . import official
 from .freezing import PRESETS, layers_for_slots, preset_slots, select_slots, set_trainable, synthesis_layers
@@ -145,14 +146,7 @@ def fit_images(images: list[torch.Tensor], size: int) -> torch.Tensor:
     out = []
     for im in images:
         x = im.float().unsqueeze(0) if im.ndim == 3 else im.float()
-        h, w = x.shape[-2:]
-        if (h, w) != (size, size):
-            scale = size / min(h, w)
-            nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-            x = F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)
-            top, left = (nh - size) // 2, (nw - size) // 2
-            x = x[..., top:top + size, left:left + size]
-        out.append(x)
+        out.append(resize_and_crop(x, size, antialias=True))
     return torch.cat(out)
 
 
