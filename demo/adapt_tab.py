@@ -40,6 +40,7 @@ from .ui import (
     named_copy,
     number,
     progress_html,
+    reveal,
     scrub,
     status_on_error,
 )
@@ -216,6 +217,8 @@ def build(studio: Studio):
         api_name="train", concurrency_limit=1, concurrency_id="device", show_progress="minimal",
         show_progress_on=[status], scroll_to_output=True)
     stop.click(bind(studio, stop_training), None, status, api_name="stop", show_progress="hidden")
+    for go in (start, resume_go, focus_go):   # the run's status and preview, wherever the button sits
+        reveal(go.click, "adapt-status")
     for box in (source, target):
         box.change(bind(studio, check), [source, target, clip_models, style_files], prompt_check, api_visibility="private",
                    trigger_mode="always_last", show_progress="hidden", concurrency_id="prompt", concurrency_limit=1)

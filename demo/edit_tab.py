@@ -16,7 +16,7 @@ from nada_core.training.mapper import MapperRecipe, MapperTrainer, identity_for,
 from .latent_tools import MapperPicker, mapper_choices, run_with_progress, stream_trainer
 from .sample_tab import model_choices
 from .state import Studio
-from .ui import Slider, bind, friendly, image_file, number, optional_download, progress_html
+from .ui import Slider, bind, friendly, image_file, number, optional_download, progress_html, reveal
 
 N_SLOTS = 12            # slider rows; each is bound to whatever direction the base offers at that index
 LAYER_RANGES = {"all layers": None, "coarse (pose, shape)": (0, 4), "middle (features)": (4, 8), "fine (colour, texture)": (8, 99)}
@@ -166,6 +166,9 @@ def build(studio: Studio):
     controls.reset.click(lambda: [gr.update(value=0)] * (N_SLOTS + 1), None, [*controls.sliders, controls.attribute_alpha],
                          api_visibility="private")
     render_btn.click(full, inputs, gallery, api_name="edit", concurrency_id="render", show_progress_on=[gallery])
+    reveal(render_btn.click, "edit-result")
+    for go in (text_go, text_mapper_go):
+        reveal(go.click, "edit-status")
     return base, models, controls, mapper
 
 

@@ -24,7 +24,7 @@ from nada_core.store.runs import RunFolder
 
 from .latent_tools import MapperPicker
 from .state import Studio
-from .ui import Slider, bind, choice, friendly, image_file, number, optional_download
+from .ui import Slider, bind, choice, friendly, image_file, number, optional_download, reveal
 
 MIX_SLOTS = 4
 
@@ -94,9 +94,12 @@ def build(studio: Studio):
         slider.release(rerender, inputs, out, api_visibility="private", concurrency_id="render", show_progress="hidden")
     for picker in (noise, mapper.choice):
         picker.change(rerender, inputs, out, api_visibility="private", concurrency_id="render", show_progress="hidden")
-    make.click(bind(studio, make_video), [model, strength, other, mix, seed_a, seed_b, frames, mode, truncation], [video, gif_file],
+    reveal(go.click, "sample-grid")
+    reveal(mix_go.click, "sample-grid")
+    made = make.click(bind(studio, make_video), [model, strength, other, mix, seed_a, seed_b, frames, mode, truncation], [video, gif_file],
                api_name="interpolate", concurrency_limit=1, concurrency_id="device", show_progress="minimal",
                show_progress_on=[make], scroll_to_output=True)
+    reveal(made.then, "sample-video")
     refresh.click(bind(studio, refresh_models), None, [model, other], api_name="sample_refresh")
     mix_inputs = [*mix_styles, *mix_weights]
     mix_go.click(bind(studio, preview_mix), [seeds, truncation, *mix_inputs], out, api_name="mix", concurrency_id="render",

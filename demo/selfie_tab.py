@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 
 import gradio as gr
+from PIL import Image
 
 from nada_core.faces.align import FaceError, detect, draw_faces, load_photo
 from nada_core.faces.colour import keep_colours
@@ -19,12 +20,26 @@ from .edit_tab import DirectionControls
 from .latent_tools import Cancelled, MapperPicker, mapper_choices, run_with_progress
 from .sample_tab import model_choices
 from .state import Studio
-from .ui import Slider, bind, friendly, image_file, number, optional_download, progress_html, scrub, status_on_error
+from .ui import (
+    Slider,
+    bind,
+    friendly,
+    image_file,
+    number,
+    optional_download,
+    progress_html,
+    reveal,
+    scrub,
+    status_on_error,
+)
 
 ENCODER, REFINE, OPTIMISE = "Encoder (e4e): instant", "Encoder + optimisation", "Optimisation"
 
 
 MAX_FACES = 8
+
+
+SHOWN = 256   # px a result picture is shown at
 
 
 def methods_for(studio: Studio, base_name: str) -> list[str]:
@@ -85,10 +100,11 @@ def build(studio: Studio):
                                  interactive=False, height=240, elem_id="selfie-photo", min_width=200, scale=3)
                 aligned = gr.Image(format="png", label="Aligned face with landmarks", type="pil", interactive=False,
                                    height=240, min_width=160, scale=2)
-            stylised = gr.Gallery(format="png", label="Stylised", columns=3, height=260, allow_preview=True,
-                                  elem_id="selfie-result", object_fit="contain")
-            pasted = gr.Gallery(format="png", label="Pasted back into your photo", columns=2, height=320,
-                                allow_preview=True, object_fit="contain")
+            with gr.Row(equal_height=False):   # side by side on a laptop, stacked on a phone
+                stylised = gr.Gallery(format="png", label="Stylised", columns=2, height=300, allow_preview=True,
+                                      elem_id="selfie-result", object_fit="contain", min_width=220)
+                pasted = gr.Gallery(format="png", label="Pasted back into your photo", columns=1, height=300,
+                                    allow_preview=True, object_fit="contain", elem_id="selfie-pasted", min_width=220)
             recon = gr.Image(format="png", label="Reconstruction (the inverted latent through the source model)",
                              type="pil", interactive=False, height=256)
     session = gr.State(None)
@@ -98,17 +114,21 @@ def build(studio: Studio):
         methods = methods_for(studio, base_name)
         return gr.update(choices=model_choices(studio, base_name), value=[]), gr.update(choices=methods, value=methods[0])
 
-    upload.change(friendly(bind(studio, show_faces)), [upload, webcam], [photo, status, face_pick], api_visibility="private",
+    shown = upload.change(friendly(bind(studio, show_faces)), [upload, webcam], [photo, status, face_pick], api_visibility="private",
                   show_progress="hidden")
     webcam.change(friendly(bind(studio, show_faces)), [upload, webcam], [photo, status, face_pick], api_visibility="private",
                   show_progress="hidden")
-    go.click(bind(studio, run), [upload, webcam, base, models, method, steps, fit_noise, every_face, face_pick, colours,
+    reveal(shown.then, "selfie-photo")
+    reveal(go.click, "selfie-status")
+    ran = go.click(bind(studio, run), [upload, webcam, base, models, method, steps, fit_noise, every_face, face_pick, colours,
                                  *mapper.inputs,
                    *controls.inputs],
              [status, photo, aligned, recon, stylised, pasted, session], api_name="selfie",
              concurrency_limit=1, concurrency_id="device", show_progress="minimal", show_progress_on=[status],
              scroll_to_output=True)
     cancel.click(bind(studio, stop), None, None, api_visibility="private", show_progress="hidden")
+    reveal(ran.then, "selfie-result")
+    reveal(sketch_go.click, "selfie-result")
     sketch_go.click(bind(studio, render_sketch), [sketch, base, models, *mapper.inputs], stylised, api_name="sketch",
                     concurrency_limit=1, concurrency_id="device", show_progress_on=[stylised])
     for s in controls.sliders:
@@ -185,6 +205,12 @@ def outputs_for(studio: Studio, state, mapper_id, mapper_strength, values):
     return gallery, pasted
 
 
+def readable(img):
+    """A small model's picture enlarged (pixels kept sharp) so that it reads at the size it is shown."""
+    scale = max(1, SHOWN // max(img.size))
+    return img.resize((img.width * scale, img.height * scale), Image.NEAREST) if scale > 1 else img
+
+
 def styles_for(studio: Studio, base_name, ids) -> list:
     """The chosen style ids, each checked to be an adaptation of ``base_name`` (it shares its latent space)."""
     ids = list(ids or [])
@@ -251,7 +277,8 @@ def run(studio: Studio, file, cam, base_name, ids, how, n_steps, noise, every_fa
     styles = (f" Your face in {len(ids)} style(s) is below; the sliders and text edits act on it." if ids
               else " Choose styles to see yourself in them.")
     msg = f"{note}Inverted with {invs[0].method}.{loss_note}{styles}"
-    yield progress_html(1.0, msg, "done"), gr.update(), faces[0].overlay(), invs[0].reconstruction, gal, pas, state
+    yield (progress_html(1.0, msg, "done"), gr.update(), faces[0].overlay(), readable(invs[0].reconstruction), gal, pas,
+           state)
 
 
 @friendly

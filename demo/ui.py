@@ -7,6 +7,7 @@ import hashlib
 import html
 import inspect
 import io
+import json
 import logging
 import math
 import os
@@ -91,6 +92,21 @@ def friendly(fn):
         except Exception as e:  # noqa: BLE001
             raise _as_gr_error(e, fn.__name__) from None
     return wrapper
+
+
+REVEAL_JS = """() => {
+  const e = document.getElementById(%s);
+  if (!e) return;
+  const r = e.getBoundingClientRect();
+  if (r.top < 0 || r.top + Math.min(r.height, 160) > window.innerHeight) e.scrollIntoView({block: "start"});
+}"""
+
+
+def reveal(event, elem_id: str) -> None:
+    """Bring an action's result (the element ``elem_id``) into view when it is not: on a phone results sit below
+    the controls, and an action inside an accordion often sits below its result. ``event`` is the trigger's
+    listener (``button.click``, ``handler_event.then``); this runs in the page only."""
+    event(None, None, None, js=REVEAL_JS % json.dumps(elem_id), api_visibility="private", show_progress="hidden")
 
 
 def bind(studio: Studio, handler: Callable) -> Callable:

@@ -1,4 +1,6 @@
 """Launch the real app (tiny models) in-process on a free 127.0.0.1 port, for client and browser tests."""
+import html
+import re
 import socket
 
 from app import MAX_UPLOAD
@@ -37,4 +39,4 @@ def refusal(call) -> str:
         return str(e)
     assert isinstance(out, (list, tuple)) and "nada-warn" in str(out[0]), f"not refused: {str(out)[:300]}"
     assert unchanged(out[1:]), f"a refusal changed other outputs: {str(out[1:])[:300]}"
-    return out[0]
+    return html.unescape(re.sub(r"<[^>]+>", "", out[0]))   # the text the user reads

@@ -307,6 +307,6 @@ def test_a_full_disk_during_import_mix_save_or_download_says_so_and_leaves_no_fo
         m.setattr("torch.save", disk_full)   # the rosinality .pt written on a first download
         assert "The disk is full" in error_of(lambda: client.predict("mix-to-download", api_name="/library_download"))
     assert folders() == before   # no half-written .pt, nothing else
-    files = client.predict("mix-to-download", api_name="/library_download")
+    _, files = client.predict("mix-to-download", api_name="/library_download")
     assert sorted(Path(f).name for f in files["value"]) == ["mix-to-download.pt", "mix-to-download.safetensors"]
     still_serves(client, studio)

@@ -131,7 +131,7 @@ def test_selfie_flow(app, tmp_path):
     outs = run_selfie(client, tmp_path / "me.jpg", path)
     status, photo, aligned, recon, stylised, pasted = outs[-1]
     assert "Inverted with optimisation" in status
-    assert Image.open(aligned).size == (256, 256) and Image.open(recon).size == (32, 32)
+    assert Image.open(aligned).size == (256, 256) and Image.open(recon).size == (256, 256)   # 32 px, shown enlarged
     assert len(stylised) == 1 and Image.open(pasted[0]["image"]).size == (512, 512)
     # "Keep my photo's colours": each style shown plain and with the photo's chroma, side by side
     *_, aligned, _, stylised, pasted = run_selfie(client, tmp_path / "me.jpg", path, colours=1.0)[-1]
@@ -358,7 +358,7 @@ def test_group_photo_stylises_every_chosen_face(app, tmp_path):
     canvas.paste(face.transpose(Image.FLIP_LEFT_RIGHT), (512, 0))
     canvas.save(tmp_path / "two.png")
     job = client.submit(handle_file(str(tmp_path / "two.png")), None, "tiny", [model], "Optimisation", 10, False, True,
-                        ["Face 1", "Face 2"], None, 1.0, *([0.0] * 12), *(["all layers"] * 12), None, 0,
+                        ["Face 1", "Face 2"], 0, None, 1.0, *([0.0] * 12), *(["all layers"] * 12), None, 0,
                         api_name="/selfie")
     outs = list(job)
     job.result()

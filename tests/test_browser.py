@@ -293,3 +293,76 @@ def test_the_page_shows_the_run_as_it_is_and_stop_answers_at_once(browser, serve
     assert final.kind == "cancelled" and RunFolder(run.folder.path).continuable
     page.screenshot(path=str(SCREENS / "stopped_1280.png"))
     page.close()
+
+
+@pytest.mark.parametrize("width,height", [(1280, 720), (390, 844)])
+def test_every_result_comes_into_view(browser, server, tmp_path, width, height):
+    """After each primary action, and each action inside an accordion, its result is in the viewport."""
+    url, studio = server
+    page = open_page(browser, url, width, height)
+    tag = f"{width}"
+
+    def shown(selector, what):
+        wait_for(lambda: in_viewport(page, selector), 15, f"{what} in view at {width} px")
+        page.screenshot(path=str(SCREENS / f"view_{what.replace(' ', '_')}_{tag}.png"))
+
+    # Adapt: Start, then Continue a run (inside its accordion, below the fold)
+    page.get_by_role("tab", name="Adapt").click()
+    set_number(page, "adapt-iterations", 30)
+    page.locator("#adapt-start").scroll_into_view_if_needed()
+    page.locator("#adapt-start").click()
+    shown("#adapt-status", "adapt status")
+    wait_for(lambda: "Finished" in page.locator("#adapt-status").inner_text(), 300, "the run's end")
+    assert in_viewport(page, "#adapt-preview") or width < 900   # on a phone the preview follows the status
+    page.get_by_text("Continue a run").click()
+    run_id = next(e.id for e in studio.library() if e.kind == "run")
+    box = page.get_by_label("Run (its recipe, snapshot and optimiser)")
+    box.fill(run_id)
+    box.press("Enter")
+    continue_button = page.get_by_role("button", name="Continue", exact=True)
+    continue_button.scroll_into_view_if_needed()
+    continue_button.click()
+    shown("#adapt-status", "continued run")
+    wait_for(lambda: "Finished" in page.locator("#adapt-status").inner_text(), 300, "the continued run's end")
+
+    # Sample: Generate, Preview the mix, Make video
+    page.get_by_role("tab", name="Sample").click()
+    page.locator("#sample-model input").first.click()
+    page.get_by_role("option").first.click()
+    page.locator("#sample-go").scroll_into_view_if_needed()
+    page.locator("#sample-go").click()
+    shown("#sample-grid", "sample grid")
+    page.get_by_text("Mix styles (domain arithmetic)").click()
+    page.get_by_role("button", name="Preview the mix").scroll_into_view_if_needed()
+    pick = page.locator("#sample-mix input[role=listbox], #sample-mix input").first
+    pick.click()
+    page.get_by_role("option").first.click()
+    page.get_by_role("button", name="Preview the mix").click()
+    shown("#sample-grid", "mix grid")
+    page.get_by_text("Interpolation video").click()
+    page.get_by_role("button", name="Make video").scroll_into_view_if_needed()
+    page.get_by_role("button", name="Make video").click()
+    shown("#sample-video", "video")
+
+    # Edit: Render
+    page.get_by_role("tab", name="Edit").click()
+    page.get_by_role("button", name="Render").scroll_into_view_if_needed()
+    page.get_by_role("button", name="Render").click()
+    shown("#edit-result", "edit result")
+
+    # Selfie: the photo at once, then the stylised faces
+    Image.fromarray(data.astronaut()).save(tmp_path / "me.jpg")
+    page.get_by_role("tab", name="Selfie").click()
+    page.locator("#selfie-upload input[type=file]").set_input_files(str(tmp_path / "me.jpg"))
+    shown("#selfie-photo", "selfie photo")
+    styles = page.locator("#selfie-styles input").first
+    styles.click()
+    page.get_by_role("option").first.click()
+    page.keyboard.press("Escape")
+    page.locator("#selfie-go").scroll_into_view_if_needed()
+    page.locator("#selfie-go").click()
+    wait_for(lambda: "Inverted" in page.locator("#selfie-status").inner_text(), 300, "the inversion")
+    shown("#selfie-result", "stylised")
+    if width >= 900:   # side by side on a laptop; stacked under it on a phone
+        assert in_viewport(page, "#selfie-pasted")
+    page.close()
