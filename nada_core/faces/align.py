@@ -137,7 +137,7 @@ def align_face(img, output_size: int = 1024, transform_size: int = 4096, lm: np.
         yy, xx, _ = np.ogrid[:h, :w, :1]
         mask = np.maximum(1.0 - np.minimum(np.float32(xx) / pad[0], np.float32(w - 1 - xx) / pad[2]),
                           1.0 - np.minimum(np.float32(yy) / pad[1], np.float32(h - 1 - yy) / pad[3]))
-        blurred = np.float32(Image.fromarray(np.uint8(np.clip(np.rint(a), 0, 255))).filter(ImageFilter.GaussianBlur(qsize * 0.02)))
+        blurred = np.float32(Image.fromarray(np.uint8(np.clip(np.rint(a), 0, 255))).filter(ImageFilter.GaussianBlur(float(qsize * 0.02))))
         a += (blurred - a) * np.clip(mask * 3.0 + 1.0, 0.0, 1.0)
         a += (np.median(a, axis=(0, 1)) - a) * np.clip(mask, 0.0, 1.0)
         img = Image.fromarray(np.uint8(np.clip(np.rint(a), 0, 255)), "RGB")
