@@ -13,7 +13,7 @@ from nada_core.faces.invert import refine
 from nada_core.faces.video import VideoStyliser, output_paths, stylize_clip
 from nada_core.models.tiny import tiny_generator
 from nada_core.store.clips import probe, read_frames
-from tests.clips import moving_face, no_face, write_clip
+from tests.clips import moving_face, no_face, patched_frame_count, write_clip
 
 FACELESS = [0, 1, 10, 11]   # the clip below: two shots without a face, eight of the face moving, a cut to two more
 
@@ -141,3 +141,23 @@ def test_styles_must_share_the_base_and_steps_are_needed():
         VideoStyliser(G, {"warm": tiny_generator(seed=4)}, steps=0)
     assert output_paths("out/o.mp4", ["ink"]) == {"ink": Path("out/o.mp4")}
     assert output_paths("o.mp4", ["Ink wash", "pop"]) == {"Ink wash": Path("o-ink-wash.mp4"), "pop": Path("o-pop.mp4")}
+
+
+def test_cli_video(clip, tmp_path, capsys):
+    from nada_core.__main__ import main
+    from nada_core.store.checkpoints import save_generator
+
+    ink = save_generator(tiny_generator(seed=4), tmp_path / "ink" / "final.safetensors", {"source_model": "tiny"})
+    pop = save_generator(tiny_generator(seed=5), tmp_path / "pop" / "final.safetensors", {"source_model": "tiny"})
+    assert main(["video", str(clip), "--style", str(ink), "--style", str(pop), "--out", str(tmp_path / "out.mp4"),
+                 "--steps", "1", "--first-steps", "5", "--loss", "pixels"]) == 0
+    printed = capsys.readouterr()
+    assert printed.out.split() == [str(tmp_path / "out-ink.mp4"), str(tmp_path / "out-pop.mp4")]
+    assert "12 frames, 8 with a face stylised" in printed.err
+    for name in ("out-ink.mp4", "out-pop.mp4"):
+        out = probe(tmp_path / name)
+        assert (out.frames, out.width, out.fps, out.audio) == (12, 128, 12, "aac")
+    (tmp_path / "million.mp4").write_bytes(patched_frame_count(clip, 10 ** 6))
+    assert main(["video", str(tmp_path / "million.mp4"), "--style", str(ink), "--out", str(tmp_path / "x.mp4")]) == 1
+    assert "too many frames (1000000); the limit is 1800" in capsys.readouterr().err
+    assert not (tmp_path / "x.mp4").exists()
