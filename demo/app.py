@@ -6,7 +6,7 @@ import gradio as gr
 
 from nada_core.store import weights
 
-from . import adapt_tab, edit_tab, library_panel, sample_tab, selfie_tab
+from . import adapt_tab, edit_tab, library_panel, sample_tab, selfie_tab, video_tab
 from .latent_tools import mapper_choices
 from .sample_tab import model_choices
 from .state import Studio
@@ -55,6 +55,8 @@ def build_demo(studio: Studio) -> gr.Blocks:
             edit_base, edit_models, edit_controls, edit_mapper = edit_tab.build(studio)
         with gr.Tab("Selfie") as t4:
             selfie_base, selfie_models, selfie_controls, selfie_mapper = selfie_tab.build(studio)
+        with gr.Tab("Video"):
+            video_tab.build(studio)
         listing, thumbs, pick, usage, library_changes = library_panel.build(studio)
 
         def on_load(edit_base_name, selfie_base_name):
