@@ -24,6 +24,7 @@ CSS = """
 .nada-bar {height: 6px; background: var(--border-color-primary); border-radius: 3px; margin-bottom: 4px; overflow: hidden;}
 .nada-bar > div {height: 100%; background: var(--color-accent); transition: width 0.3s;}
 .nada-optional {align-items: center;}
+@media (max-width: 480px) { .tab-wrapper > .tab-container > button {padding: 0 12px !important;} }  /* 5 tabs fit a phone */
 /* result galleries keep their column count even with one image (a lone tile would fill the width and be cropped) */
 #edit-result .grid-container, #selfie-result .grid-container {--grid-cols: 3 !important;}
 @media (max-width: 899px) { #edit-result .grid-container, #selfie-result .grid-container {--grid-cols: 2 !important;} }
