@@ -6,7 +6,7 @@ import gradio as gr
 
 from nada_core.store import weights
 
-from . import adapt_tab, edit_tab, library_panel, sample_tab, selfie_tab
+from . import adapt_tab, edit_tab, library_panel, sample_tab, selfie_tab, video_tab
 from .latent_tools import mapper_choices
 from .sample_tab import model_choices
 from .state import Studio
@@ -24,6 +24,7 @@ CSS = """
 .nada-bar {height: 6px; background: var(--border-color-primary); border-radius: 3px; margin-bottom: 4px; overflow: hidden;}
 .nada-bar > div {height: 100%; background: var(--color-accent); transition: width 0.3s;}
 .nada-optional {align-items: center;}
+@media (max-width: 480px) { .tab-wrapper > .tab-container > button {padding: 0 12px !important;} }  /* 5 tabs fit a phone */
 /* result galleries keep their column count even with one image (a lone tile would fill the width and be cropped) */
 #edit-result .grid-container, #selfie-result .grid-container {--grid-cols: 3 !important;}
 @media (max-width: 899px) { #edit-result .grid-container, #selfie-result .grid-container {--grid-cols: 2 !important;} }
@@ -55,6 +56,8 @@ def build_demo(studio: Studio) -> gr.Blocks:
             edit_base, edit_models, edit_controls, edit_mapper = edit_tab.build(studio)
         with gr.Tab("Selfie") as t4:
             selfie_base, selfie_models, selfie_controls, selfie_mapper = selfie_tab.build(studio)
+        with gr.Tab("Video"):
+            video_tab.build(studio)
         listing, thumbs, pick, usage, library_changes = library_panel.build(studio)
 
         def on_load(edit_base_name, selfie_base_name):

@@ -221,6 +221,23 @@ class Studio:
             self._models.move_to_end(key)
             return self._models[key]
 
+    def e4e(self, base_name: str):
+        """(the e4e encoder, None) where it fits the base and is downloaded, loaded once; else (None, why)."""
+        from nada_core.faces.selfie import encoder_for
+
+        if self.tiny:
+            return None, "the e4e encoder fits the FFHQ 1024 generator, not the tiny test models; using optimisation"
+        with self._lock:
+            key = ("e4e", base_name)
+            if key not in self._models:
+                enc, why = encoder_for(base_name, self.base(base_name), self.device)
+                if enc is None:
+                    return None, why
+                self._models[key] = enc
+                self._trim_cache()
+            self._models.move_to_end(key)
+            return self._models[key], None
+
     def psp(self, name: str):
         """A pSp conditional encoder (psp-sketch / psp-seg) from the weights folder, loaded once."""
         from nada_core.faces.psp import load_psp
@@ -276,6 +293,12 @@ class Studio:
             self.training = {"run": run, "session": session}
             self.unsaved.pop(session, None)  # a new run frees the model kept for a retry
 
+    def start_job(self, job, session: str) -> None:
+        """Another device job (a video; anything with ``ended``, ``view()`` and ``stop()``) in the same slot, so
+        the other tabs' visitors are told it is busy; unlike a run it frees no model kept for a retry."""
+        with self._lock:
+            self.training = {"run": job, "session": session}
+
     def active_run(self):
         """(run, session) of the run in progress, or None (a run that has ended holds nothing)."""
         with self._lock:
@@ -288,12 +311,12 @@ class Studio:
         return bool(active) and active[1] == session
 
     def training_status(self) -> str | None:
-        """'step x/y' of the run in progress, or None."""
+        """'step x/y' of the run in progress ('frame x/y' of a video), or None."""
         active = self.active_run()
         if not active:
             return None
         view = active[0].view()
-        return f"step {view.step}/{view.total}"
+        return f"{getattr(view, 'unit', 'step')} {view.step}/{view.total}"
 
     def keep_unsaved(self, session: str, adapter) -> None:
         with self._lock:

@@ -1,4 +1,4 @@
-"""Command line: ``python -m nada_core weights|adapt|batch|sample|invert|mapper|export ...`` (``--help`` on each)."""
+"""Command line: ``python -m nada_core weights|adapt|batch|sample|invert|video|mapper|export ...`` (``--help`` on each)."""
 from __future__ import annotations
 
 import argparse
@@ -321,6 +321,46 @@ def cmd_invert(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- video
+def cmd_video(args) -> int:
+    import threading
+    import types
+
+    from .faces.selfie import encoder_for, perceptual_for
+    from .faces.video import VideoStyliser, load_styles, output_paths, stylize_clip
+    from .store.clips import ClipLimits, probe
+    from .store.library import default_device
+
+    limits = ClipLimits(max_seconds=args.max_seconds, max_frames=args.max_frames, max_side=args.max_side)
+    info = probe(args.clip, limits)   # refused here, before a model is loaded or a frame decoded
+    device = args.device or default_device()
+    G, base_name, styles = load_styles(args.style, args.base, device)
+    enc = None
+    if args.encoder != "none":
+        enc, why = encoder_for(base_name, G, device)
+        if why:
+            print(f"note: {why}", file=sys.stderr)
+    perceptual = perceptual_for(device)[0] if enc is None and args.loss == "auto" else {}
+    styliser = VideoStyliser(G, styles, enc, steps=args.steps, first_steps=args.first_steps, perceptual=perceptual,
+                             fps=float(info.fps), detect_every=args.detect_every, max_faces=args.max_faces)
+    outputs = output_paths(args.out, list(styles))
+    print(f"{args.clip}: {info.frames} frames, {info.width} x {info.height}, {float(info.fps):.2f} fps, "
+          f"{'sound: ' + info.audio if info.audio else 'no sound'}; inversion: {styliser.method}", file=sys.stderr)
+
+    def show(p):
+        print(_bar(p.done, p.total, f"frame {p.done}/{p.total} · {p.frames_per_second:.2f} frames/s · "
+                                    f"{p.faces} face(s)"), end="", file=sys.stderr, flush=True)
+
+    stop = threading.Event()
+    with stop_on_ctrl_c(types.SimpleNamespace(stop=stop.set)):
+        result = stylize_clip(args.clip, info, styliser, outputs, progress=show, stop=stop, limits=limits)
+    print(file=sys.stderr)
+    for path in result.outputs.values():
+        print(path)
+    print(result.message, file=sys.stderr)
+    return 130 if result.cancelled else 0
+
+
 # ---------------------------------------------------------------------------- check-prompt
 def cmd_check_prompt(args) -> int:
     from .guidance.clip_guide import load_ensemble
@@ -528,6 +568,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="give the stylised faces the photo's colours (its chroma; the style's light and shade stay): "
                         "1 (the default when given) = the photo's, 0 = the style's")
     v.set_defaults(fn=cmd_invert)
+
+    vid = sub.add_parser("video", help="stylise the faces of a video clip (sound kept), one MP4 per style")
+    vid.add_argument("clip", help="the input clip (MP4, MOV, WebM, ...)")
+    vid.add_argument("--style", action="append", required=True, help="a library model id or a weights file; "
+                                                                      "repeat for several (one base)")
+    vid.add_argument("--out", required=True, help="OUT.mp4 (several styles: OUT-<style>.mp4)")
+    vid.add_argument("--base", default=None, help="the styles' base (default: the one they record; 'tiny' allowed)")
+    vid.add_argument("--encoder", default="auto", choices=["auto", "none"],
+                     help="auto: the e4e encoder where it fits the base and is downloaded, else optimisation")
+    vid.add_argument("--steps", type=int, default=5, help="optimisation steps a frame, from the previous code")
+    vid.add_argument("--first-steps", type=int, default=50, help="optimisation steps for a face seen the first time")
+    vid.add_argument("--loss", default="auto", choices=["auto", "pixels"],
+                     help="optimisation loss: auto (LPIPS, else CLIP + pixels, when downloaded) or pixels only")
+    vid.add_argument("--detect-every", type=int, default=5, help="run the face detector every N frames")
+    vid.add_argument("--max-faces", type=int, default=4)
+    vid.add_argument("--max-seconds", type=float, default=60.0)
+    vid.add_argument("--max-frames", type=int, default=1800)
+    vid.add_argument("--max-side", type=int, default=1920, help="longest picture side allowed, in pixels")
+    vid.add_argument("--device", default=None)
+    vid.set_defaults(fn=cmd_video)
 
     c = sub.add_parser("check-prompt", help="measure a source -> target prompt on the CLIP models before training")
     c.add_argument("--source", default="photo")

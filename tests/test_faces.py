@@ -63,6 +63,13 @@ def test_paste_back_changes_only_the_face_region(astronaut):
     assert diff[cy, cx] > 100  # the nose tip was replaced
 
 
+def test_a_face_near_the_edge_is_padded_by_reflection(astronaut):
+    tight = astronaut.crop((150, 40, 300, 190))   # the crop square reaches past the picture: the padding path
+    aligned, quad = align_face(tight, output_size=64, transform_size=128)
+    assert aligned.size == (64, 64) and (quad.min() < 0 or quad.max() > 150)
+    assert np.asarray(aligned).std() > 20   # a picture, not a blank
+
+
 def test_bad_inputs_give_clear_errors(tmp_path):
     with pytest.raises(FaceError, match="no face found"):
         landmarks(Image.new("RGB", (300, 300), (120, 90, 60)))

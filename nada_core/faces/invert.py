@@ -221,6 +221,33 @@ def project(G: Generator, target: torch.Tensor, steps: int = 200, w_init: torch.
         return w_final, G.synthesis(w_final, noises=noises), noises
 
 
+def refine(G: Generator, target: torch.Tensor, w_start: torch.Tensor, steps: int = 10, lr: float = 0.01,
+           clip=None, lpips=None) -> torch.Tensor:
+    """W+ after ``steps`` Adam steps from ``w_start`` towards ``target`` (1, 3, S, S) in [-1, 1], rendered at the
+    target's size. For video, started from the previous frame's code: a constant small rate and no noise in
+    the code, since :func:`project`'s warm-up, noise and ramp (made to leave the mean latent) would make the
+    codes of neighbouring frames jump."""
+    if steps <= 0:
+        return w_start.detach()
+    size = target.shape[-1]
+    if size > G.size:
+        target, size = F.interpolate(target, size=(G.size, G.size), mode="area"), G.size
+    with torch.no_grad():
+        clip_target = clip.encode_images(target) if clip is not None else None
+    w = G.to_w_plus(w_start.to(target.device)).detach().clone().requires_grad_(True)
+    opt = torch.optim.Adam([w], lr=lr)
+    G.requires_grad_(False)
+    for _ in range(steps):
+        img = G.synthesis(w)
+        if img.shape[-1] != size:
+            img = F.interpolate(img, size=(size, size), mode="area")
+        loss = reconstruction_loss(img, target, clip, clip_target, lpips=lpips)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return w.detach()
+
+
 def invert_with_noise(aligned: torch.Tensor, G: Generator, encoder: E4EEncoder | None = None, steps: int = 200,
                       progress: Callable[[int, int, float], None] | None = None, clip=None, lpips=None,
                       optimize_noise: bool = False):
