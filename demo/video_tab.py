@@ -20,7 +20,7 @@ from nada_core.store.clips import ClipLimits, probe
 
 from .sample_tab import model_choices
 from .state import Studio
-from .ui import Slider, fmt_seconds, friendly, image_file, number, progress_html, status_on_error
+from .ui import Slider, bind, fmt_seconds, friendly, image_file, number, progress_html, status_on_error
 
 LIMITS = ClipLimits(max_bytes=100 * 2 ** 20, max_seconds=30.0, max_frames=900, max_side=1920)
 POLL_SECONDS = 0.25
@@ -127,6 +127,8 @@ def build(studio: Studio):
                 styles = gr.Dropdown(model_choices(studio, base_default), multiselect=True, label="Styles to apply",
                                      elem_id="video-styles", min_width=140, allow_custom_value=True)  # ids, checked
             steps = Slider(1, 30, value=5, step=1, label="Optimisation steps a frame (when no encoder fits the base)")
+            colours = Slider(0, 1, value=0, step=0.05, label="Keep my photo's colours (video and webcam; 0 = the style's)",
+                             elem_id="video-colours")
             with gr.Row():
                 go = gr.Button("Stylise the video", variant="primary", elem_id="video-go", min_width=100)
                 stop = gr.Button("Stop", elem_id="video-stop", min_width=100)
@@ -147,129 +149,138 @@ def build(studio: Studio):
         rate = gr.Markdown("", elem_id="video-rate")
     cam_state = gr.State(None)
 
-    def checked_styles(base_name, ids) -> list:
-        ids = [i for i in (ids or []) if i]
-        for e in (studio.entry(i) for i in ids):
-            if e.base != base_name:
-                raise gr.Error(f"'{e.name}' was adapted from {e.base}, not {base_name}; choose styles of one base")
-        return ids
-
-    def inverter(base_name):
-        """(encoder or None, perceptual losses, note) for this base."""
-        enc, why = studio.e4e(base_name)
-        return (enc, {}, "e4e") if enc is not None else (None, studio.perceptual()[0], why)
-
-    @friendly
-    def before_start(request: gr.Request):
-        """Answers at once, outside the device queue: who holds the device, and that this video waits for it."""
-        active = studio.active_run()
-        if active and active[1] == _session(request):
-            raise gr.Error(f"Already running ({studio.training_status()}). Press Stop to end it first.")
-        if active:
-            return progress_html(None, f"Waiting: another visitor holds the device ({studio.training_status()}); "
-                                       "your video starts when it is free.", "wait")
-        return progress_html(0, "Checking the clip...", "run")
-
-    @status_on_error(0, N_OUTPUTS)
-    @friendly
-    def run(file, base_name, ids, n_steps, request: gr.Request = None):
-        session = _session(request)
-        if studio.is_training(session):
-            raise gr.Error(f"Already running ({studio.training_status()}).")
-        if not file:
-            raise gr.Error("upload a clip first (MP4, MOV or WebM with a visible face)")
-        path = Path(file)
-        name = path.name
-        info = probe(path, LIMITS, name)   # refused here, before a model is loaded or a frame decoded
-        G = studio.base(base_name)
-        ids = checked_styles(base_name, ids)
-        if not ids:
-            raise gr.Error("choose at least one style")
-        n = number(n_steps, "Optimisation steps a frame", 1, 30)
-        enc, perceptual, how = inverter(base_name)
-        models = {studio.entry(i).name: studio.model(i) for i in ids}
-        styliser = VideoStyliser(G, models, enc, steps=n, perceptual=perceptual, fps=float(info.fps))
-        folder = Path(tempfile.mkdtemp(prefix="video-", dir=_outputs_root()))
-        outputs = output_paths(folder / f"{path.stem}-stylised.mp4", list(models))
-        job = VideoJob(path, info, styliser, outputs, name, on_end=studio.finish_training)
-        studio.start_job(job, session)
-        job.start()
-        what = f"{info.frames} frames, {len(models)} style(s), inversion: {styliser.method}" + (
-            f" ({how})" if enc is None and how else "")
-        yield progress_html(0, f"Stylising {name}: {what}...", "run"), None, None, None
-        shown, shown_at = -1, 0.0
-        try:
-            while not job.ended:
-                time.sleep(POLL_SECONDS)
-                view = job.view()
-                if view.version == shown:
-                    continue
-                shown = view.version
-                img = gr.update()
-                if view.preview is not None and time.monotonic() - shown_at >= PREVIEW_SECONDS:
-                    img, shown_at = image_file(Image.fromarray(view.preview), "jpeg", "frame"), time.monotonic()
-                yield progress_html(view.step / max(1, view.total), _status(view), "warn" if view.state == "stopping"
-                                    else "run"), img, gr.update(), gr.update()
-        except GeneratorExit:   # the page went away: stop, keeping what is done
-            job.stop()
-            raise
-        if job.error is not None:
-            raise job.error
-        res = job.result
-        paths = [str(p) for p in res.outputs.values()]
-        text = f"{res.message[0].upper()}{res.message[1:]}." + (" The clip has no sound." if not info.audio else "")
-        last = job.view().preview
-        yield (progress_html(res.done / max(1, res.total), text, "warn" if res.cancelled else "done"),
-               image_file(Image.fromarray(last), "jpeg", "frame") if last is not None else gr.update(),
-               paths[0] if paths else None, paths or None)
-
-    def stop_video(request: gr.Request):
-        if studio.cancel_training(_session(request)):
-            return progress_html(None, "Stopping after the current frame; the frames done are kept...", "warn")
-        return gr.update()
-
-    @friendly
-    def live_frame(frame, base_name, style_id, state, request: gr.Request = None):
-        """One webcam frame through the chosen style with this visitor's tracker and codes."""
-        if frame is None:
-            return gr.update(), gr.update(), state
-        if not style_id:
-            return frame, "Choose a style to see yourself in it.", state
-        active = studio.active_run()
-        if active:
-            return frame, (f"Paused: the device is busy ({studio.training_status()}); the camera resumes when it "
-                           "is free."), state
-        key = (base_name, style_id)
-        if state is None or state["key"] != key:
-            G = studio.base(base_name)
-            (style_id,) = checked_styles(base_name, [style_id])
-            enc, _, _ = inverter(base_name)
-            styliser = VideoStyliser(G, {style_id: studio.model(style_id)}, enc, steps=WEBCAM_STEPS,
-                                     first_steps=WEBCAM_FIRST_STEPS, fps=1 / STREAM_EVERY)
-            state = {"key": key, "styliser": styliser, "done": deque(maxlen=10)}
-        start = time.perf_counter()
-        out = state["styliser"](frame, time.monotonic())
-        took = time.perf_counter() - start
-        state["done"].append(time.monotonic())
-        return out.frames[style_id], _rate(state["done"], took, out.faces), state
-
-    @friendly
-    def on_base(base_name):
-        choices = model_choices(studio, base_name)
-        return gr.update(choices=choices, value=[]), gr.update(choices=choices, value=None)
-
-    go.click(before_start, None, status, api_visibility="private", show_progress="hidden").success(
-        run, [upload, base, styles, steps], [status, preview, result, files], api_name="video", concurrency_limit=1,
+    go.click(bind(studio, before_start), None, status, api_visibility="private", show_progress="hidden").success(
+        bind(studio, run), [upload, base, styles, steps, colours], [status, preview, result, files], api_name="video", concurrency_limit=1,
         concurrency_id="device", show_progress="minimal", show_progress_on=[status], scroll_to_output=True)
-    stop.click(stop_video, None, status, api_name="video_stop", show_progress="hidden")
-    cam.stream(live_frame, [cam, base, cam_style, cam_state], [live, rate, cam_state], api_name="webcam",
+    stop.click(bind(studio, stop_video), None, status, api_name="video_stop", show_progress="hidden")
+    cam.stream(bind(studio, live_frame), [cam, base, cam_style, cam_state, colours], [live, rate, cam_state], api_name="webcam",
                stream_every=STREAM_EVERY, time_limit=600, concurrency_limit=1, concurrency_id="webcam",
                show_progress="hidden")
-    base.change(on_base, base, [styles, cam_style], api_visibility="private", show_progress="hidden")
+    base.change(bind(studio, on_base), base, [styles, cam_style], api_visibility="private", show_progress="hidden")
     for box in (styles, cam_style):   # models trained since the page opened
         box.focus(lambda b: gr.update(choices=model_choices(studio, b)), base, box, api_visibility="private",
                   show_progress="hidden")
     return base, styles
+
+
+def checked_styles(studio: Studio, base_name, ids) -> list:
+    ids = [i for i in (ids or []) if i]
+    for e in (studio.entry(i) for i in ids):
+        if e.base != base_name:
+            raise gr.Error(f"'{e.name}' was adapted from {e.base}, not {base_name}; choose styles of one base")
+    return ids
+
+
+def inverter(studio: Studio, base_name):
+    """(encoder or None, perceptual losses, note) for this base."""
+    enc, why = studio.e4e(base_name)
+    return (enc, {}, "e4e") if enc is not None else (None, studio.perceptual()[0], why)
+
+
+@friendly
+def before_start(studio: Studio, request: gr.Request):
+    """Answers at once, outside the device queue: who holds the device, and that this video waits for it."""
+    active = studio.active_run()
+    if active and active[1] == _session(request):
+        raise gr.Error(f"Already running ({studio.training_status()}). Press Stop to end it first.")
+    if active:
+        return progress_html(None, f"Waiting: another visitor holds the device ({studio.training_status()}); "
+                                   "your video starts when it is free.", "wait")
+    return progress_html(0, "Checking the clip...", "run")
+
+
+@status_on_error(0, N_OUTPUTS)
+@friendly
+def run(studio: Studio, file, base_name, ids, n_steps, colours=0.0, request: gr.Request = None):
+    session = _session(request)
+    if studio.is_training(session):
+        raise gr.Error(f"Already running ({studio.training_status()}).")
+    if not file:
+        raise gr.Error("upload a clip first (MP4, MOV or WebM with a visible face)")
+    path = Path(file)
+    name = path.name
+    info = probe(path, LIMITS, name)   # refused here, before a model is loaded or a frame decoded
+    G = studio.base(base_name)
+    ids = checked_styles(studio, base_name, ids)
+    if not ids:
+        raise gr.Error("choose at least one style")
+    n = number(n_steps, "Optimisation steps a frame", 1, 30)
+    enc, perceptual, how = inverter(studio, base_name)
+    models = {studio.entry(i).name: studio.model(i) for i in ids}
+    styliser = VideoStyliser(G, models, enc, steps=n, perceptual=perceptual, fps=float(info.fps),
+                             keep_colours=number(colours or 0, "Keep my photo's colours", 0, 1, integer=False))
+    folder = Path(tempfile.mkdtemp(prefix="video-", dir=_outputs_root()))
+    outputs = output_paths(folder / f"{path.stem}-stylised.mp4", list(models))
+    job = VideoJob(path, info, styliser, outputs, name, on_end=studio.finish_training)
+    studio.start_job(job, session)
+    job.start()
+    what = f"{info.frames} frames, {len(models)} style(s), inversion: {styliser.method}" + (
+        f" ({how})" if enc is None and how else "")
+    yield progress_html(0, f"Stylising {name}: {what}...", "run"), None, None, None
+    shown, shown_at = -1, 0.0
+    try:
+        while not job.ended:
+            time.sleep(POLL_SECONDS)
+            view = job.view()
+            if view.version == shown:
+                continue
+            shown = view.version
+            img = gr.update()
+            if view.preview is not None and time.monotonic() - shown_at >= PREVIEW_SECONDS:
+                img, shown_at = image_file(Image.fromarray(view.preview), "jpeg", "frame"), time.monotonic()
+            yield progress_html(view.step / max(1, view.total), _status(view), "warn" if view.state == "stopping"
+                                else "run"), img, gr.update(), gr.update()
+    except GeneratorExit:   # the page went away: stop, keeping what is done
+        job.stop()
+        raise
+    if job.error is not None:
+        raise job.error
+    res = job.result
+    paths = [str(p) for p in res.outputs.values()]
+    text = f"{res.message[0].upper()}{res.message[1:]}." + (" The clip has no sound." if not info.audio else "")
+    last = job.view().preview
+    yield (progress_html(res.done / max(1, res.total), text, "warn" if res.cancelled else "done"),
+           image_file(Image.fromarray(last), "jpeg", "frame") if last is not None else gr.update(),
+           paths[0] if paths else None, paths or None)
+
+
+def stop_video(studio: Studio, request: gr.Request):
+    if studio.cancel_training(_session(request)):
+        return progress_html(None, "Stopping after the current frame; the frames done are kept...", "warn")
+    return gr.update()
+
+
+@friendly
+def live_frame(studio: Studio, frame, base_name, style_id, state, colours=0.0, request: gr.Request = None):
+    """One webcam frame through the chosen style with this visitor's tracker and codes."""
+    if frame is None:
+        return gr.update(), gr.update(), state
+    if not style_id:
+        return frame, "Choose a style to see yourself in it.", state
+    active = studio.active_run()
+    if active:
+        return frame, (f"Paused: the device is busy ({studio.training_status()}); the camera resumes when it "
+                       "is free."), state
+    key = (base_name, style_id)
+    if state is None or state["key"] != key:
+        G = studio.base(base_name)
+        (style_id,) = checked_styles(studio, base_name, [style_id])
+        enc, _, _ = inverter(studio, base_name)
+        styliser = VideoStyliser(G, {style_id: studio.model(style_id)}, enc, steps=WEBCAM_STEPS,
+                                 first_steps=WEBCAM_FIRST_STEPS, fps=1 / STREAM_EVERY)
+        state = {"key": key, "styliser": styliser, "done": deque(maxlen=10)}
+    start = time.perf_counter()
+    state["styliser"].keep_colours = number(colours or 0, "Keep my photo's colours", 0, 1, integer=False)
+    out = state["styliser"](frame, time.monotonic())
+    took = time.perf_counter() - start
+    state["done"].append(time.monotonic())
+    return out.frames[style_id], _rate(state["done"], took, out.faces), state
+
+
+@friendly
+def on_base(studio: Studio, base_name):
+    choices = model_choices(studio, base_name)
+    return gr.update(choices=choices, value=[]), gr.update(choices=choices, value=None)
 
 
 def _status(view: JobView) -> str:

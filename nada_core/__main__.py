@@ -342,7 +342,8 @@ def cmd_video(args) -> int:
             print(f"note: {why}", file=sys.stderr)
     perceptual = perceptual_for(device)[0] if enc is None and args.loss == "auto" else {}
     styliser = VideoStyliser(G, styles, enc, steps=args.steps, first_steps=args.first_steps, perceptual=perceptual,
-                             fps=float(info.fps), detect_every=args.detect_every, max_faces=args.max_faces)
+                             fps=float(info.fps), detect_every=args.detect_every, max_faces=args.max_faces,
+                             keep_colours=args.keep_colours)
     outputs = output_paths(args.out, list(styles))
     print(f"{args.clip}: {info.frames} frames, {info.width} x {info.height}, {float(info.fps):.2f} fps, "
           f"{'sound: ' + info.audio if info.audio else 'no sound'}; inversion: {styliser.method}", file=sys.stderr)
@@ -586,6 +587,8 @@ def build_parser() -> argparse.ArgumentParser:
     vid.add_argument("--max-seconds", type=float, default=60.0)
     vid.add_argument("--max-frames", type=int, default=1800)
     vid.add_argument("--max-side", type=int, default=1920, help="longest picture side allowed, in pixels")
+    vid.add_argument("--keep-colours", type=float, nargs="?", const=1.0, default=0.0, metavar="STRENGTH",
+                     help="the faces keep the clip's colours (its chroma) by this strength (1 when given alone)")
     vid.add_argument("--device", default=None)
     vid.set_defaults(fn=cmd_video)
 

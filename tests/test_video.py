@@ -161,3 +161,17 @@ def test_cli_video(clip, tmp_path, capsys):
     assert main(["video", str(tmp_path / "million.mp4"), "--style", str(ink), "--out", str(tmp_path / "x.mp4")]) == 1
     assert "too many frames (1000000); the limit is 1800" in capsys.readouterr().err
     assert not (tmp_path / "x.mp4").exists()
+
+
+def test_the_faces_can_keep_the_clips_colours(clip):
+    """'Keep my photo's colours' in a video: each stylised face takes its aligned crop's chroma by the strength."""
+    def chroma(img):
+        return np.asarray(img.convert("YCbCr"), dtype=np.float64)[..., 1:]
+
+    frame = decoded(clip)[4]            # a frame with the face
+    plain, kept = styliser()(frame), styliser(keep_colours=1.0)(frame)
+    photo = chroma(plain.aligned[0].resize(plain.stylised["warm"][0].size, Image.LANCZOS))
+    far, near = (np.abs(chroma(out.stylised["warm"][0]) - photo).mean() for out in (plain, kept))
+    assert near < 0.5 * far, (near, far)
+    with pytest.raises(ValueError, match="keep colours must be between 0 and 1"):
+        styliser(keep_colours=2.0)

@@ -21,6 +21,7 @@ from ..models.stylegan2 import Generator
 from ..store.clips import ClipInfo, ClipLimits, ClipWriter, read_frames
 from ..store.images import from_pil, to_pil
 from .align import align_face, aligned_points
+from .colour import keep_colours
 from .invert import encoder_input, project, refine
 from .selfie import AlignedFace, paste_faces
 from .tracking import FaceTracker
@@ -48,7 +49,7 @@ class VideoStyliser:
     def __init__(self, G: Generator, styles: dict[str, Generator], encoder=None, steps: int = STEPS,
                  first_steps: int = FIRST_STEPS, perceptual: dict | None = None, fps: float = 25.0,
                  detect_every: int = 5, max_faces: int = 4, code_alpha: float = CODE_ALPHA, feather: float = 0.06,
-                 smooth_landmarks: bool = True):
+                 smooth_landmarks: bool = True, keep_colours: float = 0.0):
         if not styles:
             raise ValueError("choose at least one style")
         for name, Gm in styles.items():
@@ -56,11 +57,14 @@ class VideoStyliser:
                 raise ValueError(f"{name}: a different architecture from the base; it cannot render its faces")
         if encoder is None and (steps < 1 or first_steps < 1):
             raise ValueError("choose at least one optimisation step: no encoder fits this generator")
+        if not 0 <= keep_colours <= 1:
+            raise ValueError(f"keep colours must be between 0 and 1, got {keep_colours}")
         if not 0 < code_alpha <= 1:
             raise ValueError("code_alpha must lie in (0, 1]")
         self.G, self.styles, self.encoder = G, dict(styles), encoder
         self.steps, self.first_steps, self.perceptual = steps, first_steps, dict(perceptual or {})
         self.code_alpha, self.feather = code_alpha, feather
+        self.keep_colours = keep_colours   # the photo's chroma by this strength (faces.colour); may change live
         self.tracker = FaceTracker(fps, detect_every, max_faces, smooth=smooth_landmarks)
         self.crop = 256 if encoder is not None else min(G.size, 256)
         self.device = G.input.input.device
@@ -91,6 +95,9 @@ class VideoStyliser:
         with torch.no_grad():
             for name, Gm in self.styles.items():
                 renders[name] = to_pil(Gm.synthesis(w, noise_mode="const"))
+                if self.keep_colours:
+                    renders[name] = [keep_colours(img, face.aligned, self.keep_colours)
+                                     for img, face in zip(renders[name], faces)]
                 out[name] = np.asarray(paste_faces(photo, faces, renders[name], self.feather))
         return FrameOutput(out, len(tracked), [f.aligned for f in faces], renders)
 
