@@ -41,6 +41,7 @@ def main(argv=None):
 
     from demo.app import CSS, build_demo
     from demo.state import Studio
+    from nada_core.training.memory import for_device
 
     if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error(f"--device {args.device}: PyTorch sees no CUDA GPU here (try --device cpu)")
@@ -55,8 +56,9 @@ def main(argv=None):
           f"reachable by {reach(args.host, args.share, auth)}")
     try:
         # only the model library (thumbnails, downloads) is served as files; never the weights folder
-        demo.launch(server_name=args.host, server_port=args.port, share=args.share, css=CSS, show_error=True,
-                    allowed_paths=[str(studio.library_root)], auth=auth, max_file_size=MAX_UPLOAD)
+        with for_device(studio.device):   # the CPU memory setting of a training process (training/memory.py)
+            demo.launch(server_name=args.host, server_port=args.port, share=args.share, css=CSS, show_error=True,
+                        allowed_paths=[str(studio.library_root)], auth=auth, max_file_size=MAX_UPLOAD)
     except OSError as e:
         ap.exit(1, f"error: cannot serve on {args.host}:{args.port} ({e}); is another copy running? Try --port.\n")
 

@@ -7,8 +7,8 @@ generator forward+backward at 256 px; on one H100, 300 iterations at 1024 px wit
 --compile, --amp and --formulation each take one value or a comma-separated list ("both" = "off,on" for
 --compile); every combination gets its own trainer, and after each one's first step their iterations alternate,
 so that all share the machine's state (a GPU this small a batch keeps busy only as fast as the CPU launches its
-work, which varies between processes). --amp sets Recipe.amp (bf16 autocast; "auto" = on CUDA),
---formulation sets stylegan2.DEVICE_FORMULATION (CUDA). Reported per combination: phase medians, the first
+work, which varies between processes). --amp sets Recipe.amp (off or bf16 autocast),
+--formulation sets stylegan2.formulation(device=...) (CUDA). Reported per combination: phase medians, the first
 step (with compile on: compile time = first step minus a compiled step's median), 300 iterations extrapolated
 as first step + 299 medians, and the measured time of all its steps; on CUDA the peak memory over the timed
 steps (everything allocated, all trainers'; time one combination alone for its own peak).
@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nada_core.guidance.clip_guide import ClipMember  # noqa: E402
 from nada_core.models import stylegan2  # noqa: E402
 from nada_core.models.stylegan2 import Generator  # noqa: E402
-from nada_core.training.adapt import COMPILE_SETTINGS, Adapter, Recipe, compile_enabled  # noqa: E402
+from nada_core.training.adapt import AMP_SETTINGS, COMPILE_SETTINGS, Adapter, Recipe, compile_enabled  # noqa: E402
 from nada_core.training.memory import reused_memory  # noqa: E402
 
 
@@ -63,9 +63,9 @@ def main():
     ap.add_argument("--k", type=int, default=None, help="slots per step; below n_latent runs adaptive selection")
     ap.add_argument("--clip", default="ViT-B-32,ViT-B-16")
     ap.add_argument("--compile", default="off", help="Recipe.compile: off, on, auto, or a list ('both' = off,on)")
-    ap.add_argument("--amp", default="auto", help="Recipe.amp: auto, bf16, off, or a list")
-    ap.add_argument("--formulation", default=stylegan2.DEVICE_FORMULATION,
-                    help="stylegan2.DEVICE_FORMULATION on CUDA: grouped, scaled, or a list")
+    ap.add_argument("--amp", default="off", help="Recipe.amp: off, bf16, or a list")
+    ap.add_argument("--formulation", default=stylegan2.current_formulation().device,
+                    help="stylegan2.Formulation.device on CUDA: grouped, scaled, or a list")
     args = ap.parse_args()
     device = torch.device(args.device)
     with reused_memory() if device.type == "cpu" else contextlib.nullcontext():  # as the CLI trains
@@ -86,28 +86,27 @@ def run(args, device):
     names = args.clip.split(",")
     clip = [random_clip(n, device) for n in names]
     settings = list(itertools.product(choices(args.compile, COMPILE_SETTINGS, "--compile"),
-                                      choices(args.amp, ("auto", "bf16", "off"), "--amp"),
+                                      choices(args.amp, AMP_SETTINGS, "--amp"),
                                       choices(args.formulation, ("grouped", "scaled"), "--formulation")))
     trainers, first = {}, {}
     for s in settings:
         compile_, amp, formulation = s
-        stylegan2.DEVICE_FORMULATION = formulation
         recipe = Recipe(iterations=args.iters + 1, clip_models=names, clip_weights=[1.0] * len(names), k=args.k,
                         preview_every=10 ** 6, compile=compile_, amp=amp)
         trainers[s] = Adapter(G, recipe, clip, device)
-        first[s] = timed_step(trainers[s], device)["total"]  # warm-up; with compile on, the compilation
+        with stylegan2.formulation(device=formulation):
+            first[s] = timed_step(trainers[s], device)["total"]  # warm-up; with compile on, the compilation
     rows = {s: [] for s in settings}
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     for _ in range(args.iters):
         for s in settings:
-            stylegan2.DEVICE_FORMULATION = s[2]
-            rows[s].append(timed_step(trainers[s], device))
+            with stylegan2.formulation(device=s[2]):
+                rows[s].append(timed_step(trainers[s], device))
     peak_mem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else None
     med = {s: {k: statistics.median(r[k] for r in rows[s]) for k in rows[s][0]} for s in settings}
 
-    stylegan2.DEVICE_FORMULATION = settings[0][2]
     ws = torch.randn(2, G.n_latent, 512, device=device)
     G.requires_grad_(True)
 

@@ -48,13 +48,12 @@ def exact_float64(device):
     ref_img = reference_synthesis(params | dict(G.named_buffers()), ws)
     ref_grads = torch.autograd.grad((ref_img * probe).sum(), list(params.values()))
     for name in ("grouped", "scaled"):
-        stylegan2.DEVICE_FORMULATION = name
-        img = G.synthesis(ws)
-        grads = torch.autograd.grad((img * probe).sum(), list(params.values()))
+        with stylegan2.formulation(device=name):
+            img = G.synthesis(ws)
+            grads = torch.autograd.grad((img * probe).sum(), list(params.values()))
         report(f"{name}: image", rel(img, ref_img), 1e-10)
         worst = max((rel(g, r), k) for g, r, k in zip(grads, ref_grads, params) if r.norm() > 0)
         report(f"{name}: worst weight gradient ({worst[1]})", worst[0], 1e-9)
-    stylegan2.DEVICE_FORMULATION = "grouped"
 
 
 def float32_1024(device):
@@ -65,11 +64,10 @@ def float32_1024(device):
     with torch.no_grad():
         ref = reference_synthesis({k: v for k, v in G.state_dict().items()}, ws)
         for name in ("grouped", "scaled"):
-            stylegan2.DEVICE_FORMULATION = name
-            report(f"{name}: float32 image", rel(G.synthesis(ws), ref), 1e-2)
-            with torch.autocast(device.type, dtype=torch.bfloat16):
-                report(f"{name}: bf16 autocast image", rel(G.synthesis(ws), ref), 5e-2)
-    stylegan2.DEVICE_FORMULATION = "grouped"
+            with stylegan2.formulation(device=name):
+                report(f"{name}: float32 image", rel(G.synthesis(ws), ref), 1e-2)
+                with torch.autocast(device.type, dtype=torch.bfloat16):
+                    report(f"{name}: bf16 autocast image", rel(G.synthesis(ws), ref), 5e-2)
 
 
 def adaptation(device):

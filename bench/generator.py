@@ -7,8 +7,8 @@ The generator runs as training runs it: inside ``training.memory.reused_memory()
 
 --compare also times, in the same run and alternating with the default so that all share the machine's load:
 on CPU "plain-malloc" (the default formulation without ``reused_memory``) and "grouped-nchw" (the formulation
-CPU training used before, ``stylegan2.CPU_TRAINING_LAYOUT = False``, without ``reused_memory``); on CUDA the
-formulation ``stylegan2.DEVICE_FORMULATION`` does not name ("grouped" or "scaled"). --reference adds the
+CPU training used before, ``stylegan2.formulation(cpu_training_layout=False)``, without ``reused_memory``); on CUDA the
+formulation ``stylegan2.Formulation.device`` does not name ("grouped" or "scaled"). --reference adds the
 rosinality formulation with its pure-PyTorch ops (bench/reference_generator.py) on the same weights.
 --amp bf16|both times under bfloat16 autocast (``--amp bf16`` training). On CUDA the peak memory of each
 forward+backward is reported (weights and gradients included).
@@ -53,27 +53,21 @@ def matmul_gflops(device, n=2048, reps=5):
     return 2 * n ** 3 / statistics.median(once(lambda: a @ b, device) for _ in range(reps)) / 1e9
 
 
-@contextlib.contextmanager
 def formulation(cpu_layout=True, device_formulation="grouped"):
-    saved = stylegan2.CPU_TRAINING_LAYOUT, stylegan2.DEVICE_FORMULATION
-    stylegan2.CPU_TRAINING_LAYOUT, stylegan2.DEVICE_FORMULATION = cpu_layout, device_formulation
-    try:
-        yield
-    finally:
-        stylegan2.CPU_TRAINING_LAYOUT, stylegan2.DEVICE_FORMULATION = saved
+    return stylegan2.formulation(cpu_training_layout=cpu_layout, device=device_formulation)
 
 
 def variants(args, device):
     """(name, synthesis function, context factory, reuse memory) per formulation timed."""
     cpu = device.type == "cpu"
     ours = lambda G, ws: G.synthesis(ws)  # noqa: E731
-    default = stylegan2.DEVICE_FORMULATION
+    default = stylegan2.current_formulation().device
     rows = [("default", ours, lambda: formulation(device_formulation=default), cpu)]
     if args.compare and cpu:
         rows += [("plain-malloc", ours, formulation, False),
                  ("grouped-nchw", ours, lambda: formulation(cpu_layout=False), False)]
     elif args.compare:  # the other CUDA formulation
-        other = "grouped" if stylegan2.DEVICE_FORMULATION == "scaled" else "scaled"
+        other = "grouped" if default == "scaled" else "scaled"
         rows += [(other, ours, lambda: formulation(device_formulation=other), False)]
     if args.reference:
         rows += [("reference", reference_synthesis, contextlib.nullcontext, False)]

@@ -1,3 +1,4 @@
+import contextlib
 import functools
 import math
 import shutil
@@ -72,10 +73,19 @@ def test_w_plus_slots_feed_the_documented_layers():
             assert torch.equal(seen[name], ws[:, slot]), (slot, name)
 
 
+
+@pytest.fixture
+def use_formulation():
+    """``use_formulation(**changes)``: the generator's formulation for the rest of the test (stylegan2.formulation)."""
+    from nada_core.models.stylegan2 import formulation
+
+    with contextlib.ExitStack() as stack:
+        yield lambda **changes: stack.enter_context(formulation(**changes))
+
 @pytest.mark.parametrize("one_kernel", [True, False], ids=["cpu-channels-last", "grouped-per-sample"])
 @pytest.mark.parametrize("size,cm,cmax", [(32, 1, 32), (64, 2, 48)])
-def test_synthesis_matches_reference_math(size, cm, cmax, one_kernel, monkeypatch):
-    monkeypatch.setattr("nada_core.models.stylegan2.CPU_CHANNELS_LAST", one_kernel)  # both code paths, same answer
+def test_synthesis_matches_reference_math(size, cm, cmax, one_kernel, use_formulation):
+    use_formulation(cpu_channels_last=one_kernel)  # both code paths, same answer
     G = tiny_generator(size=size, channel_multiplier=cm, channel_max=cmax, style_dim=64)
     ws = torch.randn(2, G.n_latent, 64) * 0.5 + 0.3
     with torch.no_grad():  # the channels-last path serves inference
@@ -88,7 +98,7 @@ def test_synthesis_matches_reference_math(size, cm, cmax, one_kernel, monkeypatc
         assert (G.synthesis(ws, noise_mode="none").double() - ref).abs().max().item() > 1e-3
 
 
-CPU_TRAINING_FORMULATIONS = {  # CPU_TRAINING_LAYOUT, SCALE_RATIO, BLOCK_DIAG_MAX_BATCH
+CPU_TRAINING_FORMULATIONS = {  # cpu_training_layout, scale_ratio, BLOCK_DIAG_MAX_BATCH
     "mixed": (True, 1.0, 4),                 # the default: per layer, whichever moves less data
     "scaled-activations": (True, 0.0, 4),    # every layer shares one kernel across the batch
     "per-sample-cl": (True, math.inf, 4),    # every layer grouped per-sample kernels, channels-last
@@ -113,15 +123,14 @@ def _reference_gradients(size, cm, cmax):
 
 @pytest.mark.parametrize("formulation", list(CPU_TRAINING_FORMULATIONS))
 @pytest.mark.parametrize("size,cm,cmax", [(32, 1, 32), (64, 2, 48)])
-def test_training_forward_and_gradients_match_reference_math(size, cm, cmax, formulation, monkeypatch):
+def test_training_forward_and_gradients_match_reference_math(size, cm, cmax, formulation, monkeypatch, use_formulation):
     """Under autograd (training) every CPU formulation gives the reference image to 1e-4 and the reference
     math's gradients for every synthesis weight and for W+. Gradient tolerances: a pre-activation that float32
     rounding puts on the other side of the leaky ReLU's kink changes its gradient by 80%; over 25 seeds that
     moved weight gradients by up to 3e-4 of their largest entry and the noise strengths (one number summed over
     whole maps) by up to 3e-2, the grouped NCHW formulation included; the bounds keep 5x and 3x margins."""
     layout, ratio, block_diag = CPU_TRAINING_FORMULATIONS[formulation]
-    monkeypatch.setattr("nada_core.models.stylegan2.CPU_TRAINING_LAYOUT", layout)
-    monkeypatch.setattr("nada_core.models.stylegan2.SCALE_RATIO", ratio)
+    use_formulation(cpu_training_layout=layout, scale_ratio=ratio)
     monkeypatch.setattr("nada_core.models.stylegan2.BLOCK_DIAG_MAX_BATCH", block_diag)
     G, ws, probe, ref, ref_grads, ref_ws_grad = _reference_gradients(size, cm, cmax)
     G.zero_grad(set_to_none=True)
@@ -272,11 +281,11 @@ def _assert_same(a, b):
 
 
 @pytest.mark.parametrize("scaled", [True, False], ids=["scaled-activations", "per-sample-cl"])
-def test_compiled_generator_graph_matches_eager(scaled, monkeypatch):
+def test_compiled_generator_graph_matches_eager(scaled, use_formulation):
     """torch.compile captures the whole CPU training path in one graph (AOTAutograd traces forward and backward,
     the custom blur backward included); outputs and gradients equal the eager ones. The aot_eager backend runs
     the captured graphs without inductor's C++ build, which the next test does on the smallest shapes."""
-    monkeypatch.setattr("nada_core.models.stylegan2.SCALE_RATIO", 0.0 if scaled else math.inf)
+    use_formulation(scale_ratio=0.0 if scaled else math.inf)
     torch._dynamo.reset()
     G = tiny_generator(size=32).requires_grad_(True)
     ws = torch.randn(2, G.n_latent, G.style_dim)
@@ -287,11 +296,11 @@ def test_compiled_generator_graph_matches_eager(scaled, monkeypatch):
 
 
 @pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")), reason="inductor on CPU needs a C++ compiler")
-def test_inductor_compiled_layers_match_eager(monkeypatch):
+def test_inductor_compiled_layers_match_eager(use_formulation):
     """The real compiler (inductor, C++ on CPU) on the smallest shapes (~30 s cold on 2 cores): an upsampling
     layer with per-sample kernels and a ToRGB with its skip, forward and backward, equal to eager within the
     reference tolerances."""
-    monkeypatch.setattr("nada_core.models.stylegan2.SCALE_RATIO", math.inf)
+    use_formulation(scale_ratio=math.inf)
     torch._dynamo.reset()
     modules, fn, inputs = _layer_pair()
     eager = _forward_backward(modules, fn, inputs)

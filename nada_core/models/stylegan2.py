@@ -6,8 +6,8 @@ loads with ``strict=True``. The arithmetic is the reference arithmetic, rearrang
 
 * Modulated convolution builds one weight per sample (grouped conv, as the reference) and folds
   the activation gain and bias into it, so a layer touches its large output only twice. For CPU
-  inference a shared kernel in channels-last memory is faster still (see ``CPU_CHANNELS_LAST``); CPU
-  training picks per layer (see ``CPU_TRAINING_LAYOUT``).
+  inference a shared kernel in channels-last memory is faster still; CPU training picks per layer
+  (see ``Formulation``, chosen with the ``formulation(...)`` context manager).
 * The stride-2 transposed convolution runs as four dense per-phase convolutions (same FLOPs,
   several times faster than NCHW conv_transpose2d) written into the blur's padded buffer; the CPU
   paths, in channels-last memory, use oneDNN's transposed convolution, faster still there.
@@ -24,6 +24,7 @@ W+ slot use (GUIDE.md section 2), with ``L = n_latent``::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import threading
 from typing import Sequence
@@ -34,43 +35,62 @@ from torch import nn
 
 BLUR_KERNEL = (1, 3, 3, 1)
 NOISE_MODES = ("const", "random", "none")
-# CPU inference: oneDNN runs dense convolutions (transposed ones too) much faster in channels-last memory,
-# which the shared-kernel formulation allows. Under autograd its broadcasting multiplies on channels-last
-# maps made forward+backward slower at 1024 px.
-CPU_CHANNELS_LAST = True
-# CPU training (autograd, or inference inside ``grouped_kernels()``): per layer, whichever of two formulations
-# moves less data. Where the per-sample kernels are larger than the feature maps (low resolutions; the ratio
-# is SCALE_RATIO) one kernel is shared by the batch and the style scales the activations (NCHW); elsewhere
-# the per-sample kernels run as one grouped convolution over the batch folded into the channels, in
-# channels-last memory that the layers hand on to each other, with oneDNN's transposed convolution for the
-# upsampling layers and a matrix product for ToRGB. False restores the grouped NCHW formulation used on
-# other devices (bench/generator.py --compare times both). All formulations are exact (tests compare each
-# with the reference math, gradients included).
-CPU_TRAINING_LAYOUT = True
-SCALE_RATIO = 1.0
-# CUDA: "grouped" runs per-sample kernels as one grouped convolution (the reference code's formulation, with
-# the upsampling as four per-phase convolutions); "scaled" shares one kernel across the batch and lets the
-# style scale the activations, as CPU training does at low resolutions. "scaled" is the default: on an H100
-# (1024 px, batch 2) its forward+backward took 0.042 s against 0.057 s, and an adaptation step 0.107 s against
-# 0.127 s (bench/results/h100-2026-11-26; bench/generator.py --compare and bench/adapt.py --formulation
-# grouped,scaled time both). Other devices (MPS) run "grouped".
-DEVICE_FORMULATION = "scaled"
+@dataclasses.dataclass(frozen=True)
+class Formulation:
+    """How the modulated convolutions are computed: every choice is exact (tests compare each with the reference
+    math, gradients included); they differ in speed by device (bench/generator.py --compare times them).
+
+    cpu_channels_last: CPU inference shares one kernel across the batch in channels-last memory, which oneDNN
+        runs much faster (under autograd its broadcasting multiplies made forward+backward slower).
+    cpu_training_layout: CPU training (autograd, or inference with ``grouped``) picks per layer whichever of two
+        formulations moves less data: one shared kernel with the style scaling the activations where the
+        per-sample kernels outweigh the feature maps (by ``scale_ratio``), else per-sample kernels as one grouped
+        convolution in channels-last memory. False: the grouped NCHW formulation of the other devices.
+    device: CUDA's choice: "scaled" (one kernel, the style scales the activations) or "grouped" (per-sample
+        kernels as one grouped convolution, the reference code's). MPS runs "grouped".
+    """
+
+    cpu_channels_last: bool = True
+    cpu_training_layout: bool = True
+    scale_ratio: float = 1.0
+    device: str = "scaled"
+
+
 BLOCK_DIAG_MAX_BATCH = 4   # ToRGB as one matrix product with block-diagonal kernels up to this batch, else bmm
+# the formulation in force: changed only by ``formulation(...)`` (benchmarks and tests compare them). A plain
+# value that torch.compile guards on; the per-thread ``grouped_kernels`` choice lives apart, in ``_path``.
+_current = [Formulation()]
 _path = threading.local()
+
+
+def current_formulation() -> Formulation:
+    return _current[0]
+
+
+@contextlib.contextmanager
+def formulation(**changes):
+    """Compute with a changed formulation inside the block (``with formulation(device="grouped"): ...``)."""
+    previous = _current[0]
+    _current[0] = dataclasses.replace(previous, **changes)
+    try:
+        yield _current[0]
+    finally:
+        _current[0] = previous
 
 
 def _cpu_training_layout(x: torch.Tensor) -> bool:
     """Whether ``x`` takes the CPU training formulation: float32 and bfloat16 (oneDNN's types) on CPU. Other
     types keep the grouped NCHW one: PyTorch's float64 CPU convolution computed wrong weight gradients for the
     (1, B*C, H, W) channels-last views this formulation hands on (torch 2.14)."""
-    return CPU_TRAINING_LAYOUT and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+    return current_formulation().cpu_training_layout and x.device.type == "cpu" and \
+        x.dtype in (torch.float32, torch.bfloat16)
 
 
 @contextlib.contextmanager
 def grouped_kernels():
-    """Make no-grad forwards in this thread use the training formulation (on CPU ``CPU_TRAINING_LAYOUT``'s,
-    elsewhere the grouped per-sample kernels) instead of the CPU inference one, e.g. so that a frozen
-    generator's no-grad forward rounds exactly like the trained generator's forward it is compared with."""
+    """Make no-grad forwards in this thread use the training formulation (on CPU the training layout, elsewhere
+    the grouped per-sample kernels) instead of the CPU inference one, e.g. so that a frozen generator's no-grad
+    forward rounds exactly like the trained generator's forward it is compared with."""
     previous = getattr(_path, "grouped", False)
     _path.grouped = True
     try:
@@ -239,9 +259,10 @@ class ModulatedConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor, style: torch.Tensor, gain: float = 1.0,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
-        if x.device.type == "cuda" and DEVICE_FORMULATION == "scaled":
+        how = current_formulation()
+        if x.device.type == "cuda" and how.device == "scaled":
             return self._forward_scaled(x, style, gain, bias)
-        if x.device.type == "cpu" and CPU_CHANNELS_LAST:
+        if x.device.type == "cpu" and how.cpu_channels_last:
             if not torch.is_grad_enabled() and not getattr(_path, "grouped", False):
                 return self._forward_shared_kernel(x, style, gain, bias)
             if _cpu_training_layout(x) and (not self.upsample or self.blur.pad[0] == self.blur.pad[1]):
@@ -265,7 +286,8 @@ class ModulatedConv2d(nn.Module):
         numbers than the feature maps they read and write (``pixels`` per input map), else per-sample kernels."""
         k2 = self.kernel_size ** 2
         out_pixels = pixels * (4 if self.upsample else 1)
-        return self.out_channel * self.in_channel * k2 >= SCALE_RATIO * (self.in_channel * pixels + self.out_channel * out_pixels)
+        ratio = current_formulation().scale_ratio
+        return self.out_channel * self.in_channel * k2 >= ratio * (self.in_channel * pixels + self.out_channel * out_pixels)
 
     def _styles(self, style: torch.Tensor, gain: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(s, d): the modulation (B, in) and the factor per output channel (B, out) that turn the stored
