@@ -28,6 +28,7 @@ from nada_core.latent.editing import DirectionError
 from nada_core.store import weights
 from nada_core.store.checkpoints import CheckpointError
 from nada_core.store.packs import download_pack, load_packs, missing_assets, pack_size
+from nada_core.training.timefmt import fmt_seconds  # noqa: F401 (re-exported: the tabs take it from here)
 
 from .state import TINY_BANNER, Studio
 
@@ -180,15 +181,6 @@ def named_copy(path, filename: str) -> str:
         shutil.rmtree(target.parent, ignore_errors=True)
         raise
     return str(target)
-
-
-def fmt_seconds(seconds: float | None) -> str:
-    if seconds is None:
-        return "?"
-    s = int(round(seconds))
-    if s >= 3600:
-        return f"{s // 3600} h {s // 60 % 60:02d} min"
-    return f"{s // 60} min {s % 60:02d} s" if s >= 60 else f"{s} s"
 
 
 def progress_html(fraction: float | None, text: str, state: str = "run") -> str:

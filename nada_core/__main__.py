@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .latent.sampling import parse_seeds
 from .training.run import stop_on_ctrl_c
+from .training.timefmt import fmt_seconds
 
 
 def _bar(done: int, total: int | None, extra: str = "") -> str:
@@ -15,13 +16,6 @@ def _bar(done: int, total: int | None, extra: str = "") -> str:
         return f"\r{done >> 20} MiB {extra}"
     n = int(30 * done / total)
     return f"\r[{'#' * n}{'.' * (30 - n)}] {100 * done / total:5.1f}% {extra}"
-
-
-def _fmt_time(s: float | None) -> str:
-    if s is None:
-        return "?"
-    s = int(s)
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
 # ---------------------------------------------------------------------------- weights
@@ -164,7 +158,7 @@ def _show_event(ev) -> None:
         print(f"\nwarning: {ev.message}", file=sys.stderr)
     elif ev.kind == "step":
         print(_bar(ev.step, ev.total, f"step {ev.step}/{ev.total} loss {ev.loss:.4f} "
-                                      f"{ev.sec_per_step:.2f}s/it ETA {_fmt_time(ev.eta)}"),
+                                      f"{ev.sec_per_step:.2f}s/it ETA {fmt_seconds(ev.eta, clock=True)}"),
               end="", file=sys.stderr, flush=True)
 
 

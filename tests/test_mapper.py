@@ -6,15 +6,19 @@ import torch.nn.functional as F
 
 from nada_core.guidance.clip_guide import encode_pooled, load_clip, pool_for_clip
 from nada_core.latent.sampling import latents_for_seeds
+from nada_core.models.fingerprint import _legacy_fingerprint, fingerprint
 from nada_core.models.tiny import tiny_generator
+from nada_core.store.runs import MAPPER, RunFolder
 from nada_core.training.mapper import (
     LevelsMapper,
     MapperError,
     MapperLinear,
     MapperRecipe,
     MapperTrainer,
+    check_mapper_fits,
     load_mapper,
     optimise_edit,
+    save_mapper,
 )
 from nada_core.training.ranger import Ranger
 
@@ -375,3 +379,28 @@ def test_dlib_identity_is_a_monitored_distance(clip):
         total, parts = t.losses(w, t._render(w), w_hat, t._render(w_hat))
     assert "identity_distance" in parts and parts["identity_distance"] >= 0
     assert total.item() == pytest.approx(parts["clip"] + 0.8 * parts["latent_l2"] + 0.5 * parts["embedding_norm"], abs=1e-5)
+
+
+def test_mappers_share_the_deltas_fingerprint_and_old_16_hex_files_still_match(clip, tmp_path):
+    """Mappers now record the full, dtype-normalised fingerprint; a file or run written with the earlier 16-hex
+    form is still recognised on its own generator and still told apart from another one."""
+    G, other = tiny_generator(), tiny_generator(seed=3)
+    old = _legacy_fingerprint(G)
+    assert len(old) == 16 and old != fingerprint(G)[:16]
+    m = LevelsMapper(G.n_latent, G.style_dim)
+    path = save_mapper(m, tmp_path / "old.safetensors", {"generator": {"name": "old", "fingerprint": old}})
+    loaded, info = load_mapper(path)
+    assert check_mapper_fits(loaded, info, G) == []
+    assert "trained on old" in check_mapper_fits(loaded, info, other)[0]
+    part = MapperTrainer(G, recipe(iterations=4), clip, out_dir=tmp_path / "run", model_name="tiny")
+    assert part.fingerprint == fingerprint(G)
+    for ev in part.run():
+        if ev.kind == "step" and ev.step == 2:
+            part.cancel()
+    folder = RunFolder(tmp_path / "run", MAPPER)
+    record = folder.read_record()
+    record["generator"]["fingerprint"] = old
+    folder.write_record(record)
+    assert MapperTrainer.resume(tmp_path / "run", tiny_generator(), clip).step == 2
+    with pytest.raises(MapperError, match="another generator"):
+        MapperTrainer.resume(tmp_path / "run", other, clip)

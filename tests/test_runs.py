@@ -12,6 +12,7 @@ from nada_core.store.runs import RunBusy, RunFolder
 from nada_core.training.adapt import Adapter, Recipe
 from nada_core.training.mapper import MapperRecipe, MapperTrainer
 from nada_core.training.run import Run
+from nada_core.training.timefmt import fmt_seconds
 
 
 @pytest.fixture(scope="module")
@@ -160,3 +161,11 @@ def test_a_crashed_run_is_listed_as_continuable_and_an_empty_one_is_cleared(clip
     empty.mkdir()
     (empty / "recipe.json").write_text(json.dumps({"base": "tiny", "recipe": {}}))
     assert remove_abandoned(root) == ["killed-early"] and not empty.exists() and (root / "crashed").exists()
+
+
+def test_one_time_formatter_a_clock_for_terminals_and_words_for_the_app():
+    """Every ETA and duration comes from one formatter: m:ss / h:mm:ss on a terminal, words in the app."""
+    assert fmt_seconds(None) == fmt_seconds(None, clock=True) == "?"
+    assert [fmt_seconds(s, clock=True) for s in (0, 1.0, 65, 3723)] == ["0:00", "0:01", "1:05", "1:02:03"]
+    assert [fmt_seconds(s) for s in (0, 45, 65, 3723)] == ["0 s", "45 s", "1 min 05 s", "1 h 02 min"]
+    assert fmt_seconds(59.6) == "1 min 00 s" and fmt_seconds(59.6, clock=True) == "1:00"  # both round

@@ -10,7 +10,6 @@ different base is refused, since the difference only means something on top of t
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import re
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..guidance.text_limits import text_problem
+from ..models.fingerprint import fingerprint
 from ..models.stylegan2 import Generator
 from . import bounded_json
 from .bounded_json import JSONRefused
@@ -59,19 +59,6 @@ def is_delta(path: str | os.PathLike, display_name: str | None = None) -> bool:
     except OSError:
         return False
     return head[8:9] == b"{" and b'"nada-delta"' in head
-
-
-def fingerprint(G: Generator) -> str:
-    """sha256 over every state-dict tensor in sorted name order: name, dtype, shape, then the values
-    as contiguous little-endian float32 (integers as int64), so device and memory layout do not matter."""
-    h = hashlib.sha256()
-    for name, t in sorted(G.state_dict().items()):
-        t = t.detach().to("cpu")
-        values = t.float().numpy().astype("<f4") if t.is_floating_point() else t.long().numpy().astype("<i8")
-        h.update(name.encode())
-        h.update(f"|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(values.tobytes())
-    return h.hexdigest()
 
 
 def changed_tensors(G_adapted: Generator, G_base: Generator) -> dict[str, torch.Tensor]:

@@ -22,7 +22,6 @@ Two quirks of the official layers, kept or offered on purpose (both tested again
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import math
@@ -37,6 +36,7 @@ from torch import nn
 
 from ..guidance.clip_guide import ClipMember, clip_text_loss, embedding_norm_mse, encode_pooled
 from ..guidance.text_limits import text_problem
+from ..models.fingerprint import fingerprint, fingerprint_matches
 from ..models.stylegan2 import EqualLinear, Generator, PixelNorm
 from ..store.checkpoints import atomic_write, read_safetensors_header, safetensors_metadata, sniff
 from ..store.runs import MAPPER, RunFolder
@@ -124,16 +124,6 @@ class LevelsMapper(nn.Module):
 
 
 # --------------------------------------------------------------------------- files
-def generator_fingerprint(G: Generator) -> str:
-    """First 16 hex digits of a sha256 over the generator's tensors (names and bytes): which weights a
-    mapper was trained for, whatever the file was called."""
-    h = hashlib.sha256()
-    for name, t in sorted(G.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def save_mapper(mapper: LevelsMapper, path: str | os.PathLike, meta: dict | None = None) -> Path:
     """safetensors with the official parameter names and the config + ``meta`` (recipe, generator) as JSON."""
     from safetensors.torch import save_file
@@ -465,7 +455,7 @@ class MapperTrainer(Trainer):
         held = self.test_w if len(self.test_w) else self.train_w
         self.preview_w = held[:recipe.preview_count]
         self._perm, self._pos = torch.randperm(len(self.train_w), generator=self.rng), 0
-        self.fingerprint = generator_fingerprint(G)
+        self.fingerprint = fingerprint(G)
         if G.n_latent <= 8 and recipe.fine:
             self.warnings.append(f"this generator has {G.n_latent} W+ slots: the fine mapper (slots 8-) edits nothing")
         self._open_folder({"generator": self.generator_info(), "recipe": recipe.to_dict()}, _resuming)
@@ -578,7 +568,8 @@ class MapperTrainer(Trainer):
         saved = RunFolder(run_dir, MAPPER).read_record()
         t = cls(G, MapperRecipe.from_dict(saved["recipe"]), clip, device, run_dir,
                 saved.get("generator", {}).get("name", ""), id_fn, _resuming=True)
-        if saved.get("generator", {}).get("fingerprint") not in (None, t.fingerprint):
+        was = saved.get("generator", {}).get("fingerprint")
+        if was is not None and not fingerprint_matches(was, G):
             raise MapperError(f"{run_dir} was trained on another generator ({saved['generator'].get('name')}); "
                               "resume it with the same model")
         t._restore()
@@ -591,7 +582,7 @@ def check_mapper_fits(mapper: LevelsMapper, info: dict, G: Generator) -> list[st
         raise MapperError(f"the mapper is for {mapper.n_latent} W+ slots of {mapper.style_dim} dims; the generator "
                           f"has {G.n_latent} of {G.style_dim}")
     gen = (info.get("meta") or {}).get("generator") or {}
-    if gen.get("fingerprint") and gen["fingerprint"] != generator_fingerprint(G):
+    if gen.get("fingerprint") and not fingerprint_matches(gen["fingerprint"], G):
         return [f"the mapper was trained on {gen.get('name') or 'another generator'}, not on these weights; "
                 "its edit may transfer (same latent space) but was not tuned for them"]
     return []

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from ...store.runs import ADAPTATION, THUMB
+from ..timefmt import fmt_seconds
 from .jobs import MAX_TRIES, Job
-from .progress import JobResult, ProgressView, _apply_event, _fmt_time
+from .progress import JobResult, ProgressView, _apply_event
 
 if TYPE_CHECKING:
     from ..loop import Event
@@ -229,7 +230,7 @@ def _finish_try(r: JobResult, view: ProgressView, library: Path, outcome: dict) 
         else:
             if stopped is None:
                 r.state, r.error = "done", ""
-                view.note(f"{r.job.label}: done in {_fmt_time(r.seconds)} -> {r.folder}")
+                view.note(f"{r.job.label}: done in {fmt_seconds(r.seconds, clock=True)} -> {r.folder}")
             else:
                 r.state = "stopped"
                 r.error = stopped + (f"; `python -m nada_core adapt --resume {r.folder}` continues it" if r.folder

@@ -9,14 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
+from ..timefmt import fmt_seconds
 from .jobs import MAX_TRIES, Job
-
-
-def _fmt_time(s: float | None) -> str:
-    if s is None:
-        return "?"
-    s = int(s)
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
 @dataclass
@@ -56,7 +50,7 @@ class ProgressView:
         if r.state == "running" and r.loss is not None:
             text += f" loss {r.loss:.4f}"
             if r.sec_per_step:
-                text += f" {r.sec_per_step:.2f}s/it ETA {_fmt_time(r.eta)}"
+                text += f" {r.sec_per_step:.2f}s/it ETA {fmt_seconds(r.eta, clock=True)}"
         if r.where and r.state == "running":
             text += f"  on {r.where}"
         if r.tries > 1 and r.state in ("running", "queued"):
@@ -107,7 +101,7 @@ class ProgressView:
 def summary_table(results: list[JobResult]) -> str:
     rows = [("job", "name", "status", "tries", "time", "model / error")]
     for r in results:
-        rows.append((str(r.job.index), r.job.name, r.state, str(r.tries), _fmt_time(r.seconds),
+        rows.append((str(r.job.index), r.job.name, r.state, str(r.tries), fmt_seconds(r.seconds, clock=True),
                      str(r.folder) if r.folder else r.error))
     widths = [max(len(row[c]) for row in rows) for c in range(5)]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row[:5], widths)) + "  " + row[5] for row in rows)
