@@ -174,7 +174,8 @@ def build(studio: Studio):
                         loss_plot = gr.LinePlot(x="step", y="loss", color="model", label="Loss", height=250,
                                                 elem_id="adapt-loss", min_width=200, show_label=False)
                     with gr.Tab("Diagnostics"):
-                        diag_plot = gr.LinePlot(x="step", y="value", color="measure", label="Direction score, diversity, "
+                        diag_plot = gr.LinePlot(x="step", y="value", color="measure",
+                                                label="Direction score, diversity, "
                                                 "identity distance", height=250, elem_id="adapt-diagnostics",
                                                 min_width=200, show_label=False)
                 heat = gr.Image(format="png", label="Layers trained (W+ slots)", type="pil", interactive=False,

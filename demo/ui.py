@@ -99,7 +99,7 @@ REVEAL_JS = """() => {
   const e = document.getElementById(%s);
   if (!e) return;
   const r = e.getBoundingClientRect();
-  if (r.top < 0 || r.top + Math.min(r.height, 160) > window.innerHeight) e.scrollIntoView({block: "start"});
+  if (r.top < 0 || r.top + Math.min(r.height, 160) > window.innerHeight) window.scrollTo(0, window.scrollY + r.top - 8);
 }"""
 
 

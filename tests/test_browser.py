@@ -5,6 +5,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -247,8 +248,8 @@ def _seconds(text: str) -> float | None:
 
 
 def test_the_page_shows_the_run_as_it_is_and_stop_answers_at_once(browser, server):
-    """Issue goals on --tiny, a 600-step run: the step shown is never more than 1 s of steps behind the
-    server, the ETA at 25% is within 30% of the time really left, "Stopping..." shows within 0.5 s of the click
+    """Issue goals on --tiny, a 600-step run: the step shown is never more than 1 s behind the server (the time
+    since the server passed it), the ETA at 25% is within 30% of the time really left, "Stopping..." shows within 0.5 s of the click
     and the run has stopped within 1 s."""
     url, studio = server
     page = open_page(browser, url)
@@ -258,21 +259,34 @@ def test_the_page_shows_the_run_as_it_is_and_stop_answers_at_once(browser, serve
     status = page.locator("#adapt-status")
     wait_for(lambda: studio.active_run() and "Training: step" in status.inner_text(), 120, "training")
     run = studio.active_run()[0]
+    # when the server reached each step, sampled every 10 ms: the page is behind by the time since the server
+    # passed the step it shows
+    reached, watching = [], threading.Event()
+
+    def record():
+        while not watching.is_set():
+            step = run.view().step
+            if not reached or reached[-1][1] != step:
+                reached.append((time.monotonic(), step))
+            time.sleep(0.01)
+
+    recorder = threading.Thread(target=record, daemon=True)
+    recorder.start()
     lags, eta = [], None
     while not run.ended:
         text = status.inner_text()
-        server_view = run.view()
+        now = time.monotonic()
         shown = _shown_step(text)
         if shown is None or "Training" not in text:
             break
-        if server_view.sec_per_step:
-            lags.append((server_view.step - shown) * server_view.sec_per_step)
+        passed = next((t for t, step in list(reached) if step > shown), None)
+        lags.append(0.0 if passed is None else now - passed)
         if eta is None and shown >= 150:
             eta, t_eta = _seconds(text), time.monotonic()
         time.sleep(0.3)
+    watching.set()
     wait_for(lambda: "Finished" in status.inner_text(), 300, "the end of the run")
     left = time.monotonic() - t_eta
-    print("LAGS", [round(x, 2) for x in lags])
     assert len(lags) >= 10 and max(lags) <= 1.0, f"the page lagged the run by up to {max(lags):.2f} s"
     assert eta is not None and abs(eta - left) <= 0.3 * left + 1, f"ETA {eta} s at 25%, but {left:.1f} s were left"
 
@@ -303,8 +317,11 @@ def test_every_result_comes_into_view(browser, server, tmp_path, width, height):
     tag = f"{width}"
 
     def shown(selector, what):
-        wait_for(lambda: in_viewport(page, selector), 15, f"{what} in view at {width} px")
-        page.screenshot(path=str(SCREENS / f"view_{what.replace(' ', '_')}_{tag}.png"))
+        name = SCREENS / f"view_{what.replace(' ', '_')}_{tag}.png"
+        try:
+            wait_for(lambda: in_viewport(page, selector), 15, f"{what} in view at {width} px")
+        finally:
+            page.screenshot(path=str(name))
 
     # Adapt: Start, then Continue a run (inside its accordion, below the fold)
     page.get_by_role("tab", name="Adapt").click()
