@@ -523,3 +523,17 @@ def test_a_library_model_downloads_as_onnx_that_runs_like_pytorch(app):
     G = studio.model(model)
     assert onnx_difference(G, paths[1]) <= 1e-3 and onnx_difference(G, paths[0], mapping=True) <= 1e-3
     assert "unknown model" in refusal(lambda: client.predict("/etc/passwd", api_name="/library_onnx"))
+
+
+def test_an_edit_mapper_trains_through_the_api_and_is_listed(app):
+    """Edit > Train an edit mapper ends in success (it once ended in a NameError after saving) and the new mapper
+    is the one chosen in the Latent mapper list."""
+    client, studio, _ = app
+    job = client.submit("tiny", "smiling", 4, api_name="/edit_mapper")
+    outs = list(job)
+    job.result()
+    status, chosen = outs[-1][:2]
+    assert "finished after 4/4 steps" in status and "went wrong" not in status.lower()
+    names = [p.name for p in studio.mapper_root.iterdir() if p.is_dir()]
+    chosen = chosen["value"] if isinstance(chosen, dict) else chosen
+    assert chosen in names and chosen.startswith("tiny-smiling")
