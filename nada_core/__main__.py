@@ -181,23 +181,15 @@ def cmd_batch(args) -> int:
 
 # ---------------------------------------------------------------------------- sample
 def _model_file(text: str) -> Path:
-    """The weights file of a model as a command may name it: the file itself, a run folder (its final weights,
-    else its newest snapshot) or a library model's id."""
-    from .store.library import list_library
-    from .store.runs import RunFolder
+    """``store.library.model_file``, or a message saying what a command takes."""
+    from .store.library import model_file
 
-    path = Path(text)
-    if path.is_dir():
-        weights = RunFolder(path).weights()
-        if weights is None:
-            raise ValueError(f"{text} holds no weights yet (no final weights and no snapshot)")
-        return weights
-    if path.is_file():
-        return path
-    entry = next((e for e in list_library() if e.id == text), None)
-    if entry is None:
+    found = model_file(text)
+    if found is None and Path(text).is_dir():
+        raise ValueError(f"{text} holds no weights yet (no final weights and no snapshot)")
+    if found is None:
         raise ValueError(f"no such file or model: {text} (give a model file, a run folder or a library model's id)")
-    return entry.path
+    return found
 
 
 def _recorded_base(model: Path) -> str | None:

@@ -54,17 +54,26 @@ def load_base(name_or_path: str, device: str = "cpu") -> tuple[Generator, str]:
     return load_generator(weights.require(name, manifest), device)[0], name
 
 
+def model_file(name_or_path: str, root: Path | None = None) -> Path | None:
+    """The weights file of a model as a command names it: the file itself, a run folder (its final weights, else
+    its newest snapshot) or a library model's id; None when it is none of these."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        return RunFolder(path).weights()
+    if MODEL_ID.fullmatch(name_or_path):
+        return next((e.path for e in list_library(root) if e.id == name_or_path), None)
+    return None
+
+
 def load_model(name_or_path: str, device: str = "cpu", root: Path | None = None) -> tuple[Generator, str]:
     """(generator, canonical name) for any model a command may name: a model file, a run folder, a library model's id (its
     final weights, else its newest snapshot), or a base (see :func:`load_base`)."""
-    if Path(name_or_path).is_file():
-        return load_generator(name_or_path, device)[0], str(name_or_path)
-    if Path(name_or_path).is_dir() and RunFolder(name_or_path).weights() is not None:   # a run folder
-        return load_generator(RunFolder(name_or_path).weights(), device)[0], Path(name_or_path).name
-    if MODEL_ID.fullmatch(name_or_path):
-        for entry in list_library(root):
-            if entry.id == name_or_path:
-                return load_generator(entry.path, device, display_name=entry.id)[0], entry.id
+    found = model_file(name_or_path, root)
+    if found is not None:
+        name = str(name_or_path) if Path(name_or_path).is_file() else Path(name_or_path).name
+        return load_generator(found, device, display_name=name)[0], name
     try:
         return load_base(name_or_path, device)
     except weights.WeightsError as e:
