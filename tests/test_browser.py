@@ -70,6 +70,13 @@ def wait_for(predicate, timeout=90, what="condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def wait_for_quickly(predicate, timeout):
+    """wait_for at 10 ms, for timing a moment rather than waiting for a state."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and not predicate():
+        time.sleep(0.01)
+
+
 def in_viewport(page, selector) -> bool:
     box = (page.locator(selector) if isinstance(selector, str) else selector).first.bounding_box()
     vp = page.viewport_size
@@ -295,12 +302,27 @@ def test_the_page_shows_the_run_as_it_is_and_stop_answers_at_once(browser, serve
     wait_for(lambda: _shown_step(status.inner_text() or "") and "Training" in status.inner_text() and
              (_shown_step(status.inner_text()) or 0) >= 50, 120, "the second run")
     run = studio.active_run()[0]
+    # both times measured where they happen, not through Playwright's 0.2 s polling: the page notes the click and
+    # the first "Stopping"/"Stopped" text itself; a thread notes when the server's run ended
+    page.evaluate("""() => {
+        const box = document.querySelector('#adapt-status');
+        window.__stop = {};
+        document.querySelector('#adapt-stop').addEventListener('click', () => {
+            window.__stop.clicked = performance.now(); }, {capture: true, once: true});
+        new MutationObserver((_, obs) => {
+            if (/Stopp(ing|ed)/.test(box.innerText)) { window.__stop.shown = performance.now(); obs.disconnect(); }
+        }).observe(box, {subtree: true, childList: true, characterData: true});
+    }""")
+    ended = []
+    threading.Thread(target=lambda: (wait_for_quickly(lambda: run.ended, 10), ended.append(time.monotonic())),
+                     daemon=True).start()
     t0 = time.monotonic()
     page.locator("#adapt-stop").click()
-    wait_for(lambda: "Stopping" in status.inner_text() or "Stopped" in status.inner_text(), 5, "Stopping...")
-    shown_at = time.monotonic() - t0
-    wait_for(lambda: run.ended, 10, "the run to stop")
-    stopped_at = time.monotonic() - t0
+    wait_for(lambda: page.evaluate("window.__stop.shown"), 5, "Stopping...")
+    marks = page.evaluate("window.__stop")
+    shown_at = (marks["shown"] - marks["clicked"]) / 1000
+    wait_for(lambda: ended, 10, "the run to stop")
+    stopped_at = ended[0] - t0
     assert shown_at <= 0.5 and stopped_at <= 1.0, (shown_at, stopped_at)
     wait_for(lambda: "Stopped:" in status.inner_text(), 20, "the stopped status")
     final = run.view().final
