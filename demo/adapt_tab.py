@@ -98,8 +98,11 @@ def build(studio: Studio):
             with gr.Row():
                 source = gr.Textbox("Photo", label="Source (what it makes now)", max_lines=1, max_length=300, min_width=120)
                 target = gr.Textbox("Sketch", label="Target (the new domain)", max_lines=1, max_length=300, min_width=120)
-            prompt_check = gr.Markdown(lambda: check(studio, "Photo", "Sketch", studio.clip_names(), None),  # on each page load
-                                       elem_classes=["nada-small"], elem_id="adapt-prompt-check")
+            with gr.Row(elem_classes=["nada-optional"]):
+                prompt_check = gr.Markdown(elem_classes=["nada-small"], elem_id="adapt-prompt-check")
+                suggested = gr.Button("Use the suggestion", size="sm", visible=False, scale=0, min_width=160,
+                                      elem_id="adapt-use-suggestion")
+            suggestion = gr.State(None)
             iterations = gr.Number(style["iterations"], label="Iterations", step=1,
                                    elem_id="adapt-iterations")
             with gr.Row():
@@ -220,9 +223,11 @@ def build(studio: Studio):
     stop.click(bind(studio, stop_training), None, status, api_name="stop", show_progress="hidden")
     for go in (start, resume_go, focus_go):   # the run's status and preview, wherever the button sits
         reveal(go.click, "adapt-status")
-    for box in (source, target):
-        box.change(bind(studio, check), [source, target, clip_models, style_files], prompt_check, api_visibility="private",
-                   trigger_mode="always_last", show_progress="hidden", concurrency_id="prompt", concurrency_limit=1)
+    # on page load and whenever the wording, the CLIP models or the style images change (the last edit wins)
+    gr.on(None, bind(studio, check), [source, target, clip_models, style_files], [prompt_check, suggested, suggestion],
+          api_visibility="private", trigger_mode="always_last", show_progress="hidden", concurrency_id="prompt",
+          concurrency_limit=1)
+    suggested.click(use_suggestion, suggestion, [source, target], api_visibility="private", show_progress="hidden")
     use.click(friendly(bind(studio, use_gallery)), [pick, base], [base, preset, source, target, iterations, k, mixing, w1, w2, touched,
                                                     preset_info, gallery_note], api_name="gallery", show_progress="hidden")
     resumed = resume_go.click(bind(studio, before_start), None, status, api_visibility="private", show_progress="hidden").success(
@@ -241,22 +246,33 @@ def build(studio: Studio):
 
 
 def check(studio: Studio, src, tgt, models, style_paths):
-    """As the user types (the last edit wins): how strong and consistent the text direction is per
-    CLIP model, a verdict in plain words, and a measured better wording when there is one."""
+    """As the user types: how strong and consistent the text direction is per CLIP model, a verdict in
+    plain words, and a measured better wording when there is one, with a button that fills it in.
+    Returns (text, the button, the suggested (source, target) or None)."""
+    hidden = gr.update(visible=False)
     if style_paths or not (src or "").strip() or not (tgt or "").strip():
-        return ""
+        return "", hidden, None
     names = tuple(m for m in (models or []) if m in studio.clip_names())
     try:
         report = studio.prompt_report(src.strip(), tgt.strip(), names)
     except (ClipLoadError, weights.WeightsError):
-        return ""   # CLIP is not downloaded yet: the get-started panel says so
+        return "", hidden, None   # CLIP is not downloaded yet: the get-started panel says so
     except Exception as e:  # noqa: BLE001 - identical prompts and the like: say it quietly here
-        return f"Prompt check: {scrub(str(e))[:200]}"
+        return f"Prompt check: {scrub(str(e))[:200]}", hidden, None
     figures = "; ".join(f"{m.model}: strength {m.strength:.2f}, consistency {m.consistency:.2f}" for m in report.members)
     text = f"Prompt check: {'; '.join(report.verdicts)}. ({figures})"
-    if report.suggestion:
-        text += f" Try **{report.suggestion.source} -> {report.suggestion.target}** (measured stronger)."
-    return text
+    if not report.suggestion:
+        return text, hidden, None
+    s = report.suggestion
+    text += f" Try **{s.source} -> {s.target}** (measured stronger)."
+    return text, gr.update(value=f"Use {s.source} -> {s.target}", visible=True), (s.source, s.target)
+
+
+def use_suggestion(pair):
+    """The suggested wording into the form (the check then runs again on it)."""
+    if not pair:
+        return gr.update(), gr.update()
+    return pair[0], pair[1]
 
 
 def apply_preset(studio: Studio, name, base_name, touched_fields):

@@ -24,9 +24,22 @@ CSS = """
 .nada-bar {height: 6px; background: var(--border-color-primary); border-radius: 3px; margin-bottom: 4px; overflow: hidden;}
 .nada-bar > div {height: 100%; background: var(--color-accent); transition: width 0.3s;}
 .nada-optional {align-items: center;}
+/* narrow dropdowns: the text stops (with an ellipsis) before the arrow instead of running under it */
+.secondary-wrap > input[role=combobox] {padding-right: 26px !important; text-overflow: ellipsis;}
+/* uploads: the drop area starts below its floating label, so the upload icon is not hidden behind it */
+label[data-testid="block-label"].float ~ .upload-container {padding-top: 26px;}
 @media (max-width: 480px) { .tab-wrapper > .tab-container > button {padding: 0 12px !important;} }  /* 5 tabs fit a phone */
 /* result galleries keep their column count even with one image (a lone tile would fill the width and be cropped) */
 #edit-result .grid-container, #selfie-result .grid-container {--grid-cols: 3 !important;}
+/* captioned galleries: each picture whole with its whole name under it (not a cropped label over it) */
+.nada-captioned .thumbnail-item {aspect-ratio: auto !important; height: auto !important; flex-direction: column;}
+.nada-captioned .thumbnail-item img {height: auto !important; width: 100%;}
+.nada-captioned .caption-label {position: static !important; max-width: 100%; transform: none !important;
+                                white-space: normal !important; text-align: center; font-size: 0.8em;}
+.nada-captioned .grid-wrap {max-height: 380px; overflow-y: auto;}
+#library-thumbs .thumbnail-item img {aspect-ratio: 2 / 1;}   /* sources over adapted */
+#selfie-result .thumbnail-item img {aspect-ratio: 1 / 1;}
+@media (max-width: 899px) { #library-thumbs .grid-container {--grid-cols: 2 !important;} }
 @media (max-width: 899px) { #edit-result .grid-container, #selfie-result .grid-container {--grid-cols: 2 !important;} }
 /* 'clip' (not 'hidden') keeps the page from scrolling sideways without becoming a scroll container,
    so the Edit tab's result can stay in view (sticky) while the sliders scroll */

@@ -65,8 +65,8 @@ def usage_text(studio: Studio) -> str:
 def build(studio: Studio):
     with gr.Accordion("Model library", open=False, elem_id="library"):
         usage = gr.Markdown(usage_text(studio), elem_classes=["nada-small"])
-        thumbs = gr.Gallery(thumbnails(studio), format="png", label="Models", columns=6, height=170,
-                            allow_preview=False, object_fit="contain", elem_id="library-thumbs")
+        thumbs = gr.Gallery(thumbnails(studio), format="png", label="Models", columns=4, fit_columns=False, height="auto",
+                            allow_preview=False, object_fit="contain", elem_id="library-thumbs", elem_classes=["nada-captioned"])
         listing = gr.Dataframe(table(studio), interactive=False, elem_id="library-table", wrap=True, max_height=260)
         with gr.Row(equal_height=False):
             with gr.Column(min_width=280):

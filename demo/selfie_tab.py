@@ -56,7 +56,7 @@ def build(studio: Studio):
         with gr.Column(scale=2, min_width=300):
             # A file input, not gr.Image: a corrupt upload must reach our loader, which explains the problem
             upload = gr.File(label="Your photo (JPEG, PNG, ...)", file_types=["image"], elem_id="selfie-upload",
-                             height=110)
+                             height=130)
             with gr.Row():
                 base = gr.Dropdown([(studio.base_label(n), n) for n in studio.base_names()], value=base_default,
                                    label="Base model", min_width=140, allow_custom_value=True)  # names are checked on the server

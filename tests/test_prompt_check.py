@@ -196,3 +196,19 @@ def test_gallery_entries_are_usable_prompts_with_sane_settings():
                  "Dog to cat", "Dog to pig", "Dog to Nicolas Cage"]:
         assert must in names
     assert any(g.base == "lsun-church" for g in GALLERY)
+
+
+def test_the_adapt_tab_offers_the_suggestion_as_a_button_that_fills_the_form(monkeypatch):
+    from demo import adapt_tab
+    from demo.state import Studio
+
+    studio = Studio(device="cpu", tiny=True)
+    m = stub_member()
+    monkeypatch.setattr(studio, "prompt_report", lambda s, t, names: check_prompt(s, t, [m]))
+    text, button, pair = adapt_tab.check(studio, "photo", "close", ["tiny"], None)
+    assert "Try **" in text and button["visible"] is True and pair is not None
+    assert pair[0] in ("Human", "Face") and pair[1] == "close" and button["value"] == f"Use {pair[0]} -> close"
+    assert adapt_tab.use_suggestion(pair) == pair          # the click fills source and target
+    text, button, pair = adapt_tab.check(studio, "photo", "far", ["tiny"], None)  # a good prompt: no button
+    assert "good" in text and button["visible"] is False and pair is None
+    assert adapt_tab.check(studio, "", "far", ["tiny"], None) == ("", {"__type__": "update", "visible": False}, None)
