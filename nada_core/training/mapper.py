@@ -231,10 +231,10 @@ class ArcFace(nn.Module):
 
     def __init__(self, drop_ratio: float = 0.6):
         super().__init__()
-        from ..faces.invert import ir_se_50_units
+        from ..models.encoders import ir_se_units
 
         self.input_layer = nn.Sequential(nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.PReLU(64))
-        self.body = nn.Sequential(*ir_se_50_units())
+        self.body = nn.Sequential(*ir_se_units())
         self.output_layer = nn.Sequential(nn.BatchNorm2d(512), nn.Dropout(drop_ratio), nn.Flatten(),
                                           nn.Linear(512 * 7 * 7, 512), nn.BatchNorm1d(512))
 
