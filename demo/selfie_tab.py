@@ -14,7 +14,7 @@ from nada_core.faces.psp import sketch_to_w
 from nada_core.faces.selfie import encoder_for, invert_faces, paste_faces, prepare_face, prepare_faces
 from nada_core.latent.editing import apply_edits
 from nada_core.latent.sampling import render
-from nada_core.training.mapper import identity_for, optimise_edit
+from nada_core.training.mapper import optimise_edit
 
 from .edit_tab import DirectionControls
 from .latent_tools import Cancelled, MapperPicker, mapper_choices, run_with_progress
@@ -292,7 +292,7 @@ def text_edit(studio: Studio, state, text, steps, mapper_id, mapper_strength, *v
     G = studio.base(state["base"])
     names = studio.clip_names()
     clip = studio.clip(names, [1.0] * len(names))
-    id_fn, _ = identity_for("auto", None, "tiny" if studio.tiny else state["base"], studio.device)
+    id_fn, _ = studio.identity_term(state["base"])
     starts = [latent(studio, state, k, mapper_id, mapper_strength, values) for k in range(len(state["faces"]))]
 
     def work(report):

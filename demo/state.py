@@ -8,10 +8,12 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
+from nada_core.faces.identity import identity_for
 from nada_core.guidance.clip_guide import DEFAULT_MODELS, load_clip
 from nada_core.guidance.prompt_check import check_prompt
 from nada_core.latent.editing import Direction, check_compatible, ganspace, load_direction_file
 from nada_core.models.stylegan2 import Generator
+from nada_core.models.tiny import TINY_NAME
 from nada_core.store import weights
 from nada_core.store.checkpoints import load_generator
 from nada_core.store.library import (
@@ -220,6 +222,10 @@ class Studio:
                 self._models[key] = load_mapper(path, self.device, n_latent=n_latent)[0]
             self._models.move_to_end(key)
             return self._models[key]
+
+    def identity_term(self, base_name: str):
+        """(identity term or None, note) for a mapper or text edit on this base (off on the tiny models)."""
+        return identity_for("auto", None, TINY_NAME if self.tiny else base_name, self.device)
 
     def e4e(self, base_name: str):
         """(the e4e encoder, None) where it fits the base and is downloaded, loaded once; else (None, why)."""

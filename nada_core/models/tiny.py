@@ -1,16 +1,32 @@
-"""Tiny, deterministic, *untrained* stand-ins for the pretrained models.
+"""Tiny, deterministic, *untrained* stand-ins for the pretrained models, and the one place that knows
+the name "tiny".
 
 Pretrained weights cannot be downloaded everywhere (CI has no internet), so every code path is
-also exercised on these: a small StyleGAN2 with the real layout and a small open_clip CLIP with
-the real tokenizer. Their output is noise-like by construction; the UI labels them as untrained.
+also exercised on these: a small StyleGAN2 with the real layout, a small open_clip CLIP with
+the real tokenizer. Their output is noise-like by construction; the UI labels
+them as untrained. Wherever a base or a CLIP model is chosen by name, :func:`is_tiny` says
+whether the name means these.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
 from .stylegan2 import Generator
 
+TINY_NAME = "tiny"         # the name of the tiny base and the tiny CLIP, wherever models are named
 TINY_GENERATOR = {"size": 32, "style_dim": 64, "n_mlp": 2, "channel_multiplier": 1, "channel_max": 32}
+
+
+def is_tiny(name: object) -> bool:
+    """Whether a model name (a base, a CLIP model, a style's recorded base) means the tiny stand-ins."""
+    return name == TINY_NAME
+
+
+def tiny_n_latent() -> int:
+    """W+ slots of the tiny generator (known without building it)."""
+    return 2 * int(math.log2(TINY_GENERATOR["size"])) - 2
 
 
 def _init_like_training(G: Generator, gen: torch.Generator) -> None:
@@ -49,3 +65,4 @@ def tiny_clip(seed: int = 0, image_size: int = 32, embed_dim: int = 32):
     model.visual.image_mean = (0.48145466, 0.4578275, 0.40821073)
     model.visual.image_std = (0.26862954, 0.26130258, 0.27577711)
     return model, open_clip.get_tokenizer("ViT-B-32")
+
