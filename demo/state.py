@@ -13,7 +13,7 @@ from nada_core.guidance.clip_guide import DEFAULT_MODELS, load_clip
 from nada_core.guidance.prompt_check import check_prompt
 from nada_core.latent.editing import Direction, check_compatible, ganspace, load_direction_file
 from nada_core.models.stylegan2 import Generator
-from nada_core.models.tiny import TINY_NAME
+from nada_core.models.tiny import TINY_GENERATOR, TINY_NAME, is_tiny
 from nada_core.store import weights
 from nada_core.store.checkpoints import load_generator
 from nada_core.store.library import (
@@ -64,19 +64,18 @@ class Studio:
 
     def base_names(self) -> list[str]:
         if self.tiny:
-            return ["tiny"]
+            return [TINY_NAME]
         return [n for n, a in weights.load_manifest().items() if a.kind == "generator"]
 
     def base_label(self, name: str) -> str:
-        if name == "tiny":
-            return "tiny (untrained test model, 32 px)"
+        if is_tiny(name):
+            return f"{TINY_NAME} (untrained test model, {TINY_GENERATOR['size']} px)"
         a = weights.get_asset(name)
         return f"{a.label}" + ("" if a.present else "  [not downloaded]")
 
     def n_latent(self, name: str) -> int:
         """W+ slots of a base, from its size (known without loading it)."""
-        if name == "tiny":
-            from nada_core.models.tiny import TINY_GENERATOR
+        if is_tiny(name):
             size = TINY_GENERATOR["size"]
         else:
             size = int(weights.get_asset(name).extra.get("resolution", 1024)) if name in self.base_names() else 1024
@@ -84,7 +83,7 @@ class Studio:
 
     def default_base(self) -> str:
         if self.tiny:
-            return "tiny"
+            return TINY_NAME
         manifest = weights.load_manifest()
         want = "ffhq-1024" if self.device.startswith("cuda") else "ffhq-256"
         return want if manifest[want].present or not any(
@@ -165,7 +164,7 @@ class Studio:
             return self._perceptual
 
     def clip_names(self) -> list[str]:
-        return ["tiny"] if self.tiny else list(DEFAULT_MODELS)
+        return [TINY_NAME] if self.tiny else list(DEFAULT_MODELS)
 
     def library(self):
         """Trained runs, plus the ready StyleGAN-NADA styles that are downloaded."""

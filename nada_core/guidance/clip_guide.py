@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ..models.tiny import TINY_NAME, is_tiny, tiny_clip
 from ..store import weights
 from ..store.images import resize_and_crop
 from .text_limits import text_problem
@@ -196,11 +197,9 @@ def load_clip(name: str, device: str | torch.device = "cpu", weight: float = 1.0
     and in eval mode everywhere."""
     import open_clip
 
-    if name == "tiny":
-        from ..models.tiny import tiny_clip
-
+    if is_tiny(name):
         model, tok = tiny_clip()
-        return ClipMember("tiny", model.to(device), tok, weight)
+        return ClipMember(TINY_NAME, model.to(device), tok, weight)
     if name not in open_clip.list_models():
         raise ClipLoadError(f"unknown CLIP model {name!r}; try one of {', '.join(DEFAULT_MODELS)}")
     asset = f"clip-{name}"
