@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from ..models.encoders import INPUT_SIZE, E4EEncoder
 from ..models.stylegan2 import Generator
+from .perceptual import lpips_loss
 
 
 def load_e4e(path: str | Path, device: str | torch.device = "cpu") -> E4EEncoder:
@@ -57,8 +58,6 @@ def reconstruction_loss(img: torch.Tensor, target: torch.Tensor, clip=None, clip
     """LPIPS (VGG16) plus a light pixel term when LPIPS is given; otherwise a multi-scale pixel loss
     (256 down to 32 px) plus, when a CLIP member is given, a CLIP image-embedding loss."""
     if lpips is not None:
-        from .perceptual import lpips_loss
-
         return lpips_loss(lpips, img, target) + 0.1 * F.mse_loss(F.avg_pool2d(img, 4), F.avg_pool2d(target, 4))
     loss, x, y = 0.0, img, target
     if x.shape[-1] > 256:
