@@ -23,7 +23,7 @@ from nada_core.training.adapt import AMP_SETTINGS, COMPILE_SETTINGS, Adapter, Re
 from nada_core.training.diagnostics import best_snapshot_of_run
 from nada_core.training.freezing import STARTER_PRESETS, starter_settings
 from nada_core.training.loop import read_diagnostics
-from nada_core.training.mapper import MapperRecipe, MapperTrainer, identity_for
+from nada_core.training.mapper import MapperRecipe, MapperTrainer
 from nada_core.training.official import PARITIES
 from nada_core.training.run import Run, preview_grid
 
@@ -525,7 +525,7 @@ def focus(studio: Studio, model_id, text, steps, models, weight1, weight2, reque
                           test_size=100 if studio.tiny else 1000)
     recipe.validate()
     G = studio.model(model_id)
-    id_fn, note = identity_for("auto", None, "tiny" if studio.tiny else entry.base, studio.device)
+    id_fn, note = studio.identity_term(entry.base)
     out = new_model_dir(f"{model_id}-focus", studio.mapper_root)
     trainer = MapperTrainer(G, recipe, studio.clip(names, model_weights), studio.device, out, model_name=model_id,
                             id_fn=id_fn)

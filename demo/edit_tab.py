@@ -11,7 +11,7 @@ from PIL import Image
 from nada_core.latent.sampling import edited_latent, render
 from nada_core.store import weights
 from nada_core.store.library import new_model_dir
-from nada_core.training.mapper import MapperRecipe, MapperTrainer, identity_for, optimise_edit
+from nada_core.training.mapper import MapperRecipe, MapperTrainer, optimise_edit
 
 from .latent_tools import MapperPicker, mapper_choices, run_with_progress, stream_trainer
 from .sample_tab import model_choices
@@ -256,7 +256,7 @@ def train_edit_mapper(studio: Studio, base_name, text, steps, request: gr.Reques
                           preview_every=n, snapshot_every=max(1, n // 5), train_size=500 if studio.tiny else 5000,
                           test_size=100 if studio.tiny else 1000)
     recipe.validate()
-    id_fn, _ = identity_for("auto", None, "tiny" if studio.tiny else base_name, studio.device)
+    id_fn, _ = studio.identity_term(base_name)
     out = new_model_dir(f"{base_name}-{recipe.text}", studio.mapper_root)
     trainer = MapperTrainer(G, recipe, studio.clip(names, [1.0] * len(names)), studio.device, out,
                             model_name=base_name, id_fn=id_fn)

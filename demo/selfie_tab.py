@@ -11,15 +11,15 @@ from PIL import Image
 from nada_core.faces.align import FaceError, detect, draw_faces, load_photo
 from nada_core.faces.colour import keep_colours
 from nada_core.faces.psp import sketch_to_w
-from nada_core.faces.selfie import encoder_for, invert_faces, paste_faces, prepare_face, prepare_faces
+from nada_core.faces.selfie import invert_faces, paste_faces, prepare_face, prepare_faces
 from nada_core.latent.editing import apply_edits
 from nada_core.latent.sampling import render
-from nada_core.training.mapper import identity_for, optimise_edit
+from nada_core.training.mapper import optimise_edit
 
 from .edit_tab import DirectionControls
 from .latent_tools import Cancelled, MapperPicker, mapper_choices, run_with_progress
 from .sample_tab import model_choices
-from .state import Studio
+from .state import TINY_ENCODER_NOTE, Studio
 from .ui import (
     Slider,
     bind,
@@ -43,9 +43,8 @@ SHOWN = 256   # px a result picture is shown at
 
 
 def methods_for(studio: Studio, base_name: str) -> list[str]:
-    """The encoder is offered only where it fits: the FFHQ 1024 base with the e4e file present."""
-    fits = base_name == "ffhq-1024" and not studio.tiny and not studio.missing(("encoder",))
-    return [ENCODER, REFINE, OPTIMISE] if fits else [OPTIMISE]
+    """The encoder is offered only where it fits: the FFHQ 1024 base with the e4e file present (or the tiny base)."""
+    return [ENCODER, REFINE, OPTIMISE] if studio.encoder_fits(base_name) else [OPTIMISE]
 
 
 def build(studio: Studio):
@@ -85,8 +84,10 @@ def build(studio: Studio):
                 gr.Markdown("Draw dark lines on white; pixel2style2pixel's sketch encoder turns the drawing into a "
                             "latent of the FFHQ 1024 model, shown through the source and every chosen style.",
                             elem_classes=["nada-small"])
+                # no image sources and a brush: the pad opens with the brush as its tool, so the first touch draws
                 sketch = gr.Sketchpad(label="Sketch", type="pil", height=300, canvas_size=(512, 512),
-                                      elem_id="selfie-sketchpad")
+                                      brush=gr.Brush(default_size=4, colors=["#000000"], color_mode="fixed"),
+                                      layers=False, elem_id="selfie-sketchpad")
                 sketch_go = gr.Button("Render the drawing")
             with gr.Accordion("Inversion settings and webcam", open=False):
                 steps = Slider(10, 1000, value=100 if studio.tiny else 300, step=10, label="Optimisation steps")
@@ -251,7 +252,7 @@ def run(studio: Studio, file, cam, base_name, ids, how, n_steps, noise, every_fa
         note = f"{faces[0].faces_found} faces found; using the largest. " if faces[0].faces_found > 1 else ""
     enc = None
     if how in (ENCODER, REFINE):
-        enc, why = encoder_for(base_name, G, studio.device)
+        enc, why = studio.e4e(base_name)
         if why:
             raise gr.Error(why)
     perceptual, loss_name = studio.perceptual() if n > 0 else ({}, "")
@@ -276,7 +277,8 @@ def run(studio: Studio, file, cam, base_name, ids, how, n_steps, noise, every_fa
     loss_note = f" Reconstruction loss: {loss_name}." if loss_name else ""
     styles = (f" Your face in {len(ids)} style(s) is below; the sliders and text edits act on it." if ids
               else " Choose styles to see yourself in them.")
-    msg = f"{note}Inverted with {invs[0].method}.{loss_note}{styles}"
+    untrained = f" ({TINY_ENCODER_NOTE})" if enc is not None and studio.tiny else ""
+    msg = f"{note}Inverted with {invs[0].method}{untrained}.{loss_note}{styles}"
     yield (progress_html(1.0, msg, "done"), gr.update(), faces[0].overlay(), readable(invs[0].reconstruction), gal, pas,
            state)
 
@@ -292,7 +294,7 @@ def text_edit(studio: Studio, state, text, steps, mapper_id, mapper_strength, *v
     G = studio.base(state["base"])
     names = studio.clip_names()
     clip = studio.clip(names, [1.0] * len(names))
-    id_fn, _ = identity_for("auto", None, "tiny" if studio.tiny else state["base"], studio.device)
+    id_fn, _ = studio.identity_term(state["base"])
     starts = [latent(studio, state, k, mapper_id, mapper_strength, values) for k in range(len(state["faces"]))]
 
     def work(report):
@@ -312,10 +314,11 @@ def text_edit(studio: Studio, state, text, steps, mapper_id, mapper_strength, *v
 
 @friendly
 def render_sketch(studio: Studio, drawing, base_name, ids, mapper_id, mapper_strength):
-    """A drawing -> pSp's sketch encoder -> W+ of FFHQ 1024 -> the source and every chosen style."""
+    """A drawing -> pSp's sketch encoder -> W+ of FFHQ 1024 (of the tiny base, with its untrained tiny
+    encoder, on ``--tiny``) -> the source and every chosen style."""
     if drawing is None:
         raise gr.Error("draw a face first")
-    if base_name != "ffhq-1024":
+    if not studio.sketch_fits(base_name):
         raise gr.Error("the sketch encoder was trained for the FFHQ 1024 base; choose it as the base model")
     G = studio.base(base_name)
     ids = styles_for(studio, base_name, ids)
@@ -326,7 +329,8 @@ def render_sketch(studio: Studio, drawing, base_name, ids, mapper_id, mapper_str
     w = MapperPicker.apply(studio, w, mapper_id, mapper_strength, G.n_latent)
     gens = [G] + [studio.model(i) for i in ids]
     names = ["source"] + [studio.entry(i).name for i in ids]
-    return [(image_file(row[0]), name) for row, name in zip(render(gens, w), names)]
+    untrained = f" ({TINY_ENCODER_NOTE})" if studio.tiny else ""
+    return [(image_file(row[0]), name + untrained) for row, name in zip(render(gens, w), names)]
 
 
 @friendly

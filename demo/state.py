@@ -8,10 +8,12 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
+from nada_core.faces.identity import identity_for
 from nada_core.guidance.clip_guide import DEFAULT_MODELS, load_clip
 from nada_core.guidance.prompt_check import check_prompt
 from nada_core.latent.editing import Direction, check_compatible, ganspace, load_direction_file
 from nada_core.models.stylegan2 import Generator
+from nada_core.models.tiny import TINY_GENERATOR, TINY_NAME, is_tiny, tiny_e4e, tiny_psp_sketch
 from nada_core.store import weights
 from nada_core.store.checkpoints import load_generator
 from nada_core.store.library import (
@@ -30,8 +32,10 @@ from nada_core.store.runs import MAPPER, MAPPERS, TINY, RunFolder
 FACE_DIRECTIONS = ["dir-age", "dir-smile", "dir-pose", "dir-gender", "dir-hair_length", "dir-beard"]
 PROMPT_REPORTS = 256      # prompt checks remembered (each is a few text embeddings)
 UNSAVED_TTL = 30 * 60      # seconds a trained model whose save failed is kept in memory for a retry
-TINY_BANNER = ("**Untrained tiny models** (`--tiny`): a 32 px generator and a random CLIP, so every feature can be "
-               "tried offline. The pictures are noise by design; start without `--tiny` to get real weights.")
+TINY_BANNER = ("**Untrained tiny models** (`--tiny`): a 32 px generator, a random CLIP and random e4e / sketch "
+               "encoders, so every feature can be tried offline. The pictures are noise by design; start without "
+               "`--tiny` to get real weights.")
+TINY_ENCODER_NOTE = "untrained tiny encoder: noise by design"
 
 
 class Studio:
@@ -62,19 +66,18 @@ class Studio:
 
     def base_names(self) -> list[str]:
         if self.tiny:
-            return ["tiny"]
+            return [TINY_NAME]
         return [n for n, a in weights.load_manifest().items() if a.kind == "generator"]
 
     def base_label(self, name: str) -> str:
-        if name == "tiny":
-            return "tiny (untrained test model, 32 px)"
+        if is_tiny(name):
+            return f"{TINY_NAME} (untrained test model, {TINY_GENERATOR['size']} px)"
         a = weights.get_asset(name)
         return f"{a.label}" + ("" if a.present else "  [not downloaded]")
 
     def n_latent(self, name: str) -> int:
         """W+ slots of a base, from its size (known without loading it)."""
-        if name == "tiny":
-            from nada_core.models.tiny import TINY_GENERATOR
+        if is_tiny(name):
             size = TINY_GENERATOR["size"]
         else:
             size = int(weights.get_asset(name).extra.get("resolution", 1024)) if name in self.base_names() else 1024
@@ -82,7 +85,7 @@ class Studio:
 
     def default_base(self) -> str:
         if self.tiny:
-            return "tiny"
+            return TINY_NAME
         manifest = weights.load_manifest()
         want = "ffhq-1024" if self.device.startswith("cuda") else "ffhq-256"
         return want if manifest[want].present or not any(
@@ -163,7 +166,7 @@ class Studio:
             return self._perceptual
 
     def clip_names(self) -> list[str]:
-        return ["tiny"] if self.tiny else list(DEFAULT_MODELS)
+        return [TINY_NAME] if self.tiny else list(DEFAULT_MODELS)
 
     def library(self):
         """Trained runs, plus the ready StyleGAN-NADA styles that are downloaded."""
@@ -221,16 +224,33 @@ class Studio:
             self._models.move_to_end(key)
             return self._models[key]
 
+    def identity_term(self, base_name: str):
+        """(identity term or None, note) for a mapper or text edit on this base (off on the tiny models)."""
+        return identity_for("auto", None, TINY_NAME if self.tiny else base_name, self.device)
+
+    def encoder_fits(self, base_name: str) -> bool:
+        """Whether :meth:`e4e` has an encoder for this base: FFHQ 1024 with the e4e file, or the tiny base."""
+        if self.tiny:
+            return is_tiny(base_name)
+        return base_name == "ffhq-1024" and not self.missing(("encoder",))
+
+    def sketch_fits(self, base_name: str) -> bool:
+        """Whether :meth:`psp` ("psp-sketch") draws into this base's latent space: FFHQ 1024, or the tiny base."""
+        return is_tiny(base_name) if self.tiny else base_name == "ffhq-1024"
+
     def e4e(self, base_name: str):
-        """(the e4e encoder, None) where it fits the base and is downloaded, loaded once; else (None, why)."""
+        """(the e4e encoder, None) where it fits the base and is downloaded, loaded once; else (None, why).
+        On the tiny models: the untrained tiny e4e (``models.tiny``), built, never downloaded."""
         from nada_core.faces.selfie import encoder_for
 
-        if self.tiny:
-            return None, "the e4e encoder fits the FFHQ 1024 generator, not the tiny test models; using optimisation"
         with self._lock:
             key = ("e4e", base_name)
             if key not in self._models:
-                enc, why = encoder_for(base_name, self.base(base_name), self.device)
+                if self.tiny:
+                    enc, why = (tiny_e4e().to(self.device), None) if is_tiny(base_name) else \
+                        (None, f"the tiny e4e fits the {TINY_NAME} base only; using optimisation")
+                else:
+                    enc, why = encoder_for(base_name, self.base(base_name), self.device)
                 if enc is None:
                     return None, why
                 self._models[key] = enc
@@ -239,15 +259,17 @@ class Studio:
             return self._models[key], None
 
     def psp(self, name: str):
-        """A pSp conditional encoder (psp-sketch / psp-seg) from the weights folder, loaded once."""
+        """A pSp conditional encoder (psp-sketch / psp-seg) from the weights folder, loaded once. On the tiny
+        models: the untrained tiny sketch encoder (``models.tiny``; there is no tiny segmentation one)."""
         from nada_core.faces.psp import load_psp
 
-        if self.tiny:
-            raise weights.WeightsError("the pSp encoders work with the real FFHQ 1024 model, not the tiny test models")
+        if self.tiny and name != "psp-sketch":
+            raise weights.WeightsError(f"only the sketch encoder has a tiny stand-in, not {name}")
         with self._lock:
             key = ("psp", name)
             if key not in self._models:
-                self._models[key] = load_psp(weights.require(name), self.device)
+                self._models[key] = tiny_psp_sketch().to(self.device) if self.tiny else \
+                    load_psp(weights.require(name), self.device)
             self._models.move_to_end(key)
             return self._models[key]
 

@@ -243,10 +243,11 @@ def _mapper_row(path, strength: float, G, w, noise: str, device):
 
 # ---------------------------------------------------------------------------- mapper
 def cmd_mapper(args) -> int:
+    from .faces.identity import identity_for
     from .guidance.clip_guide import load_ensemble
     from .store.library import default_device, library_dir, load_base, new_run_dir
     from .store.runs import MAPPERS
-    from .training.mapper import MapperRecipe, MapperTrainer, identity_for
+    from .training.mapper import MapperRecipe, MapperTrainer
     from .training.memory import for_device
     from .training.run import Run
 

@@ -468,13 +468,15 @@ def test_weights_check_button_repairs_a_damaged_file(app, tmp_path, monkeypatch)
         srv.shutdown()
 
 
-def test_sketch_needs_the_ffhq_1024_base(app, tmp_path):
+def test_a_sketch_renders_on_the_tiny_base_with_the_untrained_encoder_named(app, tmp_path):
     client, _, _ = app
     drawing = Image.new("RGB", (256, 256), "white")
     drawing.save(tmp_path / "sketch.png")
-    with pytest.raises(Exception, match="trained for the FFHQ 1024 base"):
-        client.predict({"background": handle_file(str(tmp_path / "sketch.png")), "layers": [],
-                        "composite": handle_file(str(tmp_path / "sketch.png"))}, "tiny", [], None, 1.0, api_name="/sketch")
+    gallery = client.predict({"background": handle_file(str(tmp_path / "sketch.png")), "layers": [],
+                              "composite": handle_file(str(tmp_path / "sketch.png"))}, "tiny", [], None, 1.0,
+                             api_name="/sketch")
+    assert [item["caption"] for item in gallery] == ["source (untrained tiny encoder: noise by design)"]
+    assert Image.open(gallery[0]["image"]).size == (32, 32)
 
 
 def test_snapshots_are_iterations_and_a_kept_one_gets_a_thumbnail(app):

@@ -3,7 +3,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from skimage import data
 
@@ -18,8 +17,6 @@ from nada_core.training.diagnostics import (
     best_snapshot,
     clip_score,
     diversity,
-    identity_distance,
-    identity_distances,
     mean_pairwise_distance,
 )
 
@@ -83,20 +80,6 @@ def test_diversity_is_relative_to_the_source_and_alarms_on_collapse(member, prev
     assert healthy["collapse"] is (healthy["diversity"] < COLLAPSE_RATIO)
     assert diag.observe(SimpleNamespace(step=51, preview=None)) is None
     assert [h["step"] for h in diag.history] == [40, 50]
-
-
-def test_identity_is_zero_for_an_unchanged_face_and_none_without_faces(face, previews):
-    x = from_pil(face, 256)
-    assert identity_distance(x, x) == pytest.approx(0.0, abs=1e-6)
-    mirrored = torch.flip(x, dims=[3])  # the same person seen in a mirror: close, not identical
-    d = identity_distance(x, mirrored)
-    assert 0.0 < d < 0.6
-    noise = previews[0]  # untrained generator: no face anywhere
-    assert identity_distances(noise[:2], noise[:2]) == [None, None]
-    assert identity_distance(noise[:2], noise[:2]) is None
-    # mixed batch: only the pair with a face counts
-    pair_src = torch.cat([x, F.interpolate(noise[:1], size=256)])
-    assert identity_distances(pair_src, pair_src) == [pytest.approx(0.0, abs=1e-6), None]
 
 
 def test_observer_measures_identity_only_for_faces(member, face, previews):

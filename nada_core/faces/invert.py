@@ -1,8 +1,9 @@
 """GAN inversion: the e4e encoder (one forward pass, FFHQ only) and an optimisation projector that
 works with any generator (and can refine the encoder's answer).
 
-The encoder mirrors the layout of ``e4e_ffhq_encode.pt`` (Tov et al. 2021): an IR-SE-50 backbone,
-a feature pyramid, and 18 map-to-style blocks predicting W+ offsets from a single base code.
+The encoder network (``models.encoders.E4EEncoder``) mirrors the layout of ``e4e_ffhq_encode.pt`` (Tov et
+al. 2021): an IR-SE-50 backbone, a feature pyramid, and 18 map-to-style blocks predicting W+ offsets from a
+single base code; this module loads it and runs it.
 """
 from __future__ import annotations
 
@@ -12,103 +13,10 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from ..models.stylegan2 import EqualLinear, Generator
-
-
-# ------------------------------------------------------------------ IR-SE-50 backbone
-class SEModule(nn.Module):
-    def __init__(self, channels: int, reduction: int = 16):
-        super().__init__()
-        self.fc1 = nn.Conv2d(channels, channels // reduction, 1, bias=False)
-        self.fc2 = nn.Conv2d(channels // reduction, channels, 1, bias=False)
-
-    def forward(self, x):
-        s = F.adaptive_avg_pool2d(x, 1)
-        return x * torch.sigmoid(self.fc2(F.relu(self.fc1(s))))
-
-
-class BottleneckIRSE(nn.Module):
-    def __init__(self, in_channel: int, depth: int, stride: int):
-        super().__init__()
-        if in_channel == depth:
-            self.shortcut_layer = nn.MaxPool2d(1, stride)
-        else:
-            self.shortcut_layer = nn.Sequential(nn.Conv2d(in_channel, depth, 1, stride, bias=False), nn.BatchNorm2d(depth))
-        self.res_layer = nn.Sequential(
-            nn.BatchNorm2d(in_channel), nn.Conv2d(in_channel, depth, 3, 1, 1, bias=False), nn.PReLU(depth),
-            nn.Conv2d(depth, depth, 3, stride, 1, bias=False), nn.BatchNorm2d(depth), SEModule(depth, 16))
-
-    def forward(self, x):
-        return self.shortcut_layer(x) + self.res_layer(x)
-
-
-def upsample_add(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """The feature-pyramid merge of e4e's and pSp's encoders: bilinear (align_corners) up to y's size, plus y."""
-    return F.interpolate(x, size=y.shape[-2:], mode="bilinear", align_corners=True) + y
-
-
-def ir_se_50_units() -> list[BottleneckIRSE]:
-    units = []
-    for in_c, depth, n in [(64, 64, 3), (64, 128, 4), (128, 256, 14), (256, 512, 3)]:
-        units.append(BottleneckIRSE(in_c, depth, 2))
-        units += [BottleneckIRSE(depth, depth, 1) for _ in range(n - 1)]
-    return units
-
-
-class GradualStyleBlock(nn.Module):
-    """Strided convs down to 1x1, then an equalised linear layer: one W offset."""
-
-    def __init__(self, in_c: int, out_c: int, spatial: int):
-        super().__init__()
-        layers: list[nn.Module] = [nn.Conv2d(in_c, out_c, 3, 2, 1), nn.LeakyReLU()]
-        for _ in range(int(math.log2(spatial)) - 1):
-            layers += [nn.Conv2d(out_c, out_c, 3, 2, 1), nn.LeakyReLU()]
-        self.convs = nn.Sequential(*layers)
-        self.linear = EqualLinear(out_c, out_c)
-        self.out_c = out_c
-
-    def forward(self, x):
-        return self.linear(self.convs(x).view(-1, self.out_c))
-
-
-class E4EEncoder(nn.Module):
-    """Image (B, 3, 256, 256) in [-1, 1] -> W+ (B, n_styles, 512) = latent_avg + predicted codes."""
-
-    def __init__(self, n_styles: int = 18, style_dim: int = 512):
-        super().__init__()
-        self.input_layer = nn.Sequential(nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.PReLU(64))
-        self.body = nn.Sequential(*ir_se_50_units())
-        self.styles = nn.ModuleList(
-            GradualStyleBlock(512, style_dim, 16 if i < 3 else 32 if i < 7 else 64) for i in range(n_styles))
-        self.latlayer1 = nn.Conv2d(256, 512, 1)
-        self.latlayer2 = nn.Conv2d(128, 512, 1)
-        self.n_styles = n_styles
-        self.register_buffer("latent_avg", torch.zeros(n_styles, style_dim), persistent=False)
-
-    @staticmethod
-    def _upsample_add(x, y):
-        return upsample_add(x, y)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.input_layer(x)
-        for i, unit in enumerate(self.body):
-            x = unit(x)
-            if i == 6:
-                c1 = x
-            elif i == 20:
-                c2 = x
-        c3 = x
-        w = self.styles[0](c3).unsqueeze(1).repeat(1, self.n_styles, 1)
-        features = c3
-        for i in range(1, self.n_styles):
-            if i == 3:
-                features = p2 = self._upsample_add(c3, self.latlayer1(c2))
-            elif i == 7:
-                features = self._upsample_add(p2, self.latlayer2(c1))
-            w[:, i] = w[:, i] + self.styles[i](features)
-        return w + self.latent_avg.to(w)
+from ..models.encoders import INPUT_SIZE, E4EEncoder
+from ..models.stylegan2 import Generator
+from .perceptual import lpips_loss
 
 
 def load_e4e(path: str | Path, device: str | torch.device = "cpu") -> E4EEncoder:
@@ -128,8 +36,8 @@ def load_e4e(path: str | Path, device: str | torch.device = "cpu") -> E4EEncoder
 
 def encoder_input(aligned: torch.Tensor) -> torch.Tensor:
     """Aligned face (B, 3, H, W) in [-1, 1] -> the encoder's 256x256 input."""
-    return F.interpolate(aligned, size=(256, 256), mode="bilinear", align_corners=False, antialias=True) \
-        if aligned.shape[-1] != 256 else aligned
+    return F.interpolate(aligned, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False,
+                         antialias=True) if aligned.shape[-1] != INPUT_SIZE else aligned
 
 
 # ------------------------------------------------------------------ optimisation projector
@@ -150,8 +58,6 @@ def reconstruction_loss(img: torch.Tensor, target: torch.Tensor, clip=None, clip
     """LPIPS (VGG16) plus a light pixel term when LPIPS is given; otherwise a multi-scale pixel loss
     (256 down to 32 px) plus, when a CLIP member is given, a CLIP image-embedding loss."""
     if lpips is not None:
-        from .perceptual import lpips_loss
-
         return lpips_loss(lpips, img, target) + 0.1 * F.mse_loss(F.avg_pool2d(img, 4), F.avg_pool2d(target, 4))
     loss, x, y = 0.0, img, target
     if x.shape[-1] > 256:

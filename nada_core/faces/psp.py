@@ -2,7 +2,7 @@
 segmentation map -> W+ of the FFHQ 1024 generator. StyleGAN-NADA's image-to-image section feeds these
 codes to an adapted generator, so one drawing becomes a face in every domain.
 
-The encoder is pSp's ``GradualStyleEncoder``: the IR-SE-50 backbone shared with e4e (``invert.py``), a
+The encoder is pSp's ``GradualStyleEncoder`` (``models.encoders``): the IR-SE-50 backbone shared with e4e, a
 feature pyramid (``latlayer1``/``latlayer2``), and one map-to-style block per W+ slot reading the coarse
 (16 px, slots 0-2), middle (32 px, slots 3-6) or fine (64 px, slots 7+) features. Unlike e4e, every slot is
 predicted on its own (no shared base code). Official checkpoints (``psp_celebs_sketch_to_face.pt``,
@@ -31,10 +31,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from .invert import GradualStyleBlock, ir_se_50_units, upsample_add
+from ..models.encoders import INPUT_SIZE, GradualStyleEncoder, PSPEncoder, latent_avg_slots
 
-INPUT_SIZE = 256
-COARSE_END, MIDDLE_END = 3, 7  # pSp's coarse_ind / middle_ind: slots read the 16 / 32 / 64 px features
+__all__ = ["SEG_CLASSES", "SEG_COLORS", "GradualStyleEncoder", "PSPEncoder", "encoder_from_checkpoint", "load_psp",
+           "labels_from_colors", "segmentation_input", "segmentation_to_w", "sketch_input", "sketch_to_w"]
 
 # CelebAMask-HQ labels in the order of its g_mask.py (index = label value), with pSp's display colours
 # (utils/common.py get_colors).
@@ -43,77 +43,6 @@ SEG_CLASSES = ("background", "skin", "nose", "eye_g", "l_eye", "r_eye", "l_brow"
 SEG_COLORS = ((0, 0, 0), (204, 0, 0), (76, 153, 0), (204, 204, 0), (51, 51, 255), (204, 0, 204), (0, 255, 255),
               (255, 204, 204), (102, 51, 0), (255, 0, 0), (102, 204, 0), (255, 255, 0), (0, 0, 153), (0, 0, 204),
               (255, 51, 153), (0, 204, 204), (0, 51, 0), (255, 153, 51), (0, 204, 0))
-
-
-class GradualStyleEncoder(nn.Module):
-    """pSp's encoder: image (B, input_nc, 256, 256) -> codes (B, n_styles, 512), without latent_avg.
-
-    Parameter names are pSp's (``input_layer``, ``body.N``, ``styles.K.convs``/``.linear``, ``latlayer1``,
-    ``latlayer2``), so ``encoder.*`` of an official checkpoint loads with ``strict=True``."""
-
-    def __init__(self, n_styles: int = 18, input_nc: int = 3):
-        super().__init__()
-        self.input_layer = nn.Sequential(nn.Conv2d(input_nc, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.PReLU(64))
-        self.body = nn.Sequential(*ir_se_50_units())
-        self.styles = nn.ModuleList(
-            GradualStyleBlock(512, 512, 16 if i < COARSE_END else 32 if i < MIDDLE_END else 64) for i in range(n_styles))
-        self.latlayer1 = nn.Conv2d(256, 512, 1)
-        self.latlayer2 = nn.Conv2d(128, 512, 1)
-        self.n_styles, self.input_nc = n_styles, input_nc
-
-    _upsample_add = staticmethod(upsample_add)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.input_layer(x)
-        for i, unit in enumerate(self.body):
-            x = unit(x)
-            if i == 6:
-                c1 = x  # 128 ch, 64 px
-            elif i == 20:
-                c2 = x  # 256 ch, 32 px
-        c3 = x  # 512 ch, 16 px
-        p2 = self._upsample_add(c3, self.latlayer1(c2))
-        p1 = self._upsample_add(p2, self.latlayer2(c1))
-        feats = [c3 if i < COARSE_END else p2 if i < MIDDLE_END else p1 for i in range(self.n_styles)]
-        return torch.stack([style(f) for style, f in zip(self.styles, feats)], dim=1)
-
-
-class PSPEncoder(nn.Module):
-    """A loaded pSp model's encoder half: input -> W+ (B, n_styles, 512), ``latent_avg`` added when the model
-    was trained with ``start_from_latent_avg``. ``task`` is "sketch", "segmentation" or "image" (from
-    ``label_nc``: 1, >1, 0); ``opts`` are the checkpoint's training options."""
-
-    def __init__(self, n_styles: int = 18, input_nc: int = 3, label_nc: int | None = None,
-                 latent_avg: torch.Tensor | None = None, opts: dict | None = None):
-        super().__init__()
-        self.encoder = GradualStyleEncoder(n_styles, input_nc)
-        self.label_nc = (0 if input_nc == 3 else input_nc) if label_nc is None else int(label_nc)
-        self.task = "image" if self.label_nc == 0 else "sketch" if self.label_nc == 1 else "segmentation"
-        self.opts = dict(opts or {})
-        self.register_buffer("latent_avg", None if latent_avg is None else
-                             _slots(latent_avg, n_styles), persistent=False)
-
-    @property
-    def n_styles(self) -> int:
-        return self.encoder.n_styles
-
-    @property
-    def input_nc(self) -> int:
-        return self.encoder.input_nc
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        codes = self.encoder(x)
-        return codes if self.latent_avg is None else codes + self.latent_avg.to(codes)
-
-
-def _slots(avg: torch.Tensor, n_styles: int) -> torch.Tensor:
-    """pSp's latent_avg as (n_styles, 512): stored either per slot or as one w (repeated, as pSp does)."""
-    avg = avg.detach().float().reshape(-1, avg.shape[-1])
-    if avg.shape[0] == 1:
-        return avg.expand(n_styles, -1).clone()
-    if avg.shape[0] != n_styles:
-        raise ValueError(f"latent_avg has {avg.shape[0]} slots, the encoder predicts {n_styles}")
-    return avg.clone()
 
 
 def _read(path: str | Path) -> dict:
@@ -163,7 +92,7 @@ def encoder_from_checkpoint(ckpt: dict, device: str | torch.device = "cpu", name
     enc.encoder.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in enc_sd.items()},
                                 strict=True, assign=True)
     if avg is not None:
-        enc.latent_avg = _slots(avg, n_styles)
+        enc.latent_avg = latent_avg_slots(avg, n_styles)
     return enc.to(device).eval().requires_grad_(False)
 
 

@@ -18,8 +18,10 @@ import torch
 from PIL import Image
 
 from ..models.stylegan2 import Generator
+from ..store.checkpoints import load_generator
 from ..store.clips import ClipInfo, ClipLimits, ClipWriter, read_frames
 from ..store.images import from_pil, to_pil
+from ..store.library import find_model, list_library, load_base, slugify
 from .align import align_face, aligned_points
 from .colour import keep_colours
 from .invert import encoder_input, project, refine
@@ -148,8 +150,6 @@ class ClipResult:
 
 def output_paths(out, names: list[str]) -> dict[str, Path]:
     """One style: ``out`` itself; several: OUT-<style>.mp4 beside it."""
-    from ..store.library import slugify
-
     out = Path(out)
     if len(names) == 1:
         return {names[0]: out}
@@ -202,9 +202,6 @@ def stylize_clip(path, info: ClipInfo, styliser: VideoStyliser, outputs: dict[st
 def load_styles(names: list[str], base: str | None = None, device: str = "cpu"):
     """(base generator, base name, {style name: generator}) for library ids or weight files; every style must
     be an adaptation of one base (their latent space), which is taken from them unless ``base`` is given."""
-    from ..store.checkpoints import load_generator
-    from ..store.library import find_model, list_library, load_base
-
     chosen, bases = {}, set()
     for name in names:
         if Path(name).is_file():

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ..models.tiny import TINY_NAME, is_tiny, tiny_clip
 from ..store import weights
 from ..store.images import resize_and_crop
 from .text_limits import text_problem
@@ -98,8 +99,8 @@ class PackedSelfAttention(torch.nn.MultiheadAttention):
     """CLIP's self-attention (batch-first, one input) as a projection, ``scaled_dot_product_attention`` and an
     output projection: the same numbers as ``nn.MultiheadAttention`` (5e-7 relative in float32). PyTorch's
     module transposes a batch-first input to sequence-first before projecting it, and with autograd on (CLIP's
-    pass over the trained images) that strided projection ran as a batched product per token: on a 2-core
-    CPU ViT-B/16's forward+backward at batch 2 took 1.42 s, 0.84 s this way. Other uses (key padding masks,
+    pass over the trained images) that strided projection ran as a batched product per token, much slower on
+    CPU than one packed projection (figures: bench/results/README.md). Other uses (key padding masks,
     boolean masks, attention weights asked for, dropout while training, cross-attention) go to the parent."""
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
@@ -196,11 +197,9 @@ def load_clip(name: str, device: str | torch.device = "cpu", weight: float = 1.0
     and in eval mode everywhere."""
     import open_clip
 
-    if name == "tiny":
-        from ..models.tiny import tiny_clip
-
+    if is_tiny(name):
         model, tok = tiny_clip()
-        return ClipMember("tiny", model.to(device), tok, weight)
+        return ClipMember(TINY_NAME, model.to(device), tok, weight)
     if name not in open_clip.list_models():
         raise ClipLoadError(f"unknown CLIP model {name!r}; try one of {', '.join(DEFAULT_MODELS)}")
     asset = f"clip-{name}"

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ..models.stylegan2 import Generator
+from ..models.tiny import TINY_NAME, is_tiny, tiny_generator
 from . import weights
 from .checkpoints import load_generator
 from .runs import ACTIVE, ADAPTATION, SNAPSHOTS, THUMB, TRASH, RunFolder, is_reserved
@@ -38,10 +39,8 @@ def resolve_base_name(name: str, device: str = "cpu") -> str:
 
 def load_base(name_or_path: str, device: str = "cpu") -> tuple[Generator, str]:
     """(generator, canonical name) for 'tiny', a manifest generator name, or a file path."""
-    if name_or_path == "tiny":
-        from ..models.tiny import tiny_generator
-
-        return tiny_generator().to(device), "tiny"
+    if is_tiny(name_or_path):
+        return tiny_generator().to(device), TINY_NAME
     if Path(name_or_path).is_file():
         return load_generator(name_or_path, device)[0], str(name_or_path)
     if Path(name_or_path).is_dir() and RunFolder(name_or_path).weights() is not None:   # a run folder
@@ -50,7 +49,7 @@ def load_base(name_or_path: str, device: str = "cpu") -> tuple[Generator, str]:
     manifest = weights.load_manifest()
     if name not in manifest or manifest[name].kind not in ("generator", "style"):
         known = [n for n, a in manifest.items() if a.kind == "generator"]
-        raise weights.WeightsError(f"unknown base model {name_or_path!r}: use a file path, 'tiny', or one of {', '.join(known)}")
+        raise weights.WeightsError(f"unknown base model {name_or_path!r}: use a file path, '{TINY_NAME}', or one of {', '.join(known)}")
     return load_generator(weights.require(name, manifest), device)[0], name
 
 
@@ -364,8 +363,8 @@ def load_named_base(name: object, device: str = "cpu", root: Path | None = None)
     """(generator, name) for a base chosen by name only: 'tiny', a weights-manifest generator or style ('ffhq'
     resolved), or a library model's id. Never a path: a name written inside a file (a delta's ``source_model``)
     cannot make us open another file."""
-    if name == "tiny":
-        return load_base("tiny", device)
+    if is_tiny(name):
+        return load_base(TINY_NAME, device)
     if isinstance(name, str):
         resolved = resolve_base_name(name, device)
         manifest = weights.load_manifest()
@@ -375,4 +374,4 @@ def load_named_base(name: object, device: str = "cpu", root: Path | None = None)
             if entry.id == name:
                 return load_generator(entry.path, device)[0], name
     shown = f" {name!r}" if isinstance(name, str) and MODEL_ID.fullmatch(name) else ""
-    raise ValueError(f"the base{shown} is not 'tiny', a weights manifest name or a library model")
+    raise ValueError(f"the base{shown} is not '{TINY_NAME}', a weights manifest name or a library model")

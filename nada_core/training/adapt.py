@@ -18,10 +18,11 @@ import torch.nn.functional as F
 from ..guidance.clip_guide import ClipMember, check_prompts, directional_loss, embedding_norm_loss, global_loss
 from ..guidance.text_limits import text_problem
 from ..models.stylegan2 import Generator, grouped_kernels, seeds_to_z
-from ..store.checkpoints import save_generator
+from ..store.checkpoints import load_generator, save_generator
 from ..store.images import resize_and_crop
 from ..store.runs import RunFolder
 from . import official
+from .diagnostics import Diagnostics
 from .freezing import PRESETS, layers_for_slots, preset_slots, select_slots, set_trainable, synthesis_layers
 from .loop import Event, NonFiniteLoss, Phases, StepResult, Trainer, describe_error, read_diagnostics
 
@@ -372,8 +373,6 @@ class Adapter(Trainer):
         """A ``diagnostics.Diagnostics`` observer measuring this run's previews against its own target
         (the text or image direction of each CLIP model). ``identity``: "auto" (measured when the first
         source preview shows a face), True or False. Attach it with ``add_observer``."""
-        from .diagnostics import Diagnostics
-
         return Diagnostics.for_adapter(self, identity=identity)
 
     # ------------------------------------------------------------ saving and resuming
@@ -384,8 +383,6 @@ class Adapter(Trainer):
         return save_generator(self.G_train, path, self.meta())
 
     def _load_weights(self, path: Path) -> None:
-        from ..store.checkpoints import load_generator
-
         G_snap, _ = load_generator(path, self.device)
         synth = {k: v for k, v in G_snap.state_dict().items() if not k.startswith("style.")}
         self.G_train.load_state_dict(synth, strict=False)

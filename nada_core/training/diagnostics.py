@@ -6,9 +6,9 @@
 * diversity: mean pairwise CLIP-image distance (1 - cos) among the adapted previews divided by the
   same among the source previews; under ``COLLAPSE_RATIO`` the adapted images are becoming alike
   (mode collapse), a known failure of long or aggressive runs.
-* identity (face domains): Euclidean distance between dlib's 128-d face descriptors of each source
-  face and its adapted version (dlib counts under 0.6 as the same person); None where no face is
-  found in the source image.
+* identity (face domains): ``faces.identity.identity_distance``, the distance between dlib's 128-d
+  face descriptors of each source face and its adapted version (under 0.6: the same person); None
+  where no face is found in the source image.
 
 Pure functions for each, a :class:`Diagnostics` observer for the trainer's events
 (``trainer.add_observer(adapter.diagnostics_observer())``), :func:`read_diagnostics` for the figures a run
@@ -16,25 +16,21 @@ folder keeps per step, and :func:`best_snapshot` / :func:`best_snapshot_of_run` 
 """
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..faces.identity import face_landmarks, identity_distance, to_uint8
 from ..guidance.clip_guide import ClipMember
 from .loop import read_diagnostics
 
 __all__ = ["COLLAPSE_RATIO", "Diagnostics", "SnapshotAdvice", "best_snapshot", "best_snapshot_of_run", "clip_score",
-           "directional_score", "diversity", "identity_distance", "identity_distances", "read_diagnostics"]
+           "directional_score", "diversity", "read_diagnostics"]
 
 COLLAPSE_RATIO = 0.5        # adapted diversity below half the source's: mode collapse alarm
 SCORE_TOLERANCE = 0.02      # best_snapshot takes the earliest step within this of the best score
-SAME_PERSON = 0.6           # dlib's threshold on descriptor distance for "same person"
-FACE_MODEL_FILE = "models/dlib_face_recognition_resnet_model_v1.dat"
 
 
 # ------------------------------------------------------------------ CLIP measures
@@ -87,84 +83,6 @@ def diversity(members: list[ClipMember], source: torch.Tensor, adapted: torch.Te
     if not ratios:
         return None
     return sum(r * w for r, w in zip(ratios, weights)) / sum(weights)
-
-
-# ------------------------------------------------------------------ identity (dlib face descriptors)
-class IdentityModelMissing(RuntimeError):
-    pass
-
-
-def face_model_path() -> Path:
-    """dlib's face recognition ResNet, shipped in the ``face_recognition_models`` pip package."""
-    spec = importlib.util.find_spec("face_recognition_models")  # locate without importing (needs pkg_resources)
-    if spec and spec.submodule_search_locations:
-        path = Path(list(spec.submodule_search_locations)[0]) / FACE_MODEL_FILE
-        if path.is_file():
-            return path
-    raise IdentityModelMissing("dlib's face recognition model is missing: install it with "
-                               "`pip install face-recognition-models` (it ships dlib_face_recognition_resnet_model_v1.dat)")
-
-
-@lru_cache(maxsize=1)
-def _face_encoder():
-    import dlib
-
-    return dlib.face_recognition_model_v1(str(face_model_path()))
-
-
-def to_uint8(images: torch.Tensor) -> list[np.ndarray]:
-    """(B, 3, H, W) in [-1, 1] -> B RGB uint8 arrays (H, W, 3), rounded like images.to_pil."""
-    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return [np.ascontiguousarray(a) for a in x.permute(0, 2, 3, 1).numpy()]
-
-
-def face_landmarks(image: np.ndarray) -> np.ndarray | None:
-    """(68, 2) landmarks of the largest face (nada_core.faces.align's detector), or None."""
-    from PIL import Image
-
-    from ..faces.align import detect
-
-    faces = detect(Image.fromarray(image))
-    return faces.landmarks[0] if faces.count else None
-
-
-def face_descriptor(image: np.ndarray, lm: np.ndarray) -> np.ndarray:
-    """dlib's 128-d descriptor of the face at landmarks ``lm`` (68 points) in an RGB uint8 image."""
-    import dlib
-
-    pts = dlib.points([dlib.point(int(round(x)), int(round(y))) for x, y in lm])
-    x0, y0 = np.floor(lm.min(0)).astype(int)
-    x1, y1 = np.ceil(lm.max(0)).astype(int)
-    shape = dlib.full_object_detection(dlib.rectangle(int(x0), int(y0), int(x1), int(y1)), pts)
-    return np.asarray(_face_encoder().compute_face_descriptor(image, shape))
-
-
-def identity_distances(source: torch.Tensor, adapted: torch.Tensor,
-                       reuse_source_landmarks: bool = True) -> list[float | None]:
-    """Per pair, the descriptor distance between the source face and its adapted version; None where
-    the source image has no face. Adapted faces a detector no longer finds (strong styles) are read at
-    the source's landmarks when ``reuse_source_landmarks`` (adapted models keep the geometry of the
-    latent), else they count as None."""
-    out: list[float | None] = []
-    for src, ada in zip(to_uint8(source), to_uint8(adapted)):
-        lm = face_landmarks(src)
-        if lm is None:
-            out.append(None)
-            continue
-        lm_ada = face_landmarks(ada)
-        if lm_ada is None and not reuse_source_landmarks:
-            out.append(None)
-            continue
-        d_src = face_descriptor(src, lm)
-        d_ada = face_descriptor(ada, lm if lm_ada is None else lm_ada)
-        out.append(float(np.linalg.norm(d_src - d_ada)))
-    return out
-
-
-def identity_distance(source: torch.Tensor, adapted: torch.Tensor, reuse_source_landmarks: bool = True) -> float | None:
-    """Mean descriptor distance over the pairs with a face (0 = same face; dlib: < 0.6 same person)."""
-    found = [d for d in identity_distances(source, adapted, reuse_source_landmarks) if d is not None]
-    return sum(found) / len(found) if found else None
 
 
 # ------------------------------------------------------------------ the observer

@@ -22,7 +22,6 @@ Two quirks of the official layers, kept or offered on purpose (both tested again
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -223,129 +222,6 @@ def load_mapper(path: str | os.PathLike, device: str | torch.device = "cpu", n_l
     if n_latent is not None and m.n_latent != n_latent:
         raise MapperError(f"{path}: mapper for {m.n_latent} W+ slots, the generator has {n_latent}")
     return m.to(device).eval().requires_grad_(False), info
-
-
-# --------------------------------------------------------------------------- identity
-class ArcFace(nn.Module):
-    """ArcFace IR-SE-50 (the official identity network, ``model_ir_se50.pth``): 112 px face -> unit 512-D."""
-
-    def __init__(self, drop_ratio: float = 0.6):
-        super().__init__()
-        from ..faces.invert import ir_se_50_units
-
-        self.input_layer = nn.Sequential(nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.PReLU(64))
-        self.body = nn.Sequential(*ir_se_50_units())
-        self.output_layer = nn.Sequential(nn.BatchNorm2d(512), nn.Dropout(drop_ratio), nn.Flatten(),
-                                          nn.Linear(512 * 7 * 7, 512), nn.BatchNorm1d(512))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.output_layer(self.body(self.input_layer(x))), dim=-1)
-
-
-class ArcFaceIdentity:
-    """The official identity loss: mean over the batch of ``1 - <f(x_hat), f(x)>`` on FFHQ-aligned faces
-    (pooled to 256, cropped to [35:223, 32:220], pooled to 112). Differentiable."""
-
-    differentiable = True
-    name = "identity"
-
-    def __init__(self, net: ArcFace):
-        self.net = net.eval().requires_grad_(False)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != 256:
-            x = F.adaptive_avg_pool2d(x, (256, 256))
-        x = F.adaptive_avg_pool2d(x[:, :, 35:223, 32:220], (112, 112))
-        return self.net(x.to(next(self.net.parameters()).dtype)).float()
-
-    def __call__(self, x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            f = self.features(x)
-        return (1 - (self.features(x_hat) * f).sum(-1)).mean()
-
-
-def load_arcface(path: str | os.PathLike, device: str | torch.device = "cpu") -> ArcFaceIdentity:
-    """ArcFace IR-SE-50 weights (``model_ir_se50.pth``, a plain state dict) from a user-supplied path."""
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    net = ArcFace()
-    try:
-        net.load_state_dict(sd, strict=True)
-    except RuntimeError as e:
-        raise MapperError(f"{path}: not ArcFace IR-SE-50 weights ({str(e).splitlines()[0][:200]})") from None
-    return ArcFaceIdentity(net.to(device))
-
-
-def dlib_recognition_model_path() -> Path | None:
-    """``dlib_face_recognition_resnet_model_v1.dat`` inside the face-recognition-models wheel, if installed."""
-    spec = importlib.util.find_spec("face_recognition_models")  # located without importing it
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    p = Path(list(spec.submodule_search_locations)[0]) / "models" / "dlib_face_recognition_resnet_model_v1.dat"
-    return p if p.is_file() else None
-
-
-class DlibIdentity:
-    """dlib's face descriptor (ResNet, 128-D): the Euclidean distance between the descriptors of x and
-    x_hat (dlib calls < 0.6 the same person), batch mean. dlib computes outside autograd, so this is a
-    *monitored* value, reported with the losses but not trained against."""
-
-    differentiable = False
-    name = "identity_distance"
-
-    def __init__(self, recognition_path: str | os.PathLike, landmarks_path: str | os.PathLike):
-        import dlib
-
-        self.rec = dlib.face_recognition_model_v1(str(recognition_path))
-        self.shape = dlib.shape_predictor(str(landmarks_path))
-        self._rect = dlib.rectangle
-
-    def descriptor(self, img: torch.Tensor):
-        import numpy as np
-
-        a = ((img.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-        a = np.ascontiguousarray(a)
-        h, w = a.shape[:2]  # generator faces are aligned: the face fills the frame, no detector needed
-        shape = self.shape(a, self._rect(w // 8, h // 8, w - w // 8, h - h // 8))
-        return np.asarray(self.rec.compute_face_descriptor(a, shape))
-
-    def __call__(self, x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        import numpy as np
-
-        d = [float(np.linalg.norm(self.descriptor(a) - self.descriptor(b))) for a, b in zip(x_hat, x)]
-        return torch.tensor(sum(d) / len(d))
-
-
-FACE_DOMAINS = ("ffhq", "metfaces", "celeba", "face")
-
-
-def identity_for(mode: str = "auto", arcface_path: str | None = None, model_name: str = "",
-                 device: str | torch.device = "cpu") -> tuple[Callable | None, str]:
-    """Pick the identity term: (callable(x_hat, x) or None, a note saying which). ``mode``: auto | arcface |
-    dlib | off. auto: ArcFace when a weights file is given, else dlib's descriptor (monitored only) for
-    face models when face-recognition-models is installed, else off (e.g. the tiny models)."""
-    if mode == "off" or model_name == "tiny":
-        return None, "identity loss off"
-    if arcface_path or mode == "arcface":
-        if not arcface_path:
-            raise MapperError("the ArcFace identity loss needs its weights: pass the path to model_ir_se50.pth")
-        return load_arcface(arcface_path, device), f"identity loss: ArcFace IR-SE-50 ({arcface_path})"
-    face = any(k in model_name.lower() for k in FACE_DOMAINS)
-    if mode == "dlib" or (mode == "auto" and face):
-        from ..store import weights
-        rec = dlib_recognition_model_path()
-        try:
-            landmarks = weights.require("dlib-landmarks")
-        except weights.WeightsError:
-            landmarks = None
-        if rec is None or landmarks is None:
-            if mode == "dlib":
-                raise MapperError("dlib's face descriptor needs `pip install face-recognition-models`")
-            return None, "identity loss off (no ArcFace weights given and face-recognition-models is not installed)"
-        return DlibIdentity(rec, landmarks), ("identity: dlib face descriptor distance, monitored only (dlib is not "
-                                              "differentiable; pass ArcFace IR-SE-50 weights to train against identity)")
-    if mode not in ("auto", "dlib", "arcface"):
-        raise ValueError("identity must be auto, arcface, dlib or off")
-    return None, "identity loss off (not a face model)"
 
 
 # --------------------------------------------------------------------------- training

@@ -7,6 +7,7 @@ import socket
 import tempfile
 from pathlib import Path
 
+from ...models.tiny import is_tiny
 from .jobs import BatchError, Job
 from .local import CLUSTER_HINT, _failure_text, _finish_try, attempt
 from .progress import JobResult, ProgressView, _apply_event
@@ -70,7 +71,7 @@ def _ship(ray, jobs: list[Job], weights_too: bool = True) -> tuple[dict, dict]:
 
     bases, clips = {}, {}
     for job in jobs:
-        if job.base in bases or job.base == "tiny":
+        if job.base in bases or is_tiny(job.base):
             pass
         elif job.base_file:   # already our safetensors, checked on the driver
             bases[job.base] = ray.put(Path(job.base_file).read_bytes())
@@ -81,7 +82,7 @@ def _ship(ray, jobs: list[Job], weights_too: bool = True) -> tuple[dict, dict]:
                 bases[job.base] = ray.put(p.read_bytes())
             del G
         for name in job.recipe.clip_models if weights_too else ():
-            if name != "tiny" and name not in clips:
+            if not is_tiny(name) and name not in clips:
                 asset = weights.get_asset(f"clip-{name}")
                 clips[name] = (asset.file, ray.put(asset.path.read_bytes()))
     return bases, clips

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ...models.tiny import TINY_NAME, is_tiny, tiny_n_latent
 from ...store.runs import RunFolder
 
 if TYPE_CHECKING:  # importing this package stays light (no torch): Ray's progress actor lives in it
@@ -143,10 +144,8 @@ def _check_base(base: str, device_kind: str, need_files: bool, library: Path) ->
     from ...store import weights
     from ...store.library import list_library, resolve_base_name
 
-    if base == "tiny":
-        from ...models.tiny import TINY_GENERATOR
-
-        return "tiny", 2 * int(math.log2(TINY_GENERATOR["size"])) - 2, None
+    if is_tiny(base):
+        return TINY_NAME, tiny_n_latent(), None
     name = resolve_base_name(base, device_kind)
     manifest = weights.load_manifest()
     asset = manifest.get(name)
@@ -164,14 +163,14 @@ def _check_base(base: str, device_kind: str, need_files: bool, library: Path) ->
         return entry.id, n_latent, str(entry.path)
     known = ", ".join(n for n, a in manifest.items() if a.kind == "generator")
     shown = repr(base) if len(base) <= 80 else repr(base[:80] + "...")
-    raise ValueError(f"base {shown} is not 'tiny', a weights manifest name ('ffhq', {known}) or a model of the "
+    raise ValueError(f"base {shown} is not '{TINY_NAME}', a weights manifest name ('ffhq', {known}) or a model of the "
                      f"library {library} (bases are chosen by name, never as a file path: import a file into the "
                      "library first)")
 
 
 def _check_clip(names: list[str], need_files: bool) -> None:
     from ...store import weights
-    real = [n for n in names if n != "tiny"]
+    real = [n for n in names if not is_tiny(n)]
     if not real:
         return
     import open_clip
@@ -181,7 +180,7 @@ def _check_clip(names: list[str], need_files: bool) -> None:
         asset = manifest.get(f"clip-{n}")
         if n not in open_clip.list_models() or asset is None:
             known = ", ".join(a.extra.get("open_clip", k) for k, a in manifest.items() if a.kind == "clip")
-            raise ValueError(f"unknown CLIP model {n!r}: use {known} or 'tiny'")
+            raise ValueError(f"unknown CLIP model {n!r}: use {known} or '{TINY_NAME}'")
         if need_files and not asset.present:
             raise ValueError(f"CLIP {n}: not downloaded ({asset.how_to_get()})")
 
