@@ -607,3 +607,22 @@ def test_before_after_sliders_get_the_two_images_at_one_size(app, tmp_path):
     first = Image.open(gallery[0][0])
     assert np.array_equal(np.asarray(styled.resize(first.size, Image.NEAREST)), np.asarray(first))
     assert selfie_tab.before_after(studio, None, []) is None
+
+
+def test_the_agents_stylise_tool_gives_the_pasted_photo_the_pair_and_the_error(app, tmp_path):
+    from demo import agent_api
+
+    client, studio, _ = app
+    if not studio.library():
+        train(client)
+    model = studio.library()[0].id
+    Image.fromarray(data.astronaut()).save(tmp_path / "me.png")
+    steps = []
+    pasted, pair, error = agent_api.stylise_photo(studio, str(tmp_path / "me.png"), model, 3, 1.0,
+                                                  progress=lambda p, **kw: steps.append(p))
+    assert Image.open(pasted).size == (512, 512) and Image.open(pair).size == (512, 256)
+    assert steps[-1] == (3, 3) and 0 < float(error.split("error ")[1].split("%")[0]) < 60
+    with pytest.raises(Exception, match="crop scale must be between 0.6 and 1.6"):
+        agent_api.stylise_photo(studio, str(tmp_path / "me.png"), model, 3, 2.0, progress=lambda p, **kw: None)
+    with pytest.raises(Exception, match="target must be a text of 1 to 300 characters"):
+        agent_api.check_prompt(studio, "photo", "x" * 301)
