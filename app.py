@@ -26,6 +26,8 @@ def main(argv=None):
     ap.add_argument("--no-auth", action="store_true", help="with --share: really serve without a password")
     ap.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     ap.add_argument("--tiny", action="store_true", help="serve on tiny untrained test models (offline try-out)")
+    ap.add_argument("--mcp", action="store_true", help="also serve the main actions as MCP tools for agents, at "
+                    "/gradio_api/mcp/ (needs the mcp package: pip install 'gradio[mcp]')")
     args = ap.parse_args(argv)
     auth = None
     if args.auth:
@@ -58,7 +60,8 @@ def main(argv=None):
         # only the model library (thumbnails, downloads) is served as files; never the weights folder
         with for_device(studio.device):   # the CPU memory setting of a training process (training/memory.py)
             demo.launch(server_name=args.host, server_port=args.port, share=args.share, css=CSS, show_error=True,
-                        allowed_paths=[str(studio.library_root)], auth=auth, max_file_size=MAX_UPLOAD)
+                        allowed_paths=[str(studio.library_root)], auth=auth, max_file_size=MAX_UPLOAD,
+                        mcp_server=args.mcp)
     except OSError as e:
         ap.exit(1, f"error: cannot serve on {args.host}:{args.port} ({e}); is another copy running? Try --port.\n")
 

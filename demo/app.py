@@ -6,7 +6,7 @@ import gradio as gr
 
 from nada_core.store import weights
 
-from . import adapt_tab, edit_tab, library_panel, sample_tab, selfie_tab, video_tab
+from . import adapt_tab, agent_api, edit_tab, library_panel, sample_tab, selfie_tab, video_tab
 from .latent_tools import mapper_choices
 from .sample_tab import model_choices
 from .state import Studio
@@ -100,6 +100,8 @@ def build_demo(studio: Studio) -> gr.Blocks:
             change.then(on_load, [edit_base, selfie_base], outputs, api_visibility="private", show_progress="hidden")
         selfie_base.change(lambda b: _configure(studio, selfie_controls, b), selfie_base,
                            selfie_controls.configured(), api_visibility="private", show_progress="hidden")
+        agent_api.build(studio)                 # the four tools for agents (MCP with --mcp) ...
+    agent_api.keep_only_the_tools(demo)         # ... and the only MCP tools
     return demo
 
 

@@ -24,9 +24,10 @@ from nada_core.store.runs import RunFolder
 
 from .latent_tools import MapperPicker
 from .state import Studio
-from .ui import Slider, bind, choice, friendly, image_file, number, optional_download, reveal
+from .ui import Slider, bind, choice, enlarged, friendly, image_file, number, optional_download, reveal
 
 MIX_SLOTS = 4
+SHOWN = 256   # px the before/after pair is shown at, at least
 
 
 def model_choices(studio: Studio, base: str | None = None):
@@ -85,15 +86,27 @@ def build(studio: Studio):
         with gr.Column(scale=3, min_width=300):
             out = gr.Image(format="png", label="Source (top) and adapted (bottom), same latents", type="pil",
                            interactive=False, elem_id="sample-grid", height=420)
+            compare = gr.ImageSlider(label="Before / after: the source and the adapted model, one sample",
+                                     type="filepath", format="png", interactive=False, height=320,
+                                     elem_id="sample-compare")
+            pick = Slider(1, 16, value=1, step=1, label="Sample to compare (1 = the first seed)",
+                          elem_id="sample-pick")
 
     inputs = [model, seeds, truncation, noise, strength, other, mix, *mapper.inputs]
     go.click(bind(studio, generate), inputs, out, api_name="sample", concurrency_id="render", show_progress="minimal",
              scroll_to_output=True)
     rerender = bind(studio, when_chosen)   # every control of the picture renders it again once a model is chosen
+    pair = bind(studio, before_after)      # and the before/after pair with it
+    go.click(pair, [*inputs, pick], compare, api_visibility="private", concurrency_id="render", show_progress="hidden")
     for slider in (truncation, strength, mix, mapper.strength):
         slider.release(rerender, inputs, out, api_visibility="private", concurrency_id="render", show_progress="hidden")
+        slider.release(pair, [*inputs, pick], compare, api_visibility="private", concurrency_id="render",
+                       show_progress="hidden")
     for picker in (noise, mapper.choice):
         picker.change(rerender, inputs, out, api_visibility="private", concurrency_id="render", show_progress="hidden")
+        picker.change(pair, [*inputs, pick], compare, api_visibility="private", concurrency_id="render",
+                      show_progress="hidden")
+    pick.release(pair, [*inputs, pick], compare, api_visibility="private", concurrency_id="render", show_progress="hidden")
     reveal(go.click, "sample-grid")
     reveal(mix_go.click, "sample-grid")
     made = make.click(bind(studio, make_video), [model, strength, other, mix, seed_a, seed_b, frames, mode, truncation], [video, gif_file],
@@ -133,6 +146,25 @@ def generate(studio: Studio, model_id, seed_text, psi, noise_mode, a, other_id, 
     w = latents_for_seeds(G_src, parse_seeds(seed_text, limit=16), number(psi, "Truncation", 0, 1, integer=False))
     w = MapperPicker.apply(studio, w, mapper_id, mapper_strength, G_src.n_latent)
     return image_file(comparison(render([G_src, G], w, noise_mode), largest=512))
+
+
+@friendly
+def before_after(studio: Studio, model_id, seed_text, psi, noise_mode, a, other_id, m, mapper_id=None,
+                 mapper_strength=1.0, pick=1):
+    """One sample (the ``pick``-th seed, the last one when fewer are shown) through the source and the adapted
+    model, for the before/after slider: the change is judged on one face at full size. Nothing until a model is
+    chosen (the grid's own handler says so)."""
+    if not model_id:
+        return gr.update()
+    choice(noise_mode, "Noise", NOISE_MODES)
+    k = number(pick, "Sample to compare", 1, 16)
+    G_src, G = adapted_generator(studio, model_id, a, other_id, m)
+    seeds = parse_seeds(seed_text, limit=16)
+    w = latents_for_seeds(G_src, seeds[min(k, len(seeds)) - 1:][:1], number(psi, "Truncation", 0, 1, integer=False))
+    w = MapperPicker.apply(studio, w, mapper_id, mapper_strength, G_src.n_latent)
+    (before,), (after,) = render([G_src, G], w, noise_mode)
+    size = (max(SHOWN // before.width, 1) * before.width,) * 2
+    return image_file(enlarged(before, size)), image_file(enlarged(after, size))
 
 
 @friendly

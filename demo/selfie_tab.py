@@ -8,10 +8,20 @@ import threading
 import gradio as gr
 from PIL import Image
 
-from nada_core.faces.align import FaceError, detect, draw_faces, load_photo
+from nada_core.faces.align import (
+    CropAdjust,
+    FaceError,
+    align_face,
+    aligned_points,
+    detect,
+    draw_faces,
+    draw_landmarks,
+    ffhq_quad,
+    load_photo,
+)
 from nada_core.faces.colour import keep_colours
 from nada_core.faces.psp import sketch_to_w
-from nada_core.faces.selfie import invert_faces, paste_faces, prepare_face, prepare_faces
+from nada_core.faces.selfie import invert_faces, paste_faces, pixel_error, prepare_face, prepare_faces
 from nada_core.latent.editing import apply_edits
 from nada_core.latent.sampling import render
 from nada_core.training.mapper import optimise_edit
@@ -23,6 +33,7 @@ from .state import TINY_ENCODER_NOTE, Studio
 from .ui import (
     Slider,
     bind,
+    enlarged,
     friendly,
     image_file,
     number,
@@ -73,6 +84,10 @@ def build(studio: Studio):
                                              visible=False, min_width=160)
             colours = Slider(0, 1, value=0, step=0.05, label="Keep my photo's colours (0 = the style's own)",
                              elem_id="selfie-colours")
+            with gr.Accordion("Adjust the crop (seen on the photo before anything runs)", open=False,
+                              elem_id="selfie-crop"):
+                crop = [Slider(*CropAdjust.RANGES[name], value=default, step=step, label=label, min_width=120)
+                        for name, default, step, label in CROP_SLIDERS]
             mapper = MapperPicker(studio, base_default)
             with gr.Accordion("Edit by text", open=False):
                 with gr.Row():
@@ -103,9 +118,12 @@ def build(studio: Studio):
                                    height=240, min_width=160, scale=2)
             with gr.Row(equal_height=False):   # side by side on a laptop, stacked on a phone
                 stylised = gr.Gallery(format="png", label="Stylised", columns=2, height=300, allow_preview=True,
+                                  interactive=False,   # an input of the before/after slider, never an upload
                                       elem_id="selfie-result", object_fit="contain", min_width=220)
                 pasted = gr.Gallery(format="png", label="Pasted back into your photo", columns=1, height=300,
                                     allow_preview=True, object_fit="contain", elem_id="selfie-pasted", min_width=220)
+            compare = gr.ImageSlider(label="Before / after: your aligned photo and the first style", type="filepath",
+                                     format="png", interactive=False, height=300, elem_id="selfie-compare")
             recon = gr.Image(format="png", label="Reconstruction (the inverted latent through the source model)",
                              type="pil", interactive=False, height=256)
     session = gr.State(None)
@@ -115,14 +133,19 @@ def build(studio: Studio):
         methods = methods_for(studio, base_name)
         return gr.update(choices=model_choices(studio, base_name), value=[]), gr.update(choices=methods, value=methods[0])
 
-    shown = upload.change(friendly(bind(studio, show_faces)), [upload, webcam], [photo, status, face_pick], api_visibility="private",
-                  show_progress="hidden")
-    webcam.change(friendly(bind(studio, show_faces)), [upload, webcam], [photo, status, face_pick], api_visibility="private",
-                  show_progress="hidden")
+    shown = upload.change(friendly(bind(studio, show_faces)), [upload, webcam, *crop], [photo, status, face_pick, aligned],
+                          api_visibility="private", show_progress="hidden")
+    webcam.change(friendly(bind(studio, show_faces)), [upload, webcam, *crop], [photo, status, face_pick, aligned],
+                  api_visibility="private", show_progress="hidden")
+    for s in crop:   # the nudged crop drawn on the photo, and the crop it gives, at once
+        s.release(friendly(bind(studio, show_faces)), [upload, webcam, *crop], [photo, status, face_pick, aligned],
+                  api_visibility="private", show_progress="hidden", trigger_mode="always_last")
+    stylised.change(bind(studio, before_after), [session, stylised], compare, api_visibility="private",
+                    show_progress="hidden")
     reveal(shown.then, "selfie-photo")
     reveal(go.click, "selfie-status")
     ran = go.click(bind(studio, run), [upload, webcam, base, models, method, steps, fit_noise, every_face, face_pick, colours,
-                                 *mapper.inputs,
+                                       *crop, *mapper.inputs,
                    *controls.inputs],
              [status, photo, aligned, recon, stylised, pasted, session], api_name="selfie",
              concurrency_limit=1, concurrency_id="device", show_progress="minimal", show_progress_on=[status],
@@ -154,25 +177,49 @@ def build(studio: Studio):
     return base, models, controls, mapper
 
 
-def show_faces(studio: Studio, file, cam):
-    """Right after upload: the photo with every detected face boxed, before anything heavy runs. A photo
-    that cannot be read is said in the status line (no error overlay on the photo)."""
+CROP_SLIDERS = (("scale", 1.0, 0.02, "Crop size"), ("shift_x", 0.0, 0.01, "Move right"),
+                ("shift_y", 0.0, 0.01, "Move down"), ("rotate", 0.0, 1, "Turn (degrees, clockwise)"))
+
+
+def crop_of(scale, shift_x, shift_y, rotate) -> CropAdjust:
+    """The crop sliders as the core's CropAdjust; out of range (a client can send anything) is refused."""
+    try:
+        return CropAdjust(scale=scale, shift_x=shift_x, shift_y=shift_y, rotate=rotate)
+    except ValueError as e:
+        raise gr.Error(str(e), print_exception=False) from None
+
+
+def show_faces(studio: Studio, file, cam, scale=1.0, shift_x=0.0, shift_y=0.0, rotate=0.0):
+    """Right after upload (and as the crop is nudged): the photo with every detected face boxed and its crop
+    square drawn, and the aligned crop the largest face gets, before anything heavy runs. A photo that cannot
+    be read, or a crop out of range, is said in the status line (no error overlay on the photo)."""
     img = file if file else cam
     if img is None:
-        return None, progress_html(None, "Upload a photo with a visible face.", "idle"), gr.update(visible=False)
+        return (None, progress_html(None, "Upload a photo with a visible face.", "idle"), gr.update(visible=False),
+                gr.update())
+    try:
+        crop = crop_of(scale, shift_x, shift_y, rotate)
+    except gr.Error as e:   # the photo and crop shown stay as they were
+        return gr.update(), progress_html(None, e.message, "warn"), gr.update(), gr.update()
     try:
         picture = load_photo(img)
     except FaceError as e:
-        return None, progress_html(None, scrub(str(e)), "warn"), gr.update(visible=False)
+        return None, progress_html(None, scrub(str(e)), "warn"), gr.update(visible=False), None
     faces = detect(picture)
     if not faces.count:
         return (draw_faces(picture, faces), progress_html(None, "No face found: try a frontal, well-lit photo.", "warn"),
-                gr.update(value=[], visible=False))
+                gr.update(value=[], visible=False), None)
     more = (f" {faces.count} faces found (numbered, largest first); the largest is used unless you tick Every face."
             if faces.count > 1 else " Face found.")
     labels = [f"Face {k + 1}" for k in range(min(faces.count, MAX_FACES))]
-    return (draw_faces(picture, faces), progress_html(None, more.strip() + " Choose styles, then Stylise me.", "idle"),
-            gr.update(choices=labels, value=labels, visible=faces.count > 1))
+    quads = [ffhq_quad(lm, crop) for lm in faces.landmarks[:MAX_FACES]]
+    lm = faces.landmarks[0]
+    preview, quad = align_face(picture, output_size=SHOWN, transform_size=1024, lm=lm, adjust=crop)
+    nudged = "" if crop.is_default else " Crop adjusted (blue square)."
+    return (draw_faces(picture, faces, quads=quads),
+            progress_html(None, more.strip() + nudged + " Choose styles, then Stylise me.", "idle"),
+            gr.update(choices=labels, value=labels, visible=faces.count > 1),
+            draw_landmarks(preview, aligned_points(lm, quad, SHOWN)))
 
 
 def latent(studio: Studio, state, face_index, mapper_id, mapper_strength, values):
@@ -223,8 +270,8 @@ def styles_for(studio: Studio, base_name, ids) -> list:
 
 @status_on_error(0, 7)
 @friendly
-def run(studio: Studio, file, cam, base_name, ids, how, n_steps, noise, every_face, chosen, colours, mapper_id,
-        mapper_strength, request: gr.Request, *values):
+def run(studio: Studio, file, cam, base_name, ids, how, n_steps, noise, every_face, chosen, colours, crop_scale,
+        crop_shift_x, crop_shift_y, crop_rotate, mapper_id, mapper_strength, request: gr.Request, *values):
     img = file if file else cam
     if img is None:
         raise gr.Error("upload a photo first (JPEG or PNG with a visible face)")
@@ -235,6 +282,7 @@ def run(studio: Studio, file, cam, base_name, ids, how, n_steps, noise, every_fa
         raise gr.Error(f"'{how}' is not available for {base_name}; choose {OPTIMISE}")
     n = 0 if how == ENCODER else number(n_steps, "Optimisation steps", 1, 1000)
     colours = number(colours or 0, "Keep my photo's colours", 0, 1, integer=False)
+    crop = crop_of(crop_scale, crop_shift_x, crop_shift_y, crop_rotate)
     DirectionControls.edits(studio, base_name, values)
     if mapper_id:
         studio.mapper(mapper_id, G.n_latent)
@@ -243,12 +291,12 @@ def run(studio: Studio, file, cam, base_name, ids, how, n_steps, noise, every_fa
     yield progress_html(0, "Aligning the face...", "run"), gr.update(), None, None, [], [], None
     size = max(256, min(G.size, 1024))  # shown at >= 256 px
     if every_face:
-        found = prepare_faces(img, output_size=size, max_faces=MAX_FACES)
+        found = prepare_faces(img, output_size=size, max_faces=MAX_FACES, adjust=crop)
         picked = [k for k in range(len(found)) if f"Face {k + 1}" in (chosen or [f"Face {k + 1}"])]
         faces = [found[k] for k in picked] or found[:1]
         note = f"{len(faces)} of {found[0].faces_found} faces stylised. "
     else:
-        faces = [prepare_face(img, output_size=size)]
+        faces = [prepare_face(img, output_size=size, adjust=crop)]
         note = f"{faces[0].faces_found} faces found; using the largest. " if faces[0].faces_found > 1 else ""
     enc = None
     if how in (ENCODER, REFINE):
@@ -278,9 +326,24 @@ def run(studio: Studio, file, cam, base_name, ids, how, n_steps, noise, every_fa
     styles = (f" Your face in {len(ids)} style(s) is below; the sliders and text edits act on it." if ids
               else " Choose styles to see yourself in them.")
     untrained = f" ({TINY_ENCODER_NOTE})" if enc is not None and studio.tiny else ""
-    msg = f"{note}Inverted with {invs[0].method}{untrained}.{loss_note}{styles}"
+    errors = ", ".join(f"{pixel_error(f.aligned, i.reconstruction):.1%}" for f, i in zip(faces, invs))
+    error_note = (f" Reconstruction error: {errors} (mean per-pixel difference from the aligned photo; lower is "
+                  "better, and a nudged crop can lower it).")
+    msg = f"{note}Inverted with {invs[0].method}{untrained}.{loss_note}{error_note}{styles}"
     yield (progress_html(1.0, msg, "done"), gr.update(), faces[0].overlay(), readable(invs[0].reconstruction), gal, pas,
            state)
+
+
+@friendly
+def before_after(studio: Studio, state, gallery):
+    """The before/after slider: the aligned photo against the first stylised face shown (at the photo's size),
+    so the style is judged against the very crop it was made from. Empty until there is a result."""
+    if not state or not gallery:
+        return None
+    first = gallery[0]
+    styled = Image.open(first[0] if isinstance(first, (tuple, list)) else first).convert("RGB")
+    photo = state["faces"][0].aligned
+    return image_file(photo), image_file(enlarged(styled, photo.size))
 
 
 @friendly

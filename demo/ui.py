@@ -21,6 +21,7 @@ from typing import Callable, Iterator
 
 import gradio as gr
 import gradio.utils as gradio_utils
+from PIL import Image
 
 from nada_core.faces.align import FaceError
 from nada_core.guidance.clip_guide import ClipLoadError, PromptError
@@ -124,6 +125,15 @@ def bind(studio: Studio, handler: Callable) -> Callable:
     signature = inspect.signature(handler)
     bound.__signature__ = signature.replace(parameters=list(signature.parameters.values())[1:])
     return bound
+
+
+def enlarged(img, size: tuple[int, int]):
+    """``img`` at ``size`` for a side-by-side view: a small model's picture scaled up by whole pixels (kept sharp),
+    a larger one resampled."""
+    if img.size == tuple(size):
+        return img
+    sharp = size[0] % img.width == 0 and size[1] % img.height == 0
+    return img.resize(tuple(size), Image.NEAREST if sharp else Image.LANCZOS)
 
 
 def number(value, field: str, lo: float, hi: float, integer: bool = True):

@@ -288,16 +288,25 @@ def cmd_mapper(args) -> int:
 
 
 # ---------------------------------------------------------------------------- invert
+def crop_from_args(args):
+    """The --crop-* options as the core's CropAdjust (which bounds them and says so in one line)."""
+    from .faces.align import CropAdjust
+
+    shift_x, shift_y = CropAdjust.parse_shift(args.crop_shift)
+    return CropAdjust(scale=args.crop_scale, shift_x=shift_x, shift_y=shift_y, rotate=args.crop_rotate)
+
+
 def cmd_invert(args) -> int:
     from .faces.selfie import stylize_group_photo, stylize_photo
 
     pipeline = stylize_group_photo if args.all_faces else stylize_photo
     if not 0 <= args.keep_colours <= 1:   # before the (slow) alignment and inversion
         raise ValueError(f"--keep-colours must be between 0 and 1, got {args.keep_colours}")
+    crop = crop_from_args(args)
     model = _model_file(args.model) if args.model else None
     base = args.base or (_recorded_base(model) if model else None) or "ffhq"   # as sample: the model's own base
     result = pipeline(args.photo, [str(model)] if model else [], base=base, steps=args.steps,
-                      device=args.device, encoder=args.encoder, keep_colours=args.keep_colours)
+                      device=args.device, encoder=args.encoder, keep_colours=args.keep_colours, crop=crop)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for name, img in result.images().items():
@@ -555,6 +564,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--keep-colours", type=float, nargs="?", const=1.0, default=0.0, metavar="STRENGTH",
                    help="give the stylised faces the photo's colours (its chroma; the style's light and shade stay): "
                         "1 (the default when given) = the photo's, 0 = the style's")
+    v.add_argument("--crop-scale", type=float, default=1.0, help="the FFHQ crop's side times this, about its "
+                   "centre (0.6-1.6; 1 = the FFHQ crop)")
+    v.add_argument("--crop-shift", default="0,0", metavar="DX,DY", help="move the crop right/down by fractions of "
+                   "its side (each -0.3 to 0.3), e.g. 0.02,-0.03")
+    v.add_argument("--crop-rotate", type=float, default=0.0, metavar="DEGREES", help="turn the crop clockwise "
+                   "(-45 to 45)")
     v.set_defaults(fn=cmd_invert)
 
     vid = sub.add_parser("video", help="stylise the faces of a video clip (sound kept), one MP4 per style")

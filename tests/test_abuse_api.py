@@ -113,8 +113,8 @@ def test_bad_images_get_clear_messages(app, tmp_path):
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
 
     def selfie(path):
-        return client.predict(handle_file(str(path)), None, "tiny", [model], "Optimisation", 10, False, False, [], 0, None, 1.0,
-                              *SLIDERS,
+        return client.predict(handle_file(str(path)), None, "tiny", [model], "Optimisation", 10, False, False, [], 0, 1.0, 0, 0, 0,
+                              None, 1.0, *SLIDERS,
                               *RANGES, None, 0, api_name="/selfie")
 
     msg = error_of(lambda: selfie(tmp_path / "huge.png"))

@@ -36,9 +36,12 @@ def train(client, *overrides):
     return outs
 
 
-def run_selfie(client, photo, model_id, colours=0):
+NO_CROP = (1.0, 0.0, 0.0, 0.0)   # scale, shift x, shift y, rotation: the FFHQ crop as it is
+
+
+def run_selfie(client, photo, model_id, colours=0, crop=NO_CROP):
     job = client.submit(handle_file(str(photo)), None, "tiny", [model_id], "Optimisation", 10, False, False, [], colours,
-                        None, 1.0,
+                        *crop, None, 1.0,
                         *([0.0] * 12),
                         *(["all layers"] * 12), None, 0, api_name="/selfie")
     outs = list(job)
@@ -358,7 +361,7 @@ def test_group_photo_stylises_every_chosen_face(app, tmp_path):
     canvas.paste(face.transpose(Image.FLIP_LEFT_RIGHT), (512, 0))
     canvas.save(tmp_path / "two.png")
     job = client.submit(handle_file(str(tmp_path / "two.png")), None, "tiny", [model], "Optimisation", 10, False, True,
-                        ["Face 1", "Face 2"], 0, None, 1.0, *([0.0] * 12), *(["all layers"] * 12), None, 0,
+                        ["Face 1", "Face 2"], 0, *NO_CROP, None, 1.0, *([0.0] * 12), *(["all layers"] * 12), None, 0,
                         api_name="/selfie")
     outs = list(job)
     job.result()
@@ -539,3 +542,89 @@ def test_an_edit_mapper_trains_through_the_api_and_is_listed(app):
     names = [p.name for p in studio.mapper_root.iterdir() if p.is_dir()]
     chosen = chosen["value"] if isinstance(chosen, dict) else chosen
     assert chosen in names and chosen.startswith("tiny-smiling")
+
+
+def test_a_nudged_crop_is_seen_at_once_and_used_by_the_selfie(app, tmp_path):
+    from demo import selfie_tab
+
+    client, studio, _ = app
+    if not studio.library():
+        train(client)
+    model = studio.library()[0].id
+    Image.fromarray(data.astronaut()).save(tmp_path / "me.png")
+    photo, status, _, preview = selfie_tab.show_faces(studio, str(tmp_path / "me.png"), None)
+    nudged_photo, nudged_status, _, nudged = selfie_tab.show_faces(studio, str(tmp_path / "me.png"), None, 1.3, 0.05,
+                                                                   -0.05, 10)
+    assert preview.size == nudged.size == (256, 256) and "Crop adjusted" in nudged_status
+    assert np.abs(np.asarray(preview, dtype=int) - np.asarray(nudged, dtype=int)).mean() > 5
+    blue = (np.asarray(nudged_photo) == (60, 140, 255)).all(-1).sum()   # the crop square drawn on the photo
+    assert blue > 500 and not np.array_equal(np.asarray(photo), np.asarray(nudged_photo))
+    _, refused, *rest = selfie_tab.show_faces(studio, str(tmp_path / "me.png"), None, 5, 0, 0, 0)
+    assert "crop scale must be between 0.6 and 1.6" in refused and unchanged(rest)
+    # the run aligns with the same crop, and says how close the reconstruction came
+    plain = run_selfie(client, tmp_path / "me.png", model)[-1]
+    moved = run_selfie(client, tmp_path / "me.png", model, crop=(1.3, 0.05, -0.05, 10))[-1]
+    assert np.array_equal(np.asarray(Image.open(moved[2])), np.asarray(nudged))   # the crop previewed is the crop used
+    assert not np.array_equal(np.asarray(Image.open(plain[2])), np.asarray(Image.open(moved[2])))
+    for status in (plain[0], moved[0]):
+        error = float(status.split("Reconstruction error: ")[1].split("%")[0])
+        assert 0 < error < 60
+    # through the API the slider's own check answers first, naming the slider
+    assert "Turn (degrees, clockwise): Value 90 is greater than maximum value 45" in refusal(
+        lambda: run_selfie(client, tmp_path / "me.png", model, crop=(1.0, 0, 0, 90))[-1])
+
+
+def test_before_after_sliders_get_the_two_images_at_one_size(app, tmp_path):
+    from demo import sample_tab, selfie_tab
+
+    client, studio, _ = app
+    if not studio.library():
+        train(client)
+    model = studio.library()[0].id
+    # Sample: the third seed through the source and the adapted model, enlarged alike to 256 px
+    before, after = sample_tab.before_after(studio, model, "4,5,6", 0.7, "const", 1.0, None, 0.5, None, 1.0, 3)
+    before, after = Image.open(before), Image.open(after)
+    assert before.size == after.size == (256, 256)
+    from nada_core.latent.sampling import latents_for_seeds, render
+
+    (src,), (adapted,) = render([studio.base("tiny"), studio.model(model)],
+                                latents_for_seeds(studio.base("tiny"), [6], 0.7))      # seed 6, 32 px
+    assert np.array_equal(np.asarray(before.resize((32, 32), Image.NEAREST)), np.asarray(src))
+    assert np.array_equal(np.asarray(after.resize((32, 32), Image.NEAREST)), np.asarray(adapted))
+    assert np.abs(np.asarray(src, dtype=int) - np.asarray(adapted, dtype=int)).mean() > 1   # a real before and after
+    last = sample_tab.before_after(studio, model, "4,5,6", 0.7, "const", 1.0, None, 0.5, None, 1.0, 16)
+    assert np.array_equal(np.asarray(Image.open(last[0])), np.asarray(before))   # past the seeds shown: the last one
+    assert sample_tab.before_after(studio, None, "0", 0.7, "const", 1.0, None, 0.5) == {"__type__": "update"}
+    with pytest.raises(Exception, match="Sample to compare must be a whole number between 1 and 16"):
+        sample_tab.before_after(studio, model, "0", 0.7, "const", 1.0, None, 0.5, None, 1.0, 17)
+    # Selfie: the aligned photo against the first stylised face, at the photo's size
+    Image.fromarray(data.astronaut()).save(tmp_path / "me.png")
+    values = [0.0] * 12 + ["all layers"] * 12
+    outs = list(selfie_tab.run(studio, str(tmp_path / "me.png"), None, "tiny", [model], "Optimisation", 5, False, False,
+                               [], 0, 1.0, 0, 0, 0, None, 1.0, None, *values))
+    *_, gallery, _, state = outs[-1]
+    photo, styled = (Image.open(p) for p in selfie_tab.before_after(studio, state, gallery))
+    assert photo.size == styled.size == (256, 256)
+    assert np.array_equal(np.asarray(photo), np.asarray(state["faces"][0].aligned))
+    first = Image.open(gallery[0][0])
+    assert np.array_equal(np.asarray(styled.resize(first.size, Image.NEAREST)), np.asarray(first))
+    assert selfie_tab.before_after(studio, None, []) is None
+
+
+def test_the_agents_stylise_tool_gives_the_pasted_photo_the_pair_and_the_error(app, tmp_path):
+    from demo import agent_api
+
+    client, studio, _ = app
+    if not studio.library():
+        train(client)
+    model = studio.library()[0].id
+    Image.fromarray(data.astronaut()).save(tmp_path / "me.png")
+    steps = []
+    pasted, pair, error = agent_api.stylise_photo(studio, str(tmp_path / "me.png"), model, 3, 1.0,
+                                                  progress=lambda p, **kw: steps.append(p))
+    assert Image.open(pasted).size == (512, 512) and Image.open(pair).size == (512, 256)
+    assert steps[-1] == (3, 3) and 0 < float(error.split("error ")[1].split("%")[0]) < 60
+    with pytest.raises(Exception, match="crop scale must be between 0.6 and 1.6"):
+        agent_api.stylise_photo(studio, str(tmp_path / "me.png"), model, 3, 2.0, progress=lambda p, **kw: None)
+    with pytest.raises(Exception, match="target must be a text of 1 to 300 characters"):
+        agent_api.check_prompt(studio, "photo", "x" * 301)

@@ -67,6 +67,32 @@ def test_invert_writes_crop_reconstruction_stylised_and_pasted(tmp_path, capsys)
     assert "could not read the image" in capsys.readouterr().err
 
 
+def test_invert_takes_the_crop_adjustment(tmp_path, capsys):
+    import numpy as np
+    from skimage import data
+
+    from nada_core.faces.align import CropAdjust, align_face, landmarks
+
+    photo = Image.fromarray(data.astronaut())
+    photo.save(tmp_path / "photo.png")
+    base = ["invert", str(tmp_path / "photo.png"), "--base", "tiny", "--steps", "2"]
+    assert main([*base, "--out", str(tmp_path / "plain")]) == 0
+    assert main([*base, "--out", str(tmp_path / "nudged"), "--crop-scale", "1.1", "--crop-shift", "0.02,-0.03",
+                 "--crop-rotate", "5"]) == 0
+    assert "reconstruction error:" in capsys.readouterr().err
+    plain, nudged = (np.asarray(Image.open(tmp_path / d / "aligned.png"), dtype=int) for d in ("plain", "nudged"))
+    expected, _ = align_face(photo, output_size=256, transform_size=1024, lm=landmarks(photo),
+                             adjust=CropAdjust(scale=1.1, shift_x=0.02, shift_y=-0.03, rotate=5))
+    assert np.array_equal(nudged, np.asarray(expected)) and np.abs(plain - nudged).mean() > 5
+    for bad, message in ((["--crop-scale", "2"], "crop scale must be between 0.6 and 1.6"),
+                         (["--crop-shift", "0.5,0"], "crop shift x must be between -0.3 and 0.3"),
+                         (["--crop-shift", "up"], "crop shift must be DX,DY"),
+                         (["--crop-rotate", "60"], "crop rotation (degrees) must be between -45 and 45")):
+        assert main([*base, "--out", str(tmp_path / "bad"), *bad]) == 1
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()   # refused before any work
+
+
 def test_adapt_json_lines_then_resume_shows_the_saved_recipe(tmp_path, capsys):
     import json
 

@@ -4,9 +4,19 @@ import torch
 from PIL import Image
 from skimage import data
 
-from nada_core.faces.align import FaceError, align_face, aligned_points, detect, landmarks, load_photo, paste_back
+from nada_core.faces.align import (
+    CropAdjust,
+    FaceError,
+    align_face,
+    aligned_points,
+    detect,
+    ffhq_quad,
+    landmarks,
+    load_photo,
+    paste_back,
+)
 from nada_core.faces.invert import E4EEncoder, invert, load_e4e, project
-from nada_core.faces.selfie import Inversion, invert_face, paste_faces, prepare_face, prepare_faces, render
+from nada_core.faces.selfie import Inversion, invert_face, paste_faces, pixel_error, prepare_face, prepare_faces, render
 from nada_core.models.tiny import tiny_generator
 from nada_core.store.images import to_pil
 
@@ -257,3 +267,73 @@ def test_cli_invert_all_faces(two_faces, tmp_path):
     assert pasted.size == two_faces.size
     faces = prepare_faces(two_faces, output_size=64)
     assert all(_changed_near(two_faces, pasted.convert("RGB"), f) > 30 for f in faces)
+
+
+# ---------------------------------------------------------------------------- adjustable crop
+def side(quad):
+    return np.hypot(*(quad[3] - quad[0]))
+
+
+def angle(quad):
+    top = quad[3] - quad[0]
+    return np.degrees(np.arctan2(top[1], top[0]))
+
+
+def test_the_default_crop_adjustment_is_todays_crop_bit_for_bit(astronaut):
+    lm = landmarks(astronaut)
+    plain, quad = align_face(astronaut, output_size=256, transform_size=1024, lm=lm)
+    same, same_quad = align_face(astronaut, output_size=256, transform_size=1024, lm=lm, adjust=CropAdjust())
+    assert np.array_equal(quad, same_quad) and np.array_equal(quad, ffhq_quad(lm))
+    assert np.array_equal(np.asarray(plain), np.asarray(same))
+
+
+def test_crop_scale_shift_and_rotation_move_the_quad_as_said(astronaut):
+    lm = landmarks(astronaut)
+    q = ffhq_quad(lm)
+    s, c = side(q), q.mean(0)
+    big = ffhq_quad(lm, CropAdjust(scale=1.2))
+    assert side(big) == pytest.approx(1.2 * s, rel=1e-9) and np.allclose(big.mean(0), c)
+    assert angle(big) == pytest.approx(angle(q), abs=1e-9)
+    turned = ffhq_quad(lm, CropAdjust(rotate=10))
+    assert angle(turned) == pytest.approx(angle(q) + 10, abs=1e-9)    # clockwise on the photo (y down)
+    assert side(turned) == pytest.approx(s) and np.allclose(turned.mean(0), c)
+    moved = ffhq_quad(lm, CropAdjust(shift_x=0.1, shift_y=-0.05))
+    right, down = (q[3] - q[0]) / s, (q[1] - q[0]) / s                # the crop's own axes
+    assert np.allclose(moved - q, (0.1 * right - 0.05 * down) * s)    # every corner moved by the same vector
+    # the aligned crop follows: a larger crop shows the eyes closer together
+    size = 256
+    tight, qt = align_face(astronaut, output_size=size, transform_size=1024, lm=lm)
+    wide, qw = align_face(astronaut, output_size=size, transform_size=1024, lm=lm, adjust=CropAdjust(scale=1.25))
+    eyes = np.stack([lm[36:42].mean(0), lm[42:48].mean(0)])
+    gap_t, gap_w = (np.diff(aligned_points(eyes, qq, size), axis=0)[0, 0] for qq in (qt, qw))
+    assert gap_w == pytest.approx(gap_t / 1.25, rel=1e-6)
+    assert np.abs(np.asarray(tight, dtype=int) - np.asarray(wide, dtype=int)).mean() > 5
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"scale": 3}, "crop scale must be between 0.6 and 1.6"),
+    ({"scale": float("nan")}, "crop scale must be between"),
+    ({"shift_x": 0.5}, "crop shift x must be between -0.3 and 0.3"),
+    ({"shift_y": -1}, "crop shift y must be between -0.3 and 0.3"),
+    ({"rotate": 90}, r"crop rotation \(degrees\) must be between -45 and 45"),
+    ({"rotate": "a lot"}, "crop rotation .* must be a number"),
+])
+def test_out_of_range_crop_adjustments_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        CropAdjust(**kwargs)
+
+
+def test_a_shift_parses_from_text():
+    assert CropAdjust.parse_shift("0.02,-0.03") == (0.02, -0.03)
+    for bad in ("0.02", "a,b", "1,2,3"):
+        with pytest.raises(ValueError, match="crop shift must be DX,DY"):
+            CropAdjust.parse_shift(bad)
+
+
+def test_the_reconstruction_error_is_the_mean_pixel_difference(astronaut):
+    face = prepare_face(astronaut, output_size=32)
+    assert pixel_error(face.aligned, face.aligned) == 0
+    grey = Image.new("RGB", (32, 32), (128, 128, 128))
+    expected = np.abs(np.asarray(face.aligned, dtype=float) - 128).mean() / 255
+    assert pixel_error(face.aligned, grey) == pytest.approx(expected)
+    assert 0.05 < expected < 0.5

@@ -7,8 +7,10 @@ warped back into it.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import ClassVar
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
@@ -95,8 +97,66 @@ def landmarks(img, all_faces: bool = False):
     return faces.landmarks if all_faces else faces.landmarks[0]
 
 
-def ffhq_quad(lm: np.ndarray) -> np.ndarray:
-    """The oriented crop square (4, 2) of the FFHQ recipe: upper-left, lower-left, lower-right, upper-right."""
+@dataclass(frozen=True)
+class CropAdjust:
+    """A nudge of the FFHQ crop square, for faces the recipe frames badly (a tilted head, a wide chin):
+    ``scale`` multiplies the side about the square's centre, ``shift_x`` / ``shift_y`` move it along its own
+    axes (right / down in the aligned image) by fractions of the side, ``rotate`` turns it by degrees
+    (clockwise on the photo as seen). The default is no nudge: exactly the FFHQ crop."""
+
+    scale: float = 1.0
+    shift_x: float = 0.0
+    shift_y: float = 0.0
+    rotate: float = 0.0
+
+    # bounds, so that an adjustment from a client still frames the face it was detected for
+    RANGES: ClassVar[dict[str, tuple[float, float]]] = {
+        "scale": (0.6, 1.6), "shift_x": (-0.3, 0.3), "shift_y": (-0.3, 0.3), "rotate": (-45.0, 45.0)}
+    LABELS: ClassVar[dict[str, str]] = {"scale": "crop scale", "shift_x": "crop shift x", "shift_y": "crop shift y",
+                                        "rotate": "crop rotation (degrees)"}
+
+    def __post_init__(self):
+        for name, (lo, hi) in self.RANGES.items():
+            value = getattr(self, name)
+            try:
+                x = float(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"{self.LABELS[name]} must be a number between {lo:g} and {hi:g}") from None
+            if not math.isfinite(x) or not lo <= x <= hi:
+                raise ValueError(f"{self.LABELS[name]} must be between {lo:g} and {hi:g} (got {str(value)[:30]})")
+            object.__setattr__(self, name, x)
+
+    @property
+    def is_default(self) -> bool:
+        return (self.scale, self.shift_x, self.shift_y, self.rotate) == (1.0, 0.0, 0.0, 0.0)
+
+    def apply(self, quad: np.ndarray) -> np.ndarray:
+        """``quad`` (4, 2) scaled, shifted and turned about its centre; the default returns it untouched."""
+        if self.is_default:
+            return quad
+        centre = quad.mean(0)
+        side = np.hypot(*(quad[3] - quad[0]))
+        ux, uy = (quad[3] - quad[0]) / side, (quad[1] - quad[0]) / side
+        moved = centre + (self.shift_x * ux + self.shift_y * uy) * side
+        a = math.radians(self.rotate)
+        turn = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])  # y points down: clockwise as seen
+        return moved + ((quad - centre) * self.scale) @ turn.T
+
+    @classmethod
+    def parse_shift(cls, text: str) -> tuple[float, float]:
+        """'DX,DY' (fractions of the crop's side) as the CLI's --crop-shift gives it."""
+        parts = str(text).split(",")
+        try:
+            if len(parts) != 2:
+                raise ValueError
+            return float(parts[0]), float(parts[1])
+        except ValueError:
+            raise ValueError(f"crop shift must be DX,DY, two numbers such as 0.02,-0.03 (got {str(text)[:30]})") from None
+
+
+def ffhq_quad(lm: np.ndarray, adjust: CropAdjust | None = None) -> np.ndarray:
+    """The oriented crop square (4, 2) of the FFHQ recipe: upper-left, lower-left, lower-right, upper-right;
+    nudged by ``adjust`` when one is given."""
     eye_left, eye_right = lm[36:42].mean(0), lm[42:48].mean(0)
     eye_avg, eye_to_eye = (eye_left + eye_right) / 2, eye_right - eye_left
     mouth_avg = (lm[48] + lm[54]) / 2
@@ -106,15 +166,17 @@ def ffhq_quad(lm: np.ndarray) -> np.ndarray:
     x *= max(np.hypot(*eye_to_eye) * 2.0, np.hypot(*eye_to_mouth) * 1.8)
     y = np.flipud(x) * [-1, 1]
     c = eye_avg + eye_to_mouth * 0.1
-    return np.stack([c - x - y, c - x + y, c + x + y, c + x - y])
+    quad = np.stack([c - x - y, c - x + y, c + x + y, c + x - y])
+    return quad if adjust is None else adjust.apply(quad)
 
 
 def align_face(img, output_size: int = 1024, transform_size: int = 4096, lm: np.ndarray | None = None,
-               enable_padding: bool = True) -> tuple[Image.Image, np.ndarray]:
-    """FFHQ-aligned square crop of the largest face, and its quad in the input photo's coordinates."""
+               enable_padding: bool = True, adjust: CropAdjust | None = None) -> tuple[Image.Image, np.ndarray]:
+    """FFHQ-aligned square crop of the largest face (its square nudged by ``adjust``), and its quad in the
+    input photo's coordinates."""
     img = load_photo(img)
     lm = landmarks(img) if lm is None else lm
-    quad = ffhq_quad(lm)
+    quad = ffhq_quad(lm, adjust)
     original_quad = quad.copy()
     qsize = np.hypot(*(quad[3] - quad[0]))
 
@@ -189,9 +251,10 @@ def draw_landmarks(img: Image.Image, lm: np.ndarray, radius: float | None = None
     return out
 
 
-def draw_faces(img: Image.Image, faces: Faces, max_side: int = 768) -> Image.Image:
+def draw_faces(img: Image.Image, faces: Faces, max_side: int = 768, quads: list[np.ndarray] | None = None) -> Image.Image:
     """The photo (downscaled to ``max_side``) with each detected face's box and landmarks; the face
-    that will be used (the largest) in green, others in yellow."""
+    that will be used (the largest) in green, others in yellow. ``quads``: each face's crop square, drawn as
+    an outline with its top edge thicker, so a nudged crop is seen on the photo before anything runs."""
     scale = min(1.0, max_side / max(img.size))
     out = img.convert("RGB").resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.LANCZOS)
     d = ImageDraw.Draw(out)
@@ -203,4 +266,9 @@ def draw_faces(img: Image.Image, faces: Faces, max_side: int = 768) -> Image.Ima
         r = max(1.0, width * 0.6)
         for x, y in lm * scale:
             d.ellipse([x - r, y - r, x + r, y + r], fill=colour)
+    for i, quad in enumerate(quads or []):
+        colour = (60, 140, 255) if i == 0 else (250, 200, 40)
+        corners = [tuple(p) for p in quad * scale]
+        d.line(corners + corners[:1], fill=colour, width=width)
+        d.line([corners[0], corners[3]], fill=colour, width=width * 2)   # the top edge: shows the turn
     return out

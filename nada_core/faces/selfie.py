@@ -18,7 +18,7 @@ from ..models.stylegan2 import Generator
 from ..store import weights
 from ..store.images import from_pil, to_pil
 from . import colour
-from .align import FaceError, align_face, aligned_points, detect, draw_landmarks, load_photo, paste_back
+from .align import CropAdjust, FaceError, align_face, aligned_points, detect, draw_landmarks, load_photo, paste_back
 from .invert import invert_with_noise, load_e4e
 
 
@@ -61,30 +61,33 @@ class SelfieResult:
 NO_FACE = "no face found; try a frontal, well-lit photo with the face at least 80 px wide"
 
 
-def _aligned(img: Image.Image, lm: np.ndarray, box, count: int, output_size: int) -> AlignedFace:
-    aligned, quad = align_face(img, output_size=output_size, transform_size=max(output_size, 1024), lm=lm)
+def _aligned(img: Image.Image, lm: np.ndarray, box, count: int, output_size: int,
+             adjust: CropAdjust | None = None) -> AlignedFace:
+    aligned, quad = align_face(img, output_size=output_size, transform_size=max(output_size, 1024), lm=lm,
+                               adjust=adjust)
     return AlignedFace(img, aligned, quad, aligned_points(lm, quad, output_size), count, tuple(box))
 
 
-def prepare_face(photo, output_size: int = 1024) -> AlignedFace:
-    """Detect, align (FFHQ recipe) and report how many faces were found (the largest is used)."""
+def prepare_face(photo, output_size: int = 1024, adjust: CropAdjust | None = None) -> AlignedFace:
+    """Detect, align (FFHQ recipe, nudged by ``adjust``) and report how many faces were found (the largest is used)."""
     img = load_photo(photo)
     faces = detect(img)
     if not faces.count:
         raise FaceError(NO_FACE)
-    return _aligned(img, faces.landmarks[0], faces.boxes[0], faces.count, output_size)
+    return _aligned(img, faces.landmarks[0], faces.boxes[0], faces.count, output_size, adjust)
 
 
-def prepare_faces(photo, output_size: int = 1024, max_faces: int = 8) -> list[AlignedFace]:
-    """Every detected face (up to ``max_faces``, largest first), each aligned on its own; each
-    AlignedFace shares the photo and reports the total count in ``faces_found``."""
+def prepare_faces(photo, output_size: int = 1024, max_faces: int = 8,
+                  adjust: CropAdjust | None = None) -> list[AlignedFace]:
+    """Every detected face (up to ``max_faces``, largest first), each aligned on its own (every crop nudged
+    by ``adjust``); each AlignedFace shares the photo and reports the total count in ``faces_found``."""
     if max_faces < 1:
         raise ValueError("max_faces must be at least 1")
     img = load_photo(photo)
     faces = detect(img)
     if not faces.count:
         raise FaceError(NO_FACE)
-    return [_aligned(img, lm, box, faces.count, output_size)
+    return [_aligned(img, lm, box, faces.count, output_size, adjust)
             for lm, box in list(zip(faces.landmarks, faces.boxes))[:max_faces]]
 
 
@@ -135,6 +138,14 @@ def invert_faces(faces: list[AlignedFace], G: Generator, encoder=None, steps: in
                 progress(i * n + s, len(faces) * n, loss)
         out.append(invert_face(face, G, encoder, steps, report, perceptual, optimize_noise))
     return out
+
+
+def pixel_error(aligned: Image.Image, reconstruction: Image.Image) -> float:
+    """How far the reconstruction is from the aligned photo: the mean absolute per-pixel difference, 0 (the
+    same) to 1 (black against white), at the reconstruction's size. A crop the generator can reproduce scores
+    lower, so it tells the user whether a nudged crop helped."""
+    target = np.asarray(aligned.convert("RGB").resize(reconstruction.size, Image.LANCZOS), dtype=np.float64)
+    return float(np.abs(target - np.asarray(reconstruction.convert("RGB"), dtype=np.float64)).mean() / 255.0)
 
 
 @torch.no_grad()
@@ -188,19 +199,21 @@ def _styles(models: list, G: Generator, device, notes: list[str]):
 
 def stylize_photo(photo, models: list, base: str = "ffhq", steps: int = 200, device: str | None = None,
                   encoder: str = "auto", progress=None, optimize_noise: bool = False,
-                  keep_colours: float = 0.0) -> SelfieResult:
+                  keep_colours: float = 0.0, crop: CropAdjust | None = None) -> SelfieResult:
     """The whole pipeline for the CLI: ``models`` are paths of adapted generators. ``keep_colours`` in [0, 1]
-    gives the stylised faces the photo's chroma by that strength (``colour.keep_colours``)."""
+    gives the stylised faces the photo's chroma by that strength (``colour.keep_colours``); ``crop`` nudges
+    the alignment. The notes say the reconstruction's pixel error."""
     from ..store.library import default_device, load_base
 
     device = device or default_device()
     G, base_name = load_base(base, device)
     notes = []
-    face = prepare_face(photo, output_size=max(256, min(G.size, 1024)))
+    face = prepare_face(photo, output_size=max(256, min(G.size, 1024)), adjust=crop)
     if face.faces_found > 1:
         notes.append(f"{face.faces_found} faces found; used the largest")
     enc, perceptual = _inverter(G, base_name, steps, device, encoder, notes)
     inv = invert_face(face, G, enc, steps, progress, perceptual, optimize_noise)
+    notes.append(f"reconstruction error: {pixel_error(face.aligned, inv.reconstruction):.2%} mean per-pixel difference")
     result = SelfieResult(face, inv, notes=notes)
     for name, Gm in _styles(models, G, device, notes):
         result.stylised[name] = colour.keep_colours(render(Gm, inv), face.aligned, keep_colours)
@@ -240,18 +253,21 @@ def stylize_faces(faces: list[AlignedFace], inversions: list[Inversion], G_style
 
 def stylize_group_photo(photo, models: list, base: str = "ffhq", steps: int = 200, device: str | None = None,
                         encoder: str = "auto", progress=None, max_faces: int = 8,
-                        optimize_noise: bool = False, keep_colours: float = 0.0) -> GroupResult:
+                        optimize_noise: bool = False, keep_colours: float = 0.0,
+                        crop: CropAdjust | None = None) -> GroupResult:
     """:func:`stylize_photo` for every face of a photo (up to ``max_faces``, largest first)."""
     from ..store.library import default_device, load_base
 
     device = device or default_device()
     G, base_name = load_base(base, device)
     notes = []
-    faces = prepare_faces(photo, output_size=max(256, min(G.size, 1024)), max_faces=max_faces)
+    faces = prepare_faces(photo, output_size=max(256, min(G.size, 1024)), max_faces=max_faces, adjust=crop)
     if faces[0].faces_found > len(faces):
         notes.append(f"{faces[0].faces_found} faces found; stylised the {len(faces)} largest")
     enc, perceptual = _inverter(G, base_name, steps, device, encoder, notes)
     result = GroupResult(faces, invert_faces(faces, G, enc, steps, progress, perceptual, optimize_noise), notes=notes)
+    errors = ", ".join(f"{pixel_error(f.aligned, i.reconstruction):.2%}" for f, i in zip(faces, result.inversions))
+    notes.append(f"reconstruction error per face: {errors} mean per-pixel difference")
     for name, Gm in _styles(models, G, device, notes):
         result.stylised[name], result.pasted[name] = stylize_faces(faces, result.inversions, Gm,
                                                                    keep_colours=keep_colours)
