@@ -44,7 +44,7 @@ def check_prompt(studio: Studio, source: str, target: str) -> str:
     Returns:
         The prompt report in plain words.
     """
-    text = adapt_tab.check(studio, _prompt(source, "source"), _prompt(target, "target"), studio.clip_names(), None)
+    text, _, _ = adapt_tab.check(studio, _prompt(source, "source"), _prompt(target, "target"), studio.clip_names(), None)
     if not text:
         raise gr.Error("CLIP is not downloaded: python -m nada_core weights download clip-ViT-B-32 clip-ViT-B-16")
     return text.replace("**", "")

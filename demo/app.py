@@ -39,7 +39,8 @@ label[data-testid="block-label"].float ~ .upload-container {padding-top: 26px;}
 .nada-captioned .grid-wrap {max-height: 380px; overflow-y: auto;}
 #library-thumbs .thumbnail-item img {aspect-ratio: 2 / 1;}   /* sources over adapted */
 #selfie-result .thumbnail-item img {aspect-ratio: 1 / 1;}
-@media (max-width: 899px) { #library-thumbs .grid-container {--grid-cols: 2 !important;} }
+@media (max-width: 899px) { #library-thumbs .grid-container {--grid-cols: 2 !important;}
+                            #selfie-result, #selfie-result .grid-wrap {height: auto !important;} }  /* two rows, then it scrolls */
 @media (max-width: 899px) { #edit-result .grid-container, #selfie-result .grid-container {--grid-cols: 2 !important;} }
 /* 'clip' (not 'hidden') keeps the page from scrolling sideways without becoming a scroll container,
    so the Edit tab's result can stay in view (sticky) while the sliders scroll */
@@ -71,7 +72,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
             selfie_base, selfie_models, selfie_controls, selfie_mapper = selfie_tab.build(studio)
         with gr.Tab("Video"):
             video_tab.build(studio)
-        listing, thumbs, pick, usage, library_changes = library_panel.build(studio)
+        listing, thumbs, pick, usage, library_changed = library_panel.build(studio)
 
         def on_load(edit_base_name, selfie_base_name):
             """Fresh library lists and slider labels for every visitor (models trained since start-up)."""
@@ -96,8 +97,9 @@ def build_demo(studio: Studio) -> gr.Blocks:
         demo.load(on_load, [edit_base, selfie_base], outputs, api_visibility="private", show_progress="hidden")
         for tab in (t1, t2, t3, t4):  # models trained meanwhile show up when a tab is opened
             tab.select(on_load, [edit_base, selfie_base], outputs, api_visibility="private", show_progress="hidden")
-        for change in (*adapt_changes, *sample_changes, *library_changes):  # and every list right after a change
+        for change in (*adapt_changes, *sample_changes):  # and every list right after a change
             change.then(on_load, [edit_base, selfie_base], outputs, api_visibility="private", show_progress="hidden")
+        library_changed.change(on_load, [edit_base, selfie_base], outputs, api_visibility="private", show_progress="hidden")
         selfie_base.change(lambda b: _configure(studio, selfie_controls, b), selfie_base,
                            selfie_controls.configured(), api_visibility="private", show_progress="hidden")
         agent_api.build(studio)                 # the four tools for agents (MCP with --mcp) ...

@@ -140,7 +140,8 @@ def build(studio: Studio):
                  gr.update(maximum=studio.n_latent(base_name), value=0)] + controls.configure(studio, base_name))
 
     inputs = [base, models, seed, truncation, mix_seed, crossover, *mapper.inputs, text_delta, *controls.inputs]
-    live = dict(api_visibility="private", show_progress="hidden", concurrency_id="render")
+    # one lane, in order: a slider's quick previews never land after (and over) the full render of its release
+    live = dict(api_visibility="private", show_progress="hidden", concurrency_id="render", concurrency_limit=1)
     base.change(on_base, base, [models, crossover, *controls.configured()], api_visibility="private")
     base.change(lambda b: gr.update(choices=mapper_choices(studio, b), value=None), base, mapper.choice,
                 api_visibility="private", show_progress="hidden")

@@ -90,15 +90,16 @@ def build(studio: Studio):
                                           value=studio.default_base(), label="It was adapted from", allow_custom_value=True)  # names are checked on the server
                 import_btn = gr.Button("Import", size="sm")
                 check_weights = gr.Button("Check downloaded weights (repair damaged files)", size="sm")
-        message = gr.HTML("")
+        message = gr.HTML("", elem_id="library-message")
+    changed = gr.State(0)   # set only when the library changed: the other tabs refresh on it, not on a refusal
 
-    outs = [message, listing, thumbs, pick, usage]
+    outs = [message, listing, thumbs, pick, usage, changed]
 
     # every action answers in the message line (refusals too); the table, pictures and picker only change on success
     shown = dict(show_progress_on=[message])
-    renamed = rename.click(bind(studio, do_rename), [pick, new_name], outs, api_name="library_rename", **shown)
+    rename.click(bind(studio, do_rename), [pick, new_name], outs, api_name="library_rename", **shown)
     delete.click(bind(studio, ask), pick, [message, confirm], api_visibility="private", show_progress="hidden")
-    deleted = confirm.click(bind(studio, do_delete), pick, [*outs, confirm], api_name="library_delete", **shown)
+    confirm.click(bind(studio, do_delete), pick, [*outs, confirm], api_name="library_delete", **shown)
     download.click(bind(studio, do_download), pick, [message, files], api_name="library_download", **shown)
     delta.click(bind(studio, do_delta), pick, [message, files], api_name="library_delta", concurrency_id="device",
                 concurrency_limit=1, **shown)
@@ -106,19 +107,19 @@ def build(studio: Studio):
                concurrency_limit=1, **shown)
     check_weights.click(bind(studio, do_check_weights), None, message, api_name="weights_check", concurrency_id="downloads",
                         concurrency_limit=1, **shown)
-    imported = import_btn.click(bind(studio, do_import), [upload, import_base], outs, api_name="library_import",
+    import_btn.click(bind(studio, do_import), [upload, import_base], outs, api_name="library_import",
                                 concurrency_limit=1, concurrency_id="device", **shown)
-    return listing, thumbs, pick, usage, [renamed, deleted, imported]
+    return listing, thumbs, pick, usage, changed
 
 
 def refreshed(studio: Studio, text: str, state: str = "done"):
     gr.Info(re.sub(r"</?b>|\*\*", "", text))
     ids = [e.id for e in studio.library()]
     return (progress_html(None, text, state), table(studio), thumbnails(studio), gr.update(choices=ids, value=None),
-            usage_text(studio))
+            usage_text(studio), time.monotonic_ns())
 
 
-@refused_in(0, 5)
+@refused_in(0, 6)
 def do_rename(studio: Studio, model_id, name):
     reserved = [e.id for e in studio.library() if e.kind != "run"]
     new_id = rename_model(studio.library_root, model_id, name, reserved)
@@ -133,7 +134,7 @@ def ask(studio: Studio, model_id):
     return progress_html(None, f"Delete **{entry.name}** for good? Press *Yes, delete it*.", "warn"), gr.update(visible=True)
 
 
-@refused_in(0, 6)
+@refused_in(0, 7)
 def do_delete(studio: Studio, model_id):
     entry = studio.entry(model_id)
     if entry.kind != "run":
@@ -196,7 +197,7 @@ def do_check_weights(studio: Studio, progress=gr.Progress()):
     return progress_html(None, text, "done" if not any("failed" in b for b in bad) else "warn")
 
 
-@refused_in(0, 5)
+@refused_in(0, 6)
 def do_import(studio: Studio, file, base_name, progress=gr.Progress()):
     if not file:
         raise gr.Error("choose a generator file to import")

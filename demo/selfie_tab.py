@@ -118,8 +118,9 @@ def build(studio: Studio):
                                    height=240, min_width=160, scale=2)
             with gr.Row(equal_height=False):   # side by side on a laptop, stacked on a phone
                 stylised = gr.Gallery(format="png", label="Stylised", columns=2, height=300, allow_preview=True,
-                                  interactive=False,   # an input of the before/after slider, never an upload
-                                      elem_id="selfie-result", object_fit="contain", min_width=220)
+                                      interactive=False,   # an input of the before/after slider, never an upload
+                                      elem_id="selfie-result", elem_classes=["nada-captioned"], object_fit="contain",
+                                      min_width=220)
                 pasted = gr.Gallery(format="png", label="Pasted back into your photo", columns=1, height=300,
                                     allow_preview=True, object_fit="contain", elem_id="selfie-pasted", min_width=220)
             compare = gr.ImageSlider(label="Before / after: your aligned photo and the first style", type="filepath",

@@ -167,6 +167,14 @@ def test_edit_result_stays_in_view_while_dragging(browser, server):
     page.mouse.up()
     after = wait_for(lambda: (s := image_src(page, "edit-result")) and s != before and s, what="edited image")
     assert after != before and in_viewport(page, "#edit-result")
+    # every click that moves a slider renders: five clicks at distinct places of another slider, each a new image
+    slider = page.get_by_label("range slider for PC1").first
+    box = slider.bounding_box()
+    for x in (0.1, 0.9, 0.3, 0.7, 0.5):
+        before, value = image_src(page, "edit-result"), slider.input_value()
+        page.mouse.click(box["x"] + box["width"] * x, box["y"] + box["height"] / 2)
+        assert slider.input_value() != value
+        wait_for(lambda: image_src(page, "edit-result") != before, 10, f"a render after the click at {x:.0%}")
     page.screenshot(path=str(SCREENS / "edited_1280.png"))
     page.close()
     phone = open_page(browser, url, 390, 844)   # on a phone the result comes first and stays at the top
@@ -188,7 +196,8 @@ def test_selfie_shows_the_photo_with_its_face_at_once(browser, server, tmp_path)
     wait_for(lambda: image_src(page, "selfie-photo"), what="the photo with its face box")
     assert "Face found" in page.locator("#selfie-status").inner_text()
     methods = page.locator("#selfie-method label").all_inner_texts()
-    assert [m.strip() for m in methods] == ["Optimisation"]  # no 0-step encoder on the tiny base
+    # the tiny base has its (untrained) tiny e4e, so every method is offered as on FFHQ 1024
+    assert [m.strip() for m in methods] == ["Encoder (e4e): instant", "Encoder + optimisation", "Optimisation"]
     page.screenshot(path=str(SCREENS / "selfie_upload_1280.png"))
     page.close()
 
@@ -402,6 +411,51 @@ def test_every_result_comes_into_view(browser, server, tmp_path, width, height):
     page.locator("#selfie-go").click()
     wait_for(lambda: "Inverted" in page.locator("#selfie-status").inner_text(), 300, "the inversion")
     shown("#selfie-result", "stylised")
-    if width >= 900:   # side by side on a laptop; stacked under it on a phone
-        assert in_viewport(page, "#selfie-pasted")
+    assert in_viewport(page, "#selfie-pasted")   # side by side on a laptop; just under it on a phone
+    page.close()
+
+
+def test_library_refusals_answer_in_the_message_line_and_leave_the_panel_usable(browser, server, tmp_path):
+    """Each refusal of the library panel says why in its message line; the table, thumbnails and picker stay as
+    they were (no red Error placeholder anywhere), and the picker still chooses a model afterwards."""
+    from gradio_client import Client
+
+    url, studio = server
+    if not any(e.kind == "run" for e in studio.library()):
+        job = Client(url, verbose=False).submit("tiny", "Style", "Photo", "Sketch", [], [], 4, 2, 0.002, 0, 1, 0.0,
+                                                ["tiny"], 1.0, 1.0, 0, 2, api_name="/train")
+        job.result()
+    page = open_page(browser, url)
+    page.get_by_text("Model library").click()
+    table, message = page.locator("#library-table"), page.locator("#library-message")
+    wait_for(lambda: "photo-to" in table.inner_text(), 30, "the library table")
+    panel = page.locator("#library")
+
+    def state():
+        return table.inner_text(), page.locator("#library-thumbs img").count(), page.locator("#library-pick input").input_value()
+
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint at all" * 100)
+    before = state()
+    # ordered so that each answer differs from the one before it (the wait is for the new answer)
+    refusals = [("Rename", None, "choose a model from the library"), ("Import", None, "choose a generator file"),
+                ("Download", None, "choose a model from the library"), ("Import", junk, "junk.pt"),
+                ("Download style delta", None, "choose a model from the library"), ("Delete...", None, "choose a model first"),
+                ("Download as ONNX", None, "choose a model from the library")]
+    for button, upload, words in refusals:
+        if upload is not None:
+            page.locator("#library-import input[type=file]").set_input_files(str(upload))
+            wait_for(lambda: "junk.pt" in page.locator("#library-import").inner_text(), 20, "the upload")
+        previous = message.inner_text()
+        page.get_by_role("button", name=button, exact=True).click()
+        wait_for(lambda: (t := message.inner_text()) != previous and words in t.lower(), 30, f"the answer to {button}")
+        text = message.inner_text()
+        assert message.locator(".nada-warn").count() == 1, (button, text)
+        assert panel.get_by_text("Error", exact=True).count() == 0, f"{button}: an Error placeholder"
+        assert state() == before, f"{button} changed the panel"
+    page.screenshot(path=str(SCREENS / "library_refusals_1280.png"), full_page=True)
+    pick = page.locator("#library-pick input")
+    pick.click()
+    page.get_by_role("option").first.click()
+    wait_for(lambda: pick.input_value().startswith("photo-to"), 10, "a model chosen after the refusals")
     page.close()

@@ -95,7 +95,7 @@ def test_the_tiny_studio_offers_the_encoder_and_inverts_with_it(studio, tmp_path
     assert isinstance(enc, E4EEncoder) and why is None and studio.e4e("tiny")[0] is enc   # built once
     Image.fromarray(data.astronaut()).save(tmp_path / "me.jpg")
     outs = list(selfie_tab.run(studio, str(tmp_path / "me.jpg"), None, "tiny", [], selfie_tab.ENCODER, 10, False,
-                               False, [], 0, None, 1.0, None, *([0.0] * 12), *(["all layers"] * 12), None, 0))
+                               False, [], 0, 1.0, 0, 0, 0, None, 1.0, None, *([0.0] * 12), *(["all layers"] * 12), None, 0))
     status, _, _, recon, _, _, state = outs[-1]
     assert "Inverted with e4e" in status and TINY_ENCODER_NOTE in status
     assert state["invs"][0].method == "e4e" and state["invs"][0].w_plus.shape == (1, 8, 64)

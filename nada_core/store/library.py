@@ -148,6 +148,9 @@ class UnknownModel(ValueError):
     name exists anywhere, so clients cannot probe the server's disk."""
 
     def __init__(self, model_id: object):
+        if model_id is None or model_id == "" or model_id == []:   # nothing chosen yet: say that, not "unknown"
+            super().__init__("choose a model from the library list first")
+            return
         shown = f" {model_id!r}" if isinstance(model_id, str) and MODEL_ID.fullmatch(model_id) else ""
         super().__init__(f"unknown model{shown}: choose one from the library list")
 
