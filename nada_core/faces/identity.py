@@ -31,7 +31,8 @@ from .align import detect, landmarks_in_box
 SAME_PERSON = 0.6           # dlib's threshold on descriptor distance for "same person"
 RECOGNITION_MODEL = "dlib_face_recognition_resnet_model_v1.dat"
 FACE_DOMAINS = ("ffhq", "metfaces", "celeba", "face")
-ALIGNED_MARGIN = 8          # an aligned face fills the frame but 1/8 of each side (the predictor's box)
+# where dlib's detector finds an FFHQ-aligned face (left, top, right, bottom as fractions of the side)
+ALIGNED_BOX = (0.26, 0.375, 0.766, 0.88)
 
 
 class IdentityError(ValueError):
@@ -79,16 +80,16 @@ def to_uint8(images: torch.Tensor) -> list[np.ndarray]:
 
 
 def face_landmarks(image: np.ndarray, aligned: bool = False) -> np.ndarray | None:
-    """(68, 2) landmarks of the largest detected face in an RGB uint8 image. Without a detection: None, or
-    with ``aligned`` (generator output, where the face fills the frame) the landmarks in the aligned box."""
-    faces = detect(Image.fromarray(image))
-    if faces.count:
-        return faces.landmarks[0]
+    """(68, 2) landmarks of the largest detected face in an RGB uint8 image, or None. With ``aligned``
+    (generator output: FFHQ-aligned, the face fills a known box) the landmarks are found in that box without
+    the detector, which would cost more than a whole mapper step at 1024 px and find nothing in early,
+    untrained output."""
     if not aligned:
-        return None
+        faces = detect(Image.fromarray(image))
+        return faces.landmarks[0] if faces.count else None
     h, w = image.shape[:2]
-    return landmarks_in_box(image, (w // ALIGNED_MARGIN, h // ALIGNED_MARGIN,
-                                    w - w // ALIGNED_MARGIN, h - h // ALIGNED_MARGIN))
+    l, t, r, b = ALIGNED_BOX
+    return landmarks_in_box(image, (round(l * w), round(t * h), round(r * w), round(b * h)))
 
 
 def face_descriptor(image: np.ndarray, lm: np.ndarray) -> np.ndarray:
@@ -105,16 +106,16 @@ def face_descriptor(image: np.ndarray, lm: np.ndarray) -> np.ndarray:
 def identity_distances(source: torch.Tensor, adapted: torch.Tensor, reuse_source_landmarks: bool = True,
                        aligned: bool = False) -> list[float | None]:
     """Per pair, the descriptor distance between the source face and its adapted version; None where the
-    source has no face (never with ``aligned``, see :func:`face_landmarks`). Adapted faces the detector no
-    longer finds (strong styles) are read at the source's landmarks when ``reuse_source_landmarks``,
-    else they count as None."""
+    source has no face (never with ``aligned``: both are read in the aligned box, see :func:`face_landmarks`).
+    Adapted faces the detector no longer finds (strong styles) are read at the source's landmarks when
+    ``reuse_source_landmarks``, else they count as None."""
     out: list[float | None] = []
     for src, ada in zip(to_uint8(source), to_uint8(adapted)):
         lm = face_landmarks(src, aligned)
         if lm is None:
             out.append(None)
             continue
-        lm_ada = face_landmarks(ada)
+        lm_ada = face_landmarks(ada, aligned)
         if lm_ada is None and not reuse_source_landmarks:
             out.append(None)
             continue
