@@ -617,7 +617,18 @@ def _loss_frame(losses: list[dict]) -> pd.DataFrame:
     the total is the same line, and the legend would name a curve nobody can see)."""
     models = {r["model"] for r in losses} - {"total"}
     rows = [r for r in losses if r["model"] != "total" or len(models) > 1]
-    return _binned(pd.DataFrame(rows, columns=["step", "loss", "model"]), "loss", "model")
+    frame = _curves(rows, ["step", "loss", "model"])
+    return None if frame is None else _binned(frame, "loss", "model")
+
+
+def _curves(rows, columns: list[str]) -> pd.DataFrame | None:
+    """Curve rows with numeric step and value columns, or None (an empty plot) while there are none: the page's
+    plot keeps the scales of the first frame it draws, and an empty frame would leave it with category axes and
+    no colour for any curve."""
+    if not rows:
+        return None
+    step, value, series = columns
+    return pd.DataFrame(rows, columns=columns).astype({step: "int64", value: "float64", series: "str"})
 
 
 def _binned(frame: pd.DataFrame, value: str, series: str, points: int = CURVE_POINTS) -> pd.DataFrame:
@@ -633,7 +644,8 @@ def _binned(frame: pd.DataFrame, value: str, series: str, points: int = CURVE_PO
 def _diag_frame(measured: list[tuple[int, dict]]) -> pd.DataFrame:
     """The diagnostics curves' rows (step, value, measure) from a run's measured previews."""
     rows = [[step, float(f[k]), name] for step, f in measured for k, name in DIAG_NAMES.items() if f.get(k) is not None]
-    return _binned(pd.DataFrame(rows, columns=DIAG_COLUMNS), "value", "measure")
+    frame = _curves(rows, DIAG_COLUMNS)
+    return None if frame is None else _binned(frame, "value", "measure")
 
 
 def _advice_text(folder: Path) -> str:

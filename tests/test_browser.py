@@ -146,8 +146,21 @@ def test_training_can_be_watched_without_scrolling(browser, server):
     assert len(sources) >= 4, "the preview changed fewer than 3 times"
     wait_for(lambda: "Finished" in status.inner_text() or "Stopped" in status.inner_text(), 300, "the end of training")
     assert page.locator("#adapt-stop").is_disabled()
+    # the loss curve is drawn: a coloured line over numeric axes (a few ticks, not one label per value)
+    assert_curve_drawn(page, "adapt-loss")
     page.screenshot(path=str(SCREENS / "trained_1280.png"))
     page.close()
+
+
+def assert_curve_drawn(page, elem_id):
+    lines = page.locator(f"#{elem_id} [aria-roledescription='line mark']")
+    wait_for(lambda: lines.count() >= 1, 20, f"a line in {elem_id}")
+    strokes = lines.evaluate_all("es => es.map(e => e.getAttribute('stroke'))")
+    assert all(strokes), f"{elem_id}: a line without a colour {strokes}"
+    labels = page.locator(f"#{elem_id} [aria-roledescription='axis'] text").evaluate_all(
+        "es => es.map(e => e.textContent)")
+    assert 4 <= len(labels) <= 30, f"{elem_id}: {len(labels)} axis labels: {labels[:10]}"
+    assert all(t.replace(".", "", 1).replace("−", "").isdigit() for t in labels if t not in ("step", "loss", "value"))
 
 
 def test_edit_result_stays_in_view_while_dragging(browser, server):
