@@ -9,6 +9,8 @@ from collections import OrderedDict
 from pathlib import Path
 
 from nada_core.faces.identity import identity_for
+from nada_core.faces.psp import load_psp
+from nada_core.faces.selfie import encoder_for, perceptual_for
 from nada_core.guidance.clip_guide import DEFAULT_MODELS, load_clip
 from nada_core.guidance.prompt_check import check_prompt
 from nada_core.latent.editing import Direction, check_compatible, ganspace, load_direction_file
@@ -28,6 +30,7 @@ from nada_core.store.library import (
     remove_stale_parts,
 )
 from nada_core.store.runs import MAPPER, MAPPERS, TINY, RunFolder
+from nada_core.training.mapper import load_mapper
 
 FACE_DIRECTIONS = ["dir-age", "dir-smile", "dir-pose", "dir-gender", "dir-hair_length", "dir-beard"]
 PROMPT_REPORTS = 256      # prompt checks remembered (each is a few text embeddings)
@@ -158,8 +161,6 @@ class Studio:
 
     def perceptual(self) -> tuple[dict, str]:
         """Reconstruction loss for selfie inversion (LPIPS when downloaded), loaded once."""
-        from nada_core.faces.selfie import perceptual_for
-
         with self._lock:
             if not hasattr(self, "_perceptual"):
                 self._perceptual = perceptual_for(self.device)
@@ -211,8 +212,6 @@ class Studio:
 
     def mapper(self, mapper_id: object, n_latent: int):
         """A trained latent mapper by id (never a path), checked against the generator's W+ length."""
-        from nada_core.training.mapper import load_mapper
-
         match = [m for m in self.mappers() if m["id"] == mapper_id]
         if not isinstance(mapper_id, str) or not match:
             raise UnknownModel(mapper_id)
@@ -241,8 +240,6 @@ class Studio:
     def e4e(self, base_name: str):
         """(the e4e encoder, None) where it fits the base and is downloaded, loaded once; else (None, why).
         On the tiny models: the untrained tiny e4e (``models.tiny``), built, never downloaded."""
-        from nada_core.faces.selfie import encoder_for
-
         with self._lock:
             key = ("e4e", base_name)
             if key not in self._models:
@@ -261,8 +258,6 @@ class Studio:
     def psp(self, name: str):
         """A pSp conditional encoder (psp-sketch / psp-seg) from the weights folder, loaded once. On the tiny
         models: the untrained tiny sketch encoder (``models.tiny``; there is no tiny segmentation one)."""
-        from nada_core.faces.psp import load_psp
-
         if self.tiny and name != "psp-sketch":
             raise weights.WeightsError(f"only the sketch encoder has a tiny stand-in, not {name}")
         with self._lock:

@@ -1,13 +1,18 @@
-"""Command line: ``python -m nada_core weights|adapt|batch|sample|invert|video|mapper|export ...`` (``--help`` on each)."""
+"""Command line: ``python -m nada_core weights|adapt|batch|sample|invert|video|mapper|export ...`` (``--help`` on each).
+
+Each command (and each helper) imports the engine modules it needs at its top, not here: this module loads only
+the standard library and ``training.timefmt``, so ``--help`` and the light commands (``weights``) start without
+torch, open_clip or the other heavy packages."""
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import sys
+import threading
+import types
 from pathlib import Path
 
-from .latent.sampling import parse_seeds
-from .training.run import stop_on_ctrl_c
 from .training.timefmt import fmt_seconds
 
 
@@ -69,7 +74,7 @@ def cmd_adapt(args) -> int:
     from .store.library import default_device, load_base, new_run_dir
     from .training.adapt import Adapter, Recipe
     from .training.memory import for_device
-    from .training.run import Run
+    from .training.run import Run, stop_on_ctrl_c
 
     device = args.device or default_device()
     # a resumed run keeps its own recipe: base, prompts, CLIP models, iterations (recipe options are ignored)
@@ -143,8 +148,6 @@ def cmd_adapt(args) -> int:
 
 
 def _print_json(record: dict) -> None:
-    import json
-
     print(json.dumps(record, allow_nan=False), flush=True)
 
 
@@ -200,7 +203,7 @@ def _recorded_base(model: Path) -> str | None:
 
 
 def cmd_sample(args) -> int:
-    from .latent.sampling import latents_for_seeds, render
+    from .latent.sampling import latents_for_seeds, parse_seeds, render
     from .store.checkpoints import load_generator
     from .store.images import grid
     from .store.library import default_device, load_base
@@ -218,7 +221,7 @@ def cmd_sample(args) -> int:
     w = latents_for_seeds(G_src, seeds, args.truncation)
     rows = render([G_src, G], w, args.noise)
     if args.mapper:
-        rows.append(_mapper_row(args.mapper, args.mapper_strength, G, w, args.noise, device))
+        rows.append(render([G], _mapped_latents(args.mapper, args.mapper_strength, G, w, device), args.noise)[0])
     out = Path(args.out or Path(args.model).with_name("samples.png"))
     out.parent.mkdir(parents=True, exist_ok=True)
     grid(rows).save(out)
@@ -227,18 +230,17 @@ def cmd_sample(args) -> int:
     return 0
 
 
-def _mapper_row(path, strength: float, G, w, noise: str, device):
-    """The model's images of ``w`` edited by a latent mapper: w + strength * 0.1 * mapper(w)."""
+def _mapped_latents(path, strength: float, G, w, device):
+    """``w`` edited by a latent mapper: w + strength * 0.1 * mapper(w)."""
     import torch
 
-    from .latent.sampling import render
     from .training.mapper import check_mapper_fits, load_mapper
 
     mapper, info = load_mapper(path, device)
     for note in check_mapper_fits(mapper, info, G):
         print(f"note: {note}", file=sys.stderr)
     with torch.no_grad():
-        return render([G], mapper.edit(w.to(device), strength), noise)[0]
+        return mapper.edit(w.to(device), strength)
 
 
 # ---------------------------------------------------------------------------- mapper
@@ -249,7 +251,7 @@ def cmd_mapper(args) -> int:
     from .store.runs import MAPPERS
     from .training.mapper import MapperRecipe, MapperTrainer
     from .training.memory import for_device
-    from .training.run import Run
+    from .training.run import Run, stop_on_ctrl_c
 
     device = args.device or default_device()
     G, model_name = load_base(args.model, device)
@@ -319,13 +321,11 @@ def cmd_invert(args) -> int:
 
 # ---------------------------------------------------------------------------- video
 def cmd_video(args) -> int:
-    import threading
-    import types
-
     from .faces.selfie import encoder_for, perceptual_for
     from .faces.video import VideoStyliser, load_styles, output_paths, stylize_clip
     from .store.clips import ClipLimits, probe
     from .store.library import default_device
+    from .training.run import stop_on_ctrl_c
 
     limits = ClipLimits(max_seconds=args.max_seconds, max_frames=args.max_frames, max_side=args.max_side)
     info = probe(args.clip, limits)   # refused here, before a model is loaded or a frame decoded

@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
 from ..store import weights
+from ..store.images import ImageInputError, open_image, to_rgb8
 
 DETECT_MAX_SIDE = 1280      # larger photos are downscaled for detection only
 MIN_FACE_PX = 40
@@ -47,8 +48,6 @@ def _models():
 def load_photo(photo, display_name: str | None = None) -> Image.Image:
     """Any upload (path, PIL, numpy) -> RGB PIL with EXIF orientation applied; RGBA, greyscale and
     16-bit photos are converted (see images.open_image for the size limits)."""
-    from ..store.images import ImageInputError, open_image, to_rgb8
-
     if isinstance(photo, np.ndarray):
         if photo.dtype != np.uint8:
             peak = float(photo.max()) if photo.size else 0.0

@@ -16,10 +16,13 @@ from PIL import Image
 
 from ..models.stylegan2 import Generator
 from ..store import weights
+from ..store.checkpoints import load_generator
 from ..store.images import from_pil, to_pil
+from ..store.library import default_device, load_base
 from . import colour
 from .align import CropAdjust, FaceError, align_face, aligned_points, detect, draw_landmarks, load_photo, paste_back
 from .invert import invert_with_noise, load_e4e
+from .perceptual import load_lpips
 
 
 @dataclass
@@ -103,12 +106,12 @@ def encoder_for(base_name: str, G: Generator, device="cpu"):
 
 def perceptual_for(device="cpu") -> tuple[dict, str]:
     """The best reconstruction loss available offline: LPIPS, else CLIP embeddings + pixels, else pixels."""
-    from ..guidance.clip_guide import ClipLoadError, load_clip
-    from .perceptual import load_lpips
-
     lp = load_lpips(device)
     if lp is not None:
         return {"lpips": lp}, "LPIPS (VGG16)"
+    # lazy: clip_guide imports all of open_clip (seconds), which invert and video need only without LPIPS
+    from ..guidance.clip_guide import ClipLoadError, load_clip
+
     try:
         return {"clip": load_clip("ViT-B-32", device)}, "multi-scale pixels + CLIP (LPIPS/VGG16 weights not downloaded)"
     except ClipLoadError:
@@ -187,8 +190,6 @@ def _inverter(G: Generator, base_name: str, steps: int, device, encoder: str, no
 
 def _styles(models: list, G: Generator, device, notes: list[str]):
     """(name, generator) for each model path that fits the base's architecture."""
-    from ..store.checkpoints import load_generator
-
     for path in models:
         Gm, _ = load_generator(path, device)
         if Gm.config != G.config:
@@ -203,8 +204,6 @@ def stylize_photo(photo, models: list, base: str = "ffhq", steps: int = 200, dev
     """The whole pipeline for the CLI: ``models`` are paths of adapted generators. ``keep_colours`` in [0, 1]
     gives the stylised faces the photo's chroma by that strength (``colour.keep_colours``); ``crop`` nudges
     the alignment. The notes say the reconstruction's pixel error."""
-    from ..store.library import default_device, load_base
-
     device = device or default_device()
     G, base_name = load_base(base, device)
     notes = []
@@ -256,8 +255,6 @@ def stylize_group_photo(photo, models: list, base: str = "ffhq", steps: int = 20
                         optimize_noise: bool = False, keep_colours: float = 0.0,
                         crop: CropAdjust | None = None) -> GroupResult:
     """:func:`stylize_photo` for every face of a photo (up to ``max_faces``, largest first)."""
-    from ..store.library import default_device, load_base
-
     device = device or default_device()
     G, base_name = load_base(base, device)
     notes = []

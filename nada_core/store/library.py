@@ -2,6 +2,7 @@
 library of adapted models (one folder per run: final weights, recipe, thumbnail, snapshots)."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -14,7 +15,8 @@ import torch
 from ..models.stylegan2 import Generator
 from ..models.tiny import TINY_NAME, is_tiny, tiny_generator
 from . import weights
-from .checkpoints import load_generator
+from .checkpoints import first_non_finite, load_generator, save_generator
+from .delta import apply_delta, delta_info, is_delta
 from .runs import ACTIVE, ADAPTATION, SNAPSHOTS, THUMB, TRASH, RunFolder, is_reserved
 
 
@@ -283,8 +285,6 @@ def disk_use(root: Path) -> int:
 
 def base_like(base: Generator, G: Generator) -> Generator:
     """``G``'s weights in a generator built like ``base`` (same config), so the library can pair them."""
-    import copy
-
     out = copy.deepcopy(base).cpu()
     out.load_state_dict({k: v.cpu() for k, v in G.state_dict().items()}, strict=True)
     if getattr(G, "stored_w_avg", None) is not None:
@@ -311,8 +311,6 @@ def import_delta(root: Path, upload: Path, display_name: str, base_name: str, ba
                  max_bytes: int = 2 << 30, thumbnail=None) -> Path:
     """Make a style delta a library model: its differences applied to ``base`` (which must be the base it was made
     from), with the recipe it carries. Refusals say ``<name>: not a NADA delta: ...``."""
-    from .delta import apply_delta, delta_info
-
     _check_upload_size(upload, display_name, max_bytes)
     info = delta_info(upload, display_name)   # checked: meta and its recipe are JSON objects
     G = apply_delta(upload, base, display_name)
@@ -324,8 +322,6 @@ def import_delta(root: Path, upload: Path, display_name: str, base_name: str, ba
 def import_file(root: Path, upload: Path, display_name: str, base_name: str, base: Generator,
                 max_bytes: int = 2 << 30, thumbnail=None) -> Path:
     """``import_delta`` for a file that claims to be a style delta (damaged ones too), else ``import_model``."""
-    from .delta import is_delta
-
     how = import_delta if is_delta(upload, display_name) else import_model
     return how(root, upload, display_name, base_name, base, max_bytes, thumbnail)
 
@@ -339,8 +335,6 @@ def add_model(root: Path, name: str, G: Generator, base_name: str, recipe: dict,
     """Write a generator into the library as a model folder (final weights, recipe, and ``thumbnail(G)``'s image when
     given) under a fresh name. Every file is written into a temporary folder first, renamed onto the fresh one at the
     end: a full disk (or any failure) leaves no model folder, empty or half written. Non-finite weights are refused."""
-    from .checkpoints import first_non_finite, save_generator
-
     check_name_text(name)
     bad = first_non_finite(G.state_dict())
     if bad is not None:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .bounded_json import load_file
+from .checkpoints import atomic_write
 
 try:
     import fcntl
@@ -163,8 +164,6 @@ class RunFolder:
         self.remove_stale_parts()
 
     def write_record(self, record: dict) -> None:
-        from .checkpoints import atomic_write
-
         text = json.dumps(record, indent=2)
         atomic_write(self.recipe_path, lambda t: Path(t).write_text(text))
 
@@ -187,8 +186,6 @@ class RunFolder:
 
     def write_thumb(self, image) -> Path:
         """Save a PIL image as the run's thumbnail, atomically (the library may be listing it)."""
-        from .checkpoints import atomic_write
-
         return atomic_write(self.thumb_path, lambda t: image.save(t, format="PNG"))
 
     def set_aside(self) -> "RunFolder":

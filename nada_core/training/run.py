@@ -10,6 +10,7 @@ the time the run will really take.
 from __future__ import annotations
 
 import contextlib
+import signal
 import sys
 import threading
 import time
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..latent.sampling import comparison
+from ..store.checkpoints import export_rosinality
 from ..store.images import to_pil
 from .loop import Event, Trainer, describe_error
 
@@ -208,8 +210,6 @@ class Run:
                 if ev.preview is not None:
                     folder.write_thumb(preview_grid(ev.preview))
                 if self.export_pt and hasattr(trainer, "G_train"):
-                    from ..store.checkpoints import export_rosinality
-
                     self.exports.append(export_rosinality(trainer.G_train, folder.export_path(".pt")))
             except Exception as e:  # noqa: BLE001 - the model itself is saved; say what is missing
                 self._record(Event("warning", ev.step, ev.total,
@@ -233,8 +233,6 @@ def stop_on_ctrl_c(run, message: str = "stopping after this step and saving"):
     """While a terminal command trains: the first Ctrl-C calls ``run.stop()`` (a ``Run`` ends after its current step
     with its weights and resumable state saved, as the app's Stop; a batch also starts no further job); a second
     Ctrl-C quits at once, unsaved. Does nothing outside the main thread (signals are delivered there)."""
-    import signal
-
     if threading.current_thread() is not threading.main_thread():
         yield
         return

@@ -8,6 +8,10 @@ import tempfile
 from pathlib import Path
 
 from ...models.tiny import is_tiny
+from ...store import weights
+from ...store.checkpoints import save_generator
+from ...store.library import load_named_base
+from ..loop import describe_error
 from .jobs import BatchError, Job
 from .local import CLUSTER_HINT, _failure_text, _finish_try, attempt
 from .progress import JobResult, ProgressView, _apply_event
@@ -23,7 +27,6 @@ def _import_ray():
 
 def _stage_code(folder: Path) -> Path:
     """A small working_dir for Ray: this package and the weights manifest (nodes need no copy of the project)."""
-    from ...store import weights
     here = Path(__file__).resolve().parents[2]  # the nada_core package
     shutil.copytree(here, folder / "nada_core", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     (folder / "weights").mkdir()
@@ -65,10 +68,6 @@ def _ray_job(job: Job, device: str, threads: int, board, tries: int, base_blob, 
 def _ship(ray, jobs: list[Job], weights_too: bool = True) -> tuple[dict, dict]:
     """Put each distinct base in the object store once: library models always (nodes see no library), manifest
     bases (as our safetensors, loaded here on the CPU) and CLIP files when ``weights_too`` (--ship-weights)."""
-    from ...store import weights
-    from ...store.checkpoints import save_generator
-    from ...store.library import load_named_base
-
     bases, clips = {}, {}
     for job in jobs:
         if job.base in bases or is_tiny(job.base):
@@ -107,9 +106,6 @@ def _cluster_plan(ray, cpus_per_job: int) -> tuple[dict, str, str]:
 
 def _run_on_ray(ray, results: list[JobResult], view: ProgressView, library: Path, resources: dict, device: str,
                 cpus_per_job: int, ship_weights: bool) -> None:
-    from ...store import weights
-    from ..loop import describe_error
-
     jobs = [r.job for r in results]
     bases, clips = _ship(ray, jobs, ship_weights)
     # style and source images are small and were checked here: they always travel with their job

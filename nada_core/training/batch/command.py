@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
+from ...store.library import default_device, library_dir
+from ..run import stop_on_ctrl_c
 from .cluster import _connect, _run_on_ray
 from .jobs import BatchError, Job, load_jobs
 from .local import Stop, _run_here
@@ -21,8 +23,6 @@ def run_batch(jobs: list[Job], library: Path, ray_address: str | None = None, cp
     results = [JobResult(j) for j in jobs]
     view = ProgressView(results, stream, progress_every)
     if ray_address is None:
-        from ...store.library import default_device
-
         _run_here(results, view, Path(library), device or default_device(), stop)
     else:
         ray, resources, dev, _, started = _cluster or _connect(ray_address, cpus_per_job)
@@ -37,9 +37,6 @@ def run_batch(jobs: list[Job], library: Path, ray_address: str | None = None, cp
 
 def batch_command(args) -> int:
     """``python -m nada_core batch``: check the file, show the plan, run, print the summary table."""
-    from ...store.library import default_device, library_dir
-    from ..run import stop_on_ctrl_c
-
     if args.cpus_per_job < 1:
         raise BatchError("--cpus-per-job must be 1 or more")
     if args.ship_weights and not args.ray:

@@ -11,9 +11,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ...models.tiny import TINY_NAME, is_tiny, tiny_n_latent
-from ...store.runs import RunFolder
+from ...store import weights
+from ...store.images import open_image
+from ...store.library import MODEL_ID, library_dir, list_library, resolve_base_name, slugify
+from ...store.runs import RunFolder, is_reserved
 
-if TYPE_CHECKING:  # importing this package stays light (no torch): Ray's progress actor lives in it
+# training.adapt (Recipe) stays lazy: it loads clip_guide, which imports all of open_clip (seconds), and Ray's
+# progress actor imports this package without needing any of it
+if TYPE_CHECKING:
     from ..adapt import Recipe
 
 MAX_TRIES = 2                      # a failed job is retried once
@@ -31,7 +36,7 @@ _KINDS = {"str": "a text in quotes", "int": "a whole number", "int | None": "a w
 
 def job_keys() -> dict[str, str]:
     """The keys a [[job]] may have -> their kind: name, base, clip and the Recipe's fields but two."""
-    from ..adapt import Recipe
+    from ..adapt import Recipe  # lazy: see the imports above
 
     recipe = {f.name: f.type for f in dataclasses.fields(Recipe) if f.name not in ("clip_models", "snapshot_every")}
     unknown = {k: t for k, t in recipe.items() if t not in _KINDS}
@@ -120,8 +125,6 @@ def _resolve_path(text: str, folder: Path) -> Path:
 
 
 def _check_images(paths: list[str], key: str, where: str, folder: Path, problems: list[str]) -> list[str]:
-    from ...store.images import open_image
-
     out = []
     for text in paths:
         p = _resolve_path(text, folder).resolve()
@@ -141,9 +144,6 @@ def _check_base(base: str, device_kind: str, need_files: bool, library: Path) ->
     """(the base as jobs record it, its W+ slot count when known, a library model's weights file) or ValueError.
     Bases are chosen by name only ('tiny', a weights manifest name, a library model), never by a path: a jobs file
     must not make the batch read any file it names."""
-    from ...store import weights
-    from ...store.library import list_library, resolve_base_name
-
     if is_tiny(base):
         return TINY_NAME, tiny_n_latent(), None
     name = resolve_base_name(base, device_kind)
@@ -169,7 +169,6 @@ def _check_base(base: str, device_kind: str, need_files: bool, library: Path) ->
 
 
 def _check_clip(names: list[str], need_files: bool) -> None:
-    from ...store import weights
     real = [n for n in names if not is_tiny(n)]
     if not real:
         return
@@ -192,9 +191,7 @@ def load_jobs(path: str | os.PathLike, device_kind: str = "cpu", need_files: boo
     ``device_kind`` ('cpu' or 'cuda') resolves ``base = "ffhq"`` as training would; ``need_files``: the weights
     must be present here (sequential runs, --ship-weights). Names already in ``library`` are refused unless
     ``skip_existing`` (then jobs whose model is finished there are dropped, with a warning)."""
-    from ...store.library import MODEL_ID, library_dir, slugify
-    from ...store.runs import is_reserved
-    from ..adapt import Recipe
+    from ..adapt import Recipe  # lazy: see the imports above
 
     keys = job_keys()
     path = Path(path)

@@ -10,15 +10,20 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
+import torch
+
+from ...store.checkpoints import atomic_write, load_generator
+from ...store.images import from_pil, open_image
+from ...store.library import load_named_base
 from ...store.runs import ADAPTATION, THUMB
+from ..loop import Event, describe_error
+from ..memory import for_device
+from ..run import Run
 from ..timefmt import fmt_seconds
 from .jobs import MAX_TRIES, Job
 from .progress import JobResult, ProgressView, _apply_event
-
-if TYPE_CHECKING:
-    from ..loop import Event
 
 CLUSTER_HINT = "pip install -r requirements-cluster.txt"
 RUN_FILES = (ADAPTATION.final, THUMB, ADAPTATION.recipe)   # what a finished job's folder holds (recipe last)
@@ -81,15 +86,9 @@ def run_job(job: Job, device: str, report: Callable[[dict], None] | None = None,
     ``{"base": safetensors bytes or None, "clip": {file under weights/: bytes}, "images": {path: bytes}}``;
     ``on_run(run)`` is called before training (``Stop.attach``). Raises JobFailed when training ends without a
     model, JobStopped when the run was stopped."""
-    import torch
-
+    # lazy, as Recipe in jobs.py: clip_guide imports all of open_clip (seconds), which Ray's progress actor does not need
     from ...guidance.clip_guide import load_ensemble
-    from ...store.checkpoints import load_generator
-    from ...store.images import from_pil, open_image
-    from ...store.library import load_named_base
     from ..adapt import Adapter
-    from ..memory import for_device
-    from ..run import Run
 
     if threads:
         torch.set_num_threads(threads)
@@ -158,9 +157,6 @@ def _folder_files(folder: Path) -> dict[str, bytes]:
 def install_run(library: Path, name: str, files: dict[str, bytes]) -> Path:
     """Write a run into the library as ``<library>/<name>`` (``name-2``... if that appeared meanwhile): every file
     but recipe.json first and recipe.json last, each atomically, so the app never lists half a run."""
-    from ...store.checkpoints import atomic_write
-    from ...store.runs import ADAPTATION
-
     library = Path(library)
     library.mkdir(parents=True, exist_ok=True)
     for i in range(1, 1000):
@@ -186,8 +182,6 @@ def install_run(library: Path, name: str, files: dict[str, bytes]) -> Path:
 
 
 def _failure_text(e: BaseException) -> str:
-    from ..loop import describe_error
-
     if isinstance(e, JobFailed):
         return str(e)
     text = describe_error(e, limit=400)
@@ -213,8 +207,6 @@ def attempt(job: Job, device: str, report: Callable[[dict], None] | None = None,
 
 def _finish_try(r: JobResult, view: ProgressView, library: Path, outcome: dict) -> bool:
     """Record one try's outcome (see ``attempt``); True when the job should be tried again."""
-    from ..loop import describe_error
-
     if "seconds" in outcome:
         r.seconds += outcome["seconds"]
     elif r.started is not None:
