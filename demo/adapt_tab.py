@@ -57,7 +57,11 @@ CURVE_POINTS = 150           # points per plotted curve (the browser redraws the
 PICTURES_SECONDS = 2.0       # the curves and heat map are sent this often at most (a new preview goes at once)
 
 
-def heatmap(slot_history: list[list[int]], n_latent: int, rows: int = 24, untrained: tuple[int, ...] = ()) -> Image.Image:
+HEATMAP_ROWS = 24   # the recent steps the heat map shows
+
+
+def heatmap(slot_history: list[list[int]], n_latent: int, rows: int = HEATMAP_ROWS,
+            untrained: tuple[int, ...] = ()) -> Image.Image:
     """Rows: recent steps (newest at the bottom); columns: W+ slots, coarse to fine; lit = trained.
     Labelled with slot numbers and the resolution each slot's convolution works at; slots that no
     trainable layer reads (the last one feeds only a ToRGB) are hatched."""
@@ -363,7 +367,7 @@ def follow(studio: Studio, adapter, G, base_name, every, session, *form):
               export_pt=True, owner=session)
     untrained = tuple(s for s in range(G.n_latent) if s >= len(G.convs) + 1)
     keep_hidden, same = gr.update(visible=False), gr.update()
-    shown_preview, heavy_at, warned = -1, 0.0, False
+    shown_preview, heavy_at, warned, shown_slots = -1, 0.0, False, None
     fields = form   # sent with the first update and the last
     for view in watch(studio, run, session):
         if view.ended:
@@ -384,9 +388,13 @@ def follow(studio: Studio, adapter, G, base_name, every, session, *form):
             preview_update = same
             if view.preview is not None and view.preview_step != shown_preview:
                 shown_preview = view.preview_step
-                preview_update = gr.update(value=image_file(preview_grid(view.preview)), label=PREVIEW_LABEL)
-            pictures = (preview_update, _loss_frame(view.losses), _diag_frame(view.diagnostics),
-                        image_file(heatmap(view.slots, G.n_latent, untrained=untrained)))
+                preview_update = gr.update(value=image_file(preview_grid(view.preview), live=True), label=PREVIEW_LABEL)
+            recent = [tuple(s) for s in view.slots[-HEATMAP_ROWS:]]
+            heat_update = same   # redrawn only when its rows changed (never, when every layer trains)
+            if recent != shown_slots:
+                shown_slots = recent
+                heat_update = image_file(heatmap(view.slots, G.n_latent, untrained=untrained), live=True)
+            pictures = (preview_update, _loss_frame(view.losses), _diag_frame(view.diagnostics), heat_update)
         state = "warn" if view.state == "stopping" else "run"
         yield (progress_html(view.step / max(1, view.total), status_text("Training", view), state), *pictures,
                same, same, same, same, str(run.folder.path), same, gr.update(interactive=view.state != "stopping"),

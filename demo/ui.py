@@ -157,13 +157,14 @@ def choice(value, field: str, allowed: tuple, default=None):
     return value
 
 
-def image_file(img, format: str = "png", name: str = "image") -> str:
+def image_file(img, format: str = "png", name: str = "image", live: bool = False) -> str:
     """An output image written once, atomically, in Gradio's cache folder (named by its content's hash), from
     where Gradio serves it as is. Returning the PIL image instead makes Gradio rewrite <cache>/<hash>/image.png
     in place for every identical result, and a download of the same file running meanwhile is cut short
-    ('Too little data for declared Content-Length'; see bench/load.py)."""
+    ('Too little data for declared Content-Length'; see bench/load.py). ``live``: a picture shown during a run,
+    compressed lightly, since its encoding takes CPU from the training beside it."""
     buf = io.BytesIO()
-    img.save(buf, format=format)
+    img.save(buf, format=format, **({"compress_level": 1} if live and format == "png" else {}))
     data = buf.getvalue()
     folder = Path(gradio_utils.get_upload_folder()) / "nada_outputs" / hashlib.sha256(data).hexdigest()[:32]
     path = folder / f"{name}.{format}"
