@@ -39,6 +39,7 @@ from .ui import (
     number,
     optional_download,
     progress_html,
+    refused_in,
     reveal,
     scrub,
     status_on_error,
@@ -95,7 +96,7 @@ def build(studio: Studio):
                                            min_width=150)
                     edit_steps = gr.Number(40, label="Steps", step=1, min_width=80)
                 text_go = gr.Button("Apply the text edit")
-            with gr.Accordion("Draw a face (pSp sketch-to-face)", open=False, elem_id="selfie-sketch"):
+            with gr.Accordion("Draw a face (pSp sketch-to-face)", open=False, elem_id="selfie-sketch") as sketch_box:
                 gr.Markdown("Draw dark lines on white; pixel2style2pixel's sketch encoder turns the drawing into a "
                             "latent of the FFHQ 1024 model, shown through the source and every chosen style.",
                             elem_classes=["nada-small"])
@@ -154,8 +155,9 @@ def build(studio: Studio):
     cancel.click(bind(studio, stop), None, None, api_visibility="private", show_progress="hidden")
     reveal(ran.then, "selfie-result")
     reveal(sketch_go.click, "selfie-result")
-    sketch_go.click(bind(studio, render_sketch), [sketch, base, models, *mapper.inputs], stylised, api_name="sketch",
-                    concurrency_limit=1, concurrency_id="device", show_progress_on=[stylised])
+    sketch_go.click(bind(studio, render_sketch), [sketch, base, models, *mapper.inputs], [status, stylised],
+                    api_name="sketch", concurrency_limit=1, concurrency_id="device", show_progress_on=[stylised])
+    sketch_box.expand(None, None, None, js=PICK_BRUSH_JS)
     for s in controls.sliders:
         s.release(bind(studio, re_edit), [session, *mapper.inputs, *controls.inputs], [stylised, pasted], api_visibility="private",
                   concurrency_id="render", show_progress="hidden")
@@ -376,10 +378,32 @@ def text_edit(studio: Studio, state, text, steps, mapper_id, mapper_strength, *v
             yield progress_html(1.0, f"Text edit '{text.strip()}' applied.", "done"), gal, pas, state
 
 
-@friendly
+# Gradio's sketchpad opens with no tool chosen ("select the draw tool to start"): the first stroke would be lost
+PICK_BRUSH_JS = """() => {
+  let tries = 0;
+  const pick = () => {
+    const pad = document.getElementById('selfie-sketchpad');
+    const brush = pad && pad.querySelector('button[aria-label="Brush"]');
+    if (brush && pad.dataset.brushPicked) return;
+    if (brush) { pad.dataset.brushPicked = '1'; brush.click(); return; }
+    if (++tries < 100) setTimeout(pick, 100);   // the editor draws its toolbar a moment after opening
+  };
+  pick();
+}"""
+
+
+def _blank(image: Image.Image) -> bool:
+    """A canvas without a stroke: one colour all over once laid on white (as the encoder sees it)."""
+    flat = Image.new("RGB", image.size, "white")
+    flat.paste(image.convert("RGB"), mask=image.getchannel("A") if "A" in image.getbands() else None)
+    lo, hi = flat.convert("L").getextrema()
+    return hi - lo < 10
+
+
+@refused_in(0, 2)
 def render_sketch(studio: Studio, drawing, base_name, ids, mapper_id, mapper_strength):
     """A drawing -> pSp's sketch encoder -> W+ of FFHQ 1024 (of the tiny base, with its untrained tiny
-    encoder, on ``--tiny``) -> the source and every chosen style."""
+    encoder, on ``--tiny``) -> (the status line, the source and every chosen style)."""
     if drawing is None:
         raise gr.Error("draw a face first")
     if not studio.sketch_fits(base_name):
@@ -387,14 +411,15 @@ def render_sketch(studio: Studio, drawing, base_name, ids, mapper_id, mapper_str
     G = studio.base(base_name)
     ids = styles_for(studio, base_name, ids)
     image = drawing.get("composite") if isinstance(drawing, dict) else drawing
-    if image is None:
-        raise gr.Error("draw a face first")
+    if image is None or _blank(image):
+        raise gr.Error("draw a face first: the canvas is empty")
     w = sketch_to_w(image, studio.psp("psp-sketch"))
     w = MapperPicker.apply(studio, w, mapper_id, mapper_strength, G.n_latent)
     gens = [G] + [studio.model(i) for i in ids]
     names = ["source"] + [studio.entry(i).name for i in ids]
     untrained = f" ({TINY_ENCODER_NOTE})" if studio.tiny else ""
-    return [(image_file(row[0]), name + untrained) for row, name in zip(render(gens, w), names)]
+    faces = [(image_file(row[0]), name + untrained) for row, name in zip(render(gens, w), names)]
+    return progress_html(1.0, f"Rendered the drawing through {len(names)} model(s){untrained}.", "done"), faces
 
 
 @friendly

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from gradio_client import Client, handle_file
-from PIL import Image
+from PIL import Image, ImageDraw
 from skimage import data
 
 from tests.app_server import launch_tiny, refusal, unchanged
@@ -473,11 +473,18 @@ def test_weights_check_button_repairs_a_damaged_file(app, tmp_path, monkeypatch)
 
 def test_a_sketch_renders_on_the_tiny_base_with_the_untrained_encoder_named(app, tmp_path):
     client, _, _ = app
-    drawing = Image.new("RGB", (256, 256), "white")
-    drawing.save(tmp_path / "sketch.png")
-    gallery = client.predict({"background": handle_file(str(tmp_path / "sketch.png")), "layers": [],
-                              "composite": handle_file(str(tmp_path / "sketch.png"))}, "tiny", [], None, 1.0,
-                             api_name="/sketch")
+
+    def send(drawing):
+        drawing.save(tmp_path / "sketch.png")
+        f = handle_file(str(tmp_path / "sketch.png"))
+        return client.predict({"background": f, "layers": [], "composite": f}, "tiny", [], None, 1.0,
+                              api_name="/sketch")
+
+    blank = Image.new("RGB", (256, 256), "white")
+    assert "the canvas is empty" in refusal(lambda: send(blank))   # said in the status line, the gallery kept
+    ImageDraw.Draw(blank).ellipse((64, 40, 192, 216), outline="black", width=4)
+    status, gallery = send(blank)
+    assert "Rendered the drawing through 1 model" in status
     assert [item["caption"] for item in gallery] == ["source (untrained tiny encoder: noise by design)"]
     assert Image.open(gallery[0]["image"]).size == (32, 32)
 

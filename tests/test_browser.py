@@ -1,6 +1,7 @@
 """A real browser (Debian's Chromium, headless, driven by Playwright) against the app on tiny models,
 at a laptop's 1280x720 and a phone's 390 px. Screenshots of every tab land in a temporary folder on
 every run (its path is printed) so a person can look at what users see."""
+import math
 import os
 import re
 import shutil
@@ -471,4 +472,37 @@ def test_library_refusals_answer_in_the_message_line_and_leave_the_panel_usable(
     pick.click()
     page.get_by_role("option").first.click()
     wait_for(lambda: pick.input_value().startswith("photo-to"), 10, "a model chosen after the refusals")
+    page.close()
+
+
+def test_draw_a_face_draws_on_first_touch_and_renders_on_tiny(browser, server):
+    """The sketchpad draws with the first stroke (no tool to pick first), an empty canvas is refused with a
+    message, and a drawing renders through the tiny base's untrained sketch encoder, labelled as such."""
+    url, _ = server
+    page = open_page(browser, url)
+    page.get_by_role("tab", name="Selfie").click()
+    page.get_by_text("Draw a face (pSp sketch-to-face)").click()
+    page.get_by_role("button", name="Render the drawing").click()
+    wait_for(lambda: page.get_by_text("the canvas is empty").count() > 0, 20, "the empty-canvas answer")
+    canvas = page.locator("#selfie-sketchpad canvas").first
+    canvas.scroll_into_view_if_needed()
+    box = canvas.bounding_box()
+    cx, cy, r = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2, box["width"] / 4
+    page.mouse.move(cx - r, cy)
+    page.mouse.down()
+    for i in range(25):   # an oval face outline
+        t = 2 * math.pi * i / 24
+        page.mouse.move(cx + r * math.cos(t + math.pi), cy + 1.3 * r * math.sin(t + math.pi), steps=2)
+    page.mouse.up()
+    page.wait_for_timeout(1000)   # the editor hands its picture to the page a moment after the stroke ends
+    page.get_by_role("button", name="Render the drawing").click()
+    result = page.locator("#selfie-result")
+    try:
+        wait_for(lambda: result.locator("img").count() >= 1, 60, "the rendered drawing")
+    finally:
+        page.screenshot(path=str(SCREENS / "sketch_1280.png"), full_page=True)
+    assert "untrained tiny encoder" in result.inner_text()
+    assert "Rendered the drawing" in page.locator("#selfie-status").inner_text()
+    assert in_viewport(page, "#selfie-result")
+    page.screenshot(path=str(SCREENS / "sketch_1280.png"))
     page.close()

@@ -108,7 +108,7 @@ def test_the_tiny_studio_renders_a_drawing_instead_of_refusing(studio, drawing):
 
     assert studio.sketch_fits("tiny") and isinstance(studio.psp("psp-sketch"), PSPEncoder)
     rgba = drawing.convert("RGBA")
-    gallery = selfie_tab.render_sketch(studio, {"background": None, "layers": [rgba], "composite": rgba}, "tiny", [],
+    status, gallery = selfie_tab.render_sketch(studio, {"background": None, "layers": [rgba], "composite": rgba}, "tiny", [],
                                        None, 1.0)
     assert [caption for _, caption in gallery] == [f"source ({TINY_ENCODER_NOTE})"]
     with Image.open(gallery[0][0]) as shown:
