@@ -24,7 +24,7 @@ from nada_core.store.runs import RunFolder
 
 from .latent_tools import MapperPicker
 from .state import Studio
-from .ui import Slider, bind, choice, enlarged, friendly, image_file, number, optional_download, reveal
+from .ui import EXPECTED, Slider, bind, choice, enlarged, friendly, image_file, number, optional_download, reveal
 
 MIX_SLOTS = 4
 SHOWN = 256   # px the before/after pair is shown at, at least
@@ -93,8 +93,9 @@ def build(studio: Studio):
                           elem_id="sample-pick")
 
     inputs = [model, seeds, truncation, noise, strength, other, mix, *mapper.inputs]
+    # progress (and a refusal's badge) on the button: a refused click leaves the last picture in place
     go.click(bind(studio, generate), inputs, out, api_name="sample", concurrency_id="render", show_progress="minimal",
-             scroll_to_output=True)
+             show_progress_on=[go], scroll_to_output=True)
     rerender = bind(studio, when_chosen)   # every control of the picture renders it again once a model is chosen
     pair = bind(studio, before_after)      # and the before/after pair with it
     go.click(pair, [*inputs, pick], compare, api_visibility="private", concurrency_id="render", show_progress="hidden")
@@ -116,7 +117,7 @@ def build(studio: Studio):
     refresh.click(bind(studio, refresh_models), None, [model, other], api_name="sample_refresh")
     mix_inputs = [*mix_styles, *mix_weights]
     mix_go.click(bind(studio, preview_mix), [seeds, truncation, *mix_inputs], out, api_name="mix", concurrency_id="render",
-                 show_progress="minimal", scroll_to_output=True)
+                 show_progress="minimal", show_progress_on=[mix_go], scroll_to_output=True)
     for slider in mix_weights:
         slider.release(bind(studio, preview_mix), [seeds, truncation, *mix_inputs], out, api_visibility="private",
                        concurrency_id="render", show_progress="hidden")
@@ -153,13 +154,16 @@ def before_after(studio: Studio, model_id, seed_text, psi, noise_mode, a, other_
                  mapper_strength=1.0, pick=1):
     """One sample (the ``pick``-th seed, the last one when fewer are shown) through the source and the adapted
     model, for the before/after slider: the change is judged on one face at full size. Nothing until a model is
-    chosen (the grid's own handler says so)."""
+    chosen, and nothing for a refused setting: the grid's own handler says why, once."""
     if not model_id:
         return gr.update()
-    choice(noise_mode, "Noise", NOISE_MODES)
-    k = number(pick, "Sample to compare", 1, 16)
-    G_src, G = adapted_generator(studio, model_id, a, other_id, m)
-    seeds = parse_seeds(seed_text, limit=16)
+    try:
+        choice(noise_mode, "Noise", NOISE_MODES)
+        k = number(pick, "Sample to compare", 1, 16)
+        G_src, G = adapted_generator(studio, model_id, a, other_id, m)
+        seeds = parse_seeds(seed_text, limit=16)
+    except (gr.Error, *EXPECTED):
+        return gr.update()
     w = latents_for_seeds(G_src, seeds[min(k, len(seeds)) - 1:][:1], number(psi, "Truncation", 0, 1, integer=False))
     w = MapperPicker.apply(studio, w, mapper_id, mapper_strength, G_src.n_latent)
     (before,), (after,) = render([G_src, G], w, noise_mode)

@@ -472,6 +472,20 @@ def test_library_refusals_answer_in_the_message_line_and_leave_the_panel_usable(
     pick.click()
     page.get_by_role("option").first.click()
     wait_for(lambda: pick.input_value().startswith("photo-to"), 10, "a model chosen after the refusals")
+
+    # Sample: a refused seed range is a toast; the grid keeps the last picture (no Error badge on it)
+    page.get_by_role("tab", name="Sample").click()
+    page.locator("#sample-model input").first.click()
+    page.get_by_role("option").first.click()
+    page.locator("#sample-go").click()
+    wait_for(lambda: image_src(page, "sample-grid"), 30, "the sample grid")
+    shown = image_src(page, "sample-grid")
+    page.get_by_label("Seeds (e.g. 0-7 or 1,5,9)").fill("0-100000000")
+    page.locator("#sample-go").click()
+    wait_for(lambda: page.get_by_text("at most 16 at once").count() > 0, 20, "the seed refusal")
+    assert page.get_by_text("at most 16 at once").count() == 1, "one refusal, said once"
+    grid = page.locator("#sample-grid")
+    assert grid.get_by_text("Error", exact=True).count() == 0 and image_src(page, "sample-grid") == shown
     page.close()
 
 
