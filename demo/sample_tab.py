@@ -154,12 +154,12 @@ def before_after(studio: Studio, model_id, seed_text, psi, noise_mode, a, other_
                  mapper_strength=1.0, pick=1):
     """One sample (the ``pick``-th seed, the last one when fewer are shown) through the source and the adapted
     model, for the before/after slider: the change is judged on one face at full size. Nothing until a model is
-    chosen, and nothing for a refused setting: the grid's own handler says why, once."""
+    chosen, and nothing for a refused setting of the grid: its own handler says why, once."""
     if not model_id:
         return gr.update()
+    k = number(pick, "Sample to compare", 1, 16)   # the pair's own setting: said here
     try:
         choice(noise_mode, "Noise", NOISE_MODES)
-        k = number(pick, "Sample to compare", 1, 16)
         G_src, G = adapted_generator(studio, model_id, a, other_id, m)
         seeds = parse_seeds(seed_text, limit=16)
     except (gr.Error, *EXPECTED):

@@ -604,6 +604,8 @@ def test_before_after_sliders_get_the_two_images_at_one_size(app, tmp_path):
     assert sample_tab.before_after(studio, None, "0", 0.7, "const", 1.0, None, 0.5) == {"__type__": "update"}
     with pytest.raises(Exception, match="Sample to compare must be a whole number between 1 and 16"):
         sample_tab.before_after(studio, model, "0", 0.7, "const", 1.0, None, 0.5, None, 1.0, 17)
+    # a refused seed range is the grid's to say (once): the pair stays as it is
+    assert sample_tab.before_after(studio, model, "0-100000000", 0.7, "const", 1.0, None, 0.5) == {"__type__": "update"}
     # Selfie: the aligned photo against the first stylised face, at the photo's size
     Image.fromarray(data.astronaut()).save(tmp_path / "me.png")
     values = [0.0] * 12 + ["all layers"] * 12
