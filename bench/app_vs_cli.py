@@ -9,7 +9,6 @@ subprocess; each step's time is when its JSON line arrives."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import subprocess
@@ -77,14 +76,8 @@ def main() -> None:
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="nada_bench_"))
     os.environ["NADA_LIBRARY_DIR"] = str(tmp / "library")
-    from nada_core.training.memory import for_device
-    from nada_core.training.threads import for_models
-    from tests.app_server import launch_tiny
+    from tests.app_server import launch_tiny  # with the process settings app.py enters (the CLI: the same)
 
-    # the process settings app.py enters (the CLI enters the same for its run)
-    settings = contextlib.ExitStack()
-    settings.enter_context(for_device("cpu"))
-    settings.enter_context(for_models("cpu", tiny=True))
     demo, studio, url = launch_tiny()
     cli, app = [], []
     try:
@@ -95,7 +88,6 @@ def main() -> None:
                   f"({app[-1] / cli[-1]:.0%})", flush=True)
     finally:
         demo.close()
-        settings.close()
     best_cli, best_app = max(cli), max(app)
     ratios = sorted(a / c for a, c in zip(app, cli))
     print(f"tiny recipe, {args.iters} iterations, best of {args.repeats}: CLI {best_cli:.1f} steps/s, "

@@ -1,4 +1,5 @@
 """Launch the real app (tiny models) in-process on a free 127.0.0.1 port, for client and browser tests."""
+import contextlib
 import html
 import re
 import socket
@@ -6,6 +7,8 @@ import socket
 from app import MAX_UPLOAD
 from demo.app import CSS, build_demo
 from demo.state import Studio
+from nada_core.training.memory import for_device
+from nada_core.training.threads import for_models
 
 
 def free_port() -> int:
@@ -15,6 +18,11 @@ def free_port() -> int:
 
 
 def launch_tiny():
+    """(demo, studio, url), with the process settings app.py enters for a tiny studio (CPU memory, one thread)
+    until ``demo.close()``."""
+    settings = contextlib.ExitStack()
+    settings.enter_context(for_device("cpu"))
+    settings.enter_context(for_models("cpu", tiny=True))
     studio = Studio(device="cpu", tiny=True)
     demo = build_demo(studio)
     demo.queue(default_concurrency_limit=2)
@@ -22,6 +30,15 @@ def launch_tiny():
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, css=CSS, show_error=True,
                 max_file_size=MAX_UPLOAD,
                 allowed_paths=[str(studio.library_root)])
+    close = demo.close
+
+    def close_and_restore(*args, **kwargs):
+        try:
+            return close(*args, **kwargs)
+        finally:
+            settings.close()
+
+    demo.close = close_and_restore
     return demo, studio, f"http://127.0.0.1:{port}/"
 
 
