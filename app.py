@@ -43,8 +43,7 @@ def main(argv=None):
 
     from demo.app import CSS, build_demo
     from demo.state import Studio
-    from nada_core.training.memory import for_device
-    from nada_core.training.threads import for_models
+    from nada_core.training.process import training_process
 
     if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error(f"--device {args.device}: PyTorch sees no CUDA GPU here (try --device cpu)")
@@ -59,8 +58,7 @@ def main(argv=None):
           f"reachable by {reach(args.host, args.share, auth)}")
     try:
         # only the model library (thumbnails, downloads) is served as files; never the weights folder
-        # the CPU memory and thread settings of a training process (training/memory.py, training/threads.py)
-        with for_device(studio.device), for_models(studio.device, tiny=studio.tiny):
+        with training_process(studio.device, tiny=studio.tiny):   # CPU memory and threads (training/process.py)
             demo.launch(server_name=args.host, server_port=args.port, share=args.share, css=CSS, show_error=True,
                         allowed_paths=[str(studio.library_root)], auth=auth, max_file_size=MAX_UPLOAD,
                         mcp_server=args.mcp)

@@ -404,15 +404,13 @@ def _blank(image: Image.Image) -> bool:
 def render_sketch(studio: Studio, drawing, base_name, ids, mapper_id, mapper_strength):
     """A drawing -> pSp's sketch encoder -> W+ of FFHQ 1024 (of the tiny base, with its untrained tiny
     encoder, on ``--tiny``) -> (the status line, the source and every chosen style)."""
-    if drawing is None:
-        raise gr.Error("draw a face first")
+    image = drawing.get("composite") if isinstance(drawing, dict) else drawing
+    if image is None or _blank(image):
+        raise gr.Error("draw a face first: the canvas is empty")
     if not studio.sketch_fits(base_name):
         raise gr.Error("the sketch encoder was trained for the FFHQ 1024 base; choose it as the base model")
     G = studio.base(base_name)
     ids = styles_for(studio, base_name, ids)
-    image = drawing.get("composite") if isinstance(drawing, dict) else drawing
-    if image is None or _blank(image):
-        raise gr.Error("draw a face first: the canvas is empty")
     w = sketch_to_w(image, studio.psp("psp-sketch"))
     w = MapperPicker.apply(studio, w, mapper_id, mapper_strength, G.n_latent)
     gens = [G] + [studio.model(i) for i in ids]

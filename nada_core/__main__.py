@@ -74,9 +74,8 @@ def cmd_adapt(args) -> int:
     from .store.images import from_pil
     from .store.library import default_device, load_base, new_run_dir
     from .training.adapt import Adapter, Recipe
-    from .training.memory import for_device
+    from .training.process import training_process
     from .training.run import Run, stop_on_ctrl_c
-    from .training.threads import for_models
 
     device = args.device or default_device()
     # a resumed run keeps its own recipe: base, prompts, CLIP models, iterations (recipe options are ignored)
@@ -127,7 +126,7 @@ def cmd_adapt(args) -> int:
         _print_json({"kind": "start", "step": ad.step, "total": r.iterations, "base": base_name, "device": str(device),
                      "out": str(out), "resumed": bool(args.resume), "recipe": r.to_dict()})
     run = Run(ad)
-    with for_device(device), for_models(device, tiny=is_tiny(base_name)), stop_on_ctrl_c(run):
+    with training_process(device, tiny=is_tiny(base_name)), stop_on_ctrl_c(run):
         last = run.run_here(_print_event_json if args.json else _show_event)  # also writes thumb.png
     if not args.json:
         print(file=sys.stderr)
@@ -253,9 +252,8 @@ def cmd_mapper(args) -> int:
     from .store.library import default_device, library_dir, load_base, new_run_dir
     from .store.runs import MAPPERS
     from .training.mapper import MapperRecipe, MapperTrainer
-    from .training.memory import for_device
+    from .training.process import training_process
     from .training.run import Run, stop_on_ctrl_c
-    from .training.threads import for_models
 
     device = args.device or default_device()
     G, model_name = load_base(args.model, device)
@@ -280,7 +278,7 @@ def cmd_mapper(args) -> int:
     print(f"training a mapper on {model_name} ({device}) for '{trainer.recipe.text}', {trainer.recipe.iterations} "
           f"steps, output {out}; {id_note}", file=sys.stderr)
     run = Run(trainer)
-    with for_device(device), for_models(device, tiny=is_tiny(model_name)), stop_on_ctrl_c(run):
+    with training_process(device, tiny=is_tiny(model_name)), stop_on_ctrl_c(run):
         last = run.run_here(_show_event)   # also writes thumb.png (before row above after row)
     print(file=sys.stderr)
     if last is None or last.kind == "error" or last.save_error:

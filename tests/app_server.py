@@ -7,8 +7,7 @@ import socket
 from app import MAX_UPLOAD
 from demo.app import CSS, build_demo
 from demo.state import Studio
-from nada_core.training.memory import for_device
-from nada_core.training.threads import for_models
+from nada_core.training.process import training_process
 
 
 def free_port() -> int:
@@ -21,8 +20,7 @@ def launch_tiny():
     """(demo, studio, url), with the process settings app.py enters for a tiny studio (CPU memory, one thread)
     until ``demo.close()``."""
     settings = contextlib.ExitStack()
-    settings.enter_context(for_device("cpu"))
-    settings.enter_context(for_models("cpu", tiny=True))
+    settings.enter_context(training_process("cpu", tiny=True))
     studio = Studio(device="cpu", tiny=True)
     demo = build_demo(studio)
     demo.queue(default_concurrency_limit=2)

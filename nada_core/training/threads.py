@@ -1,4 +1,4 @@
-"""How many CPU threads a training process computes with (entered by the entry points, as training.memory)."""
+"""How many CPU threads a training process computes with (entered through training.process, as training.memory)."""
 from __future__ import annotations
 
 import contextlib

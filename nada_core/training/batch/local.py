@@ -14,12 +14,13 @@ from typing import Callable
 
 import torch
 
+from ...models.tiny import is_tiny
 from ...store.checkpoints import atomic_write, load_generator
 from ...store.images import from_pil, open_image
 from ...store.library import load_named_base
 from ...store.runs import ADAPTATION, THUMB
 from ..loop import Event, describe_error
-from ..memory import for_device
+from ..process import training_process
 from ..run import Run
 from ..timefmt import fmt_seconds
 from .jobs import MAX_TRIES, Job
@@ -81,7 +82,7 @@ def _env(name: str, value: str):
 def run_job(job: Job, device: str, report: Callable[[dict], None] | None = None, shipped: dict | None = None,
             threads: int | None = None, on_run: Callable | None = None) -> dict[str, bytes]:
     """Train ``job`` on this machine in a temporary folder, through ``training.run.Run`` with the CPU memory setting
-    of ``training.memory.for_device`` (the lifecycle of the CLI's ``adapt``), and return its run folder's files as
+    of ``training.process.training_process`` (the lifecycle of the CLI's ``adapt``), and return its run folder's files as
     bytes ({path inside the folder: bytes}). ``shipped``: what the driver sent instead of reading files here:
     ``{"base": safetensors bytes or None, "clip": {file under weights/: bytes}, "images": {path: bytes}}``;
     ``on_run(run)`` is called before training (``Stop.attach``). Raises JobFailed when training ends without a
@@ -138,7 +139,7 @@ def run_job(job: Job, device: str, report: Callable[[dict], None] | None = None,
                     report({"kind": "step", "step": ev.step, "total": ev.total, "loss": ev.loss,
                             "sec_per_step": ev.sec_per_step, "eta": ev.eta})
 
-        with for_device(device):
+        with training_process(device, tiny=is_tiny(job.base)):
             last = run.run_here(on_event)   # also writes thumb.png
         finished = last is not None and not last.save_error and run.folder.finished
         if last is not None and last.kind == "cancelled":
