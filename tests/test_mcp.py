@@ -44,7 +44,7 @@ def server(tmp_path_factory):
 
 
 async def _agent(url: str) -> dict:
-    """List the tools, check a prompt, train for 4 steps (watching progress), then sample the new model."""
+    """List the tools, check a prompt, train for 60 steps (long enough for the run's view to be read mid-way: progress), then sample the new model."""
     import httpx
     from mcp import ClientSession
     from mcp.client.streamable_http import streamable_http_client
@@ -61,7 +61,7 @@ async def _agent(url: str) -> dict:
             async def on_progress(step, total, message):
                 progress.append(message)
 
-            seen["adapt"] = await session.call_tool("adapt", {"target": "sketch", "source": "photo", "iterations": 4},
+            seen["adapt"] = await session.call_tool("adapt", {"target": "sketch", "source": "photo", "iterations": 60},
                                                     progress_callback=on_progress)
             seen["progress"] = progress
             model = seen["adapt"].content[0].text.split("Model id: ")[-1].strip()
@@ -84,8 +84,8 @@ def test_the_main_actions_are_mcp_tools_and_the_api_page_lists_the_same(server):
     assert not seen["check"].isError and report.startswith("Prompt check:") and "tiny: strength" in report
     # training: step progress reported, then the saved model's id
     done = seen["adapt"].content[0].text
-    assert not seen["adapt"].isError and "Finished: 4/4 steps" in done and "Model id: photo-to-sketch" in done
-    assert any(m and "training" in m and "of 4" in m for m in seen["progress"]), seen["progress"]
+    assert not seen["adapt"].isError and "Finished: 60/60 steps" in done and "Model id: photo-to-sketch" in done
+    assert any(m and "training" in m and "of 60" in m for m in seen["progress"]), seen["progress"]
     # the grid comes back as an image: 3 seeds, source over adapted, 32 px tiles shown at 128 px
     image = next(c for c in seen["sample"].content if c.type == "image")
     grid = Image.open(io.BytesIO(base64.b64decode(image.data)))
