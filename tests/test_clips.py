@@ -72,7 +72,11 @@ def test_writer_keeps_size_rate_timestamps_and_sound(clip, tmp_path):
     assert audio_packets(out) == audio_packets(clip)   # copied packet for packet
     src = [rgb for rgb, _ in read_frames(clip, probe(clip))]
     again = [rgb for rgb, _ in read_frames(out, info)]
-    assert max(np.abs(a.astype(int) - b).mean() for a, b in zip(src, again)) < 3   # one more H.264 round trip
+    # One more H.264 round trip at CRF 18: 2.2-3.3 grey levels off per pixel here and in CI (x264's output
+    # differs by machine); CRF 30 would be 9, a neighbouring frame 15-19.
+    error = np.array([[np.abs(a.astype(int) - b).mean() for b in src] for a in again])
+    assert error.diagonal().max() < 5
+    assert (error.argmin(axis=1) == np.arange(len(src))).all()   # each frame is nearest to its own source
     assert [p for _, p in read_frames(out, info)] == [p for _, p in read_frames(clip, probe(clip))]
     assert not list(tmp_path.glob(".*"))   # no part files left
 

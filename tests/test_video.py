@@ -72,15 +72,15 @@ def test_faceless_frames_pass_through_and_faces_change(clip, stylised):
     warm, cool = decoded(result.outputs["warm"]), decoded(result.outputs["cool"])
     for i in range(12):
         diff = np.abs(warm[i].astype(int) - inputs[i]).mean()
-        if i in FACELESS:      # in the file only the H.264 round trip differs
-            assert diff < 3, (i, diff)
+        if i in FACELESS:      # in the file only the H.264 round trip differs (about 2 here; x264 varies by machine)
+            assert diff < 5, (i, diff)
             continue
         left, top, right, bottom = detect(Image.fromarray(inputs[i])).boxes[0]
         box = (slice(top + 4, bottom - 4), slice(left + 4, right - 4))
         assert np.abs(warm[i][box].astype(int) - inputs[i][box]).mean() > 20, i      # the face was replaced
         assert np.abs(warm[i][box].astype(int) - cool[i][box]).mean() > 10, i        # differently per style
         corner = (slice(0, 16), slice(0, 16))
-        assert np.abs(warm[i][corner].astype(int) - inputs[i][corner]).mean() < 3     # far from the face: as it was
+        assert np.abs(warm[i][corner].astype(int) - inputs[i][corner]).mean() < 5     # far from the face: as it was
 
 
 def test_codes_are_smoothed_and_warm_started():
