@@ -27,6 +27,7 @@ from nada_core.store.library import (
     library_dir,
     list_library,
     load_base,
+    remove_abandoned,
     remove_stale_parts,
 )
 from nada_core.store.runs import MAPPER, MAPPERS, TINY, RunFolder
@@ -60,6 +61,7 @@ class Studio:
         self.library_root.mkdir(parents=True, exist_ok=True)
         remove_stale_parts(self.library_root)   # half-written files of a killed process
         empty_trash(self.library_root)          # short stopped runs nobody kept
+        remove_abandoned(self.library_root)     # runs killed before their first snapshot: a recipe, nothing trained
 
     # ------------------------------------------------------------------ models
     @property

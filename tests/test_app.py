@@ -10,6 +10,9 @@ from gradio_client import Client, handle_file
 from PIL import Image, ImageDraw
 from skimage import data
 
+from demo import adapt_tab
+from demo.state import Studio
+from nada_core.training.adapt import Adapter, Recipe
 from tests.app_server import launch_tiny, refusal, unchanged
 
 TRAIN_ARGS = ["tiny", "Style", "Photo", "Sketch", [], [], 4, 2, 0.002, 0, 1, 0.0, ["tiny"], 1.0, 1.0, 0, 2]
@@ -388,6 +391,29 @@ def test_a_run_continues_from_the_ui(app):
     assert ["Photo", "Marble statue", 7] in forms, forms   # the form shows the continued run's recipe
     assert studio.entry(run).path.name == "final.safetensors"
     assert "unknown model" in refusal(lambda: client.predict("/etc", 3, 2, api_name="/resume"))
+
+
+def test_a_crashed_run_continues_in_the_app_and_one_killed_before_its_first_snapshot_is_cleared(app, tmp_path):
+    client, studio, _ = app
+    recipe = Recipe(source="photo", target="clay", iterations=8, clip_models=["tiny"], clip_weights=[1.0], k=3,
+                    snapshot_every=2, preview_every=100)
+    ad = Adapter(studio.base("tiny"), recipe, studio.clip(["tiny"], [1.0]), "cpu", studio.library_root / "crashed",
+                 "tiny")
+    for ev in ad.run():   # "kill -9" after the snapshot at step 4: no final weights, no ending
+        if ev.step == 5:
+            break
+    (studio.library_root / "crashed" / "final.safetensors").unlink(missing_ok=True)
+    assert "crashed" in [run_id for _, run_id in adapt_tab.resumable(studio)]   # offered under Continue a run
+    outs = list(client.submit("crashed", 2, 2, api_name="/resume"))
+    shown = [int(o[0].split("Training: step ")[1].split("/")[0]) for o in outs if "Training: step " in o[0]]
+    assert all(5 <= s <= 6 for s in shown) and "Finished: 6/6 steps" in outs[-1][0]   # from the snapshot at 4
+    assert studio.entry("crashed").finished
+
+    killed = studio.library_root / "killed-early"
+    killed.mkdir()
+    (killed / "recipe.json").write_text('{"base": "tiny", "recipe": {}}')
+    Studio(device="cpu", tiny=True)   # the next start of the app
+    assert not killed.exists() and studio.entry("crashed").finished
 
 
 def test_gallery_entries_fill_the_form(app):

@@ -135,6 +135,40 @@ def test_a_training_run_cannot_be_renamed_or_deleted_and_its_files_never_split(c
     assert [e.id for e in list_library(root)] == ["other"] and not list_library(root)[0].training
 
 
+def test_a_rename_while_the_run_finishes_is_refused_so_thumbnail_and_weights_stay_together(clip, tmp_path):
+    root = tmp_path / "lib"
+    ad = Adapter(tiny_generator(), recipe(iterations=4, snapshot_every=2), clip, out_dir=root / "ending",
+                 base_name="tiny")
+    refused = []
+    write_thumb = RunFolder.write_thumb
+
+    def rename_meanwhile(folder, image):   # another visitor renames while the ending writes the thumbnail
+        try:
+            rename_model(root, "ending", "elsewhere")
+        except RunBusy as e:
+            refused.append(str(e))
+        return write_thumb(folder, image)
+
+    RunFolder.write_thumb = rename_meanwhile
+    try:
+        final = Run(ad).run_here()
+    finally:
+        RunFolder.write_thumb = write_thumb
+    assert final.kind == "done" and refused == ["ending is training; stop the run before you rename it"]
+    folder = RunFolder(root / "ending")
+    assert folder.finished and folder.thumb_path.is_file() and folder.recipe_path.is_file()
+    assert not (root / "elsewhere").exists() and not folder.is_active()
+    assert rename_model(root, "ending", "elsewhere") == "elsewhere"   # once it has ended
+
+
+def test_a_short_run_set_aside_leaves_no_lock_behind(clip, tmp_path):
+    short = Adapter(tiny_generator(), recipe(iterations=50), clip, out_dir=tmp_path / "lib" / "short")
+    run = Run(short, set_aside_below=0.1)
+    run.run_here(stop_at(run, 2))
+    trashed = tmp_path / "lib" / ".trash" / "short"
+    assert run.view().set_aside and not (trashed / ".active").exists() and not RunFolder(trashed).is_active()
+
+
 def test_a_second_process_cannot_train_in_a_folder_that_is_training(clip, tmp_path):
     ad = Adapter(tiny_generator(), recipe(iterations=3), clip, out_dir=tmp_path / "r")
     with RunFolder(tmp_path / "r").active():

@@ -196,6 +196,7 @@ class RunFolder:
         if dest.exists():
             shutil.rmtree(dest)
         os.rename(self.path, dest)
+        (dest / ACTIVE).unlink(missing_ok=True)   # a training lock moved with it (the holder keeps its descriptor)
         return RunFolder(dest, self.kind)
 
     def copy_snapshot_as_model(self, step: int, dest: Path) -> "RunFolder":

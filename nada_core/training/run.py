@@ -93,8 +93,9 @@ class Run:
         final = None
         try:
             for ev in self.trainer.run():
-                if ev.final:
-                    final = ev   # reported once the folder is finished (below)
+                if ev.final:   # finished while the trainer still holds the folder's lock: no rename splits it
+                    final = ev
+                    self._finish(final)
                     continue
                 self._record(ev)
                 if on_event is not None:
@@ -103,10 +104,8 @@ class Run:
             final = Event("error", self.trainer.step, self.trainer.recipe.iterations, message=describe_error(e))
             self._update(final=final, state="error")
             raise
-        if final is not None:
-            self._finish(final)
-            if on_event is not None:
-                on_event(final)
+        if final is not None and on_event is not None:
+            on_event(final)
         return final
 
     def start(self) -> "Run":
@@ -218,8 +217,12 @@ class Run:
                 folder.prune(self.keep_snapshots)
             short = self.set_aside_below is not None and ev.kind != "done" and ev.step < self.set_aside_below * ev.total
             if short:
-                self.folder, aside = folder.set_aside(), True
-                self.exports = []
+                try:
+                    self.folder, aside = folder.set_aside(), True
+                    self.exports = []
+                except OSError as e:
+                    self._record(Event("warning", ev.step, ev.total, message="the short run could not be set "
+                                       f"aside ({describe_error(e)}); it stays in the library"))
         if ev.preview is not None:
             self._update(preview=ev.preview, preview_step=ev.step)
         if ev.diagnostics:
