@@ -184,7 +184,6 @@ def test_two_clients_train_in_order_and_nothing_is_lost(app):
 
 def test_without_weights_the_page_offers_starter_packs(tmp_path, monkeypatch):
     from demo.app import build_demo
-    from demo.state import Studio
 
     monkeypatch.setenv("NADA_WEIGHTS_DIR", str(tmp_path / "weights"))
     monkeypatch.setenv("NADA_LIBRARY_DIR", str(tmp_path / "lib"))
