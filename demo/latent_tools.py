@@ -14,7 +14,7 @@ from nada_core.training.run import Run
 
 from .run_stream import status_text, watch
 from .state import Studio
-from .ui import Cancelled, Slider, fmt_seconds, number, progress_html, run_with_progress  # noqa: F401 (re-exported)
+from .ui import Cancelled, Slider, fmt_seconds, image_file, number, progress_html, run_with_progress  # noqa: F401 (re-exported)
 
 PREVIEW_SECONDS = 2.0
 
@@ -56,7 +56,7 @@ def stream_trainer(studio: Studio, trainer, session: str, what: str, every: floa
         img = gr.update()
         if view.preview is not None and view.preview_step != shown:
             shown = view.preview_step
-            img = comparison([to_pil(view.preview[0]), to_pil(view.preview[1])], largest=128)
+            img = image_file(comparison([to_pil(view.preview[0]), to_pil(view.preview[1])], largest=128), name="before_after", live=True)
         if not view.ended:
             yield progress_html(view.step / max(1, view.total), status_text(what, view),
                                 "warn" if view.state == "stopping" else "run"), img, None

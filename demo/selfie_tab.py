@@ -307,7 +307,8 @@ def run(studio: Studio, file, cam, base_name, ids, how, n_steps, noise, every_fa
         if why:
             raise gr.Error(why)
     perceptual, loss_name = studio.perceptual() if n > 0 else ({}, "")
-    yield progress_html(0, f"{note}Aligned. Inverting...", "run"), gr.update(), faces[0].overlay(), None, [], [], None
+    yield (progress_html(0, f"{note}Aligned. Inverting...", "run"), gr.update(), image_file(faces[0].overlay(), name="aligned"),
+           None, [], [], None)
 
     def work(report):
         return invert_faces(faces, G, enc, n, perceptual=perceptual, progress=report, optimize_noise=bool(noise))
@@ -333,7 +334,8 @@ def run(studio: Studio, file, cam, base_name, ids, how, n_steps, noise, every_fa
     error_note = (f" Reconstruction error: {errors} (mean per-pixel difference from the aligned photo; lower is "
                   "better, and a nudged crop can lower it).")
     msg = f"{note}Inverted with {invs[0].method}{untrained}.{loss_note}{error_note}{styles}"
-    yield (progress_html(1.0, msg, "done"), gr.update(), faces[0].overlay(), readable(invs[0].reconstruction), gal, pas,
+    yield (progress_html(1.0, msg, "done"), gr.update(), image_file(faces[0].overlay(), name="aligned"),
+           image_file(readable(invs[0].reconstruction), name="reconstruction"), gal, pas,
            state)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import gradio as gr
 import gradio.utils as gradio_utils
+import numpy as np
 from PIL import Image
 
 from nada_core.faces.video import ClipResult, VideoStyliser, output_paths, stylize_clip
@@ -145,7 +146,7 @@ def build(studio: Studio):
                                 allow_custom_value=True)
         with gr.Row():
             cam = gr.Image(sources=["webcam"], streaming=True, type="numpy", label="Camera", elem_id="video-cam")
-            live = gr.Image(label="Stylised", type="numpy", interactive=False, elem_id="video-live")
+            live = gr.Image(label="Stylised", type="filepath", interactive=False, elem_id="video-live")
         rate = gr.Markdown("", elem_id="video-rate")
     cam_state = gr.State(None)
 
@@ -256,10 +257,10 @@ def live_frame(studio: Studio, frame, base_name, style_id, state, colours=0.0, r
     if frame is None:
         return gr.update(), gr.update(), state
     if not style_id:
-        return frame, "Choose a style to see yourself in it.", state
+        return _shown(frame), "Choose a style to see yourself in it.", state
     active = studio.active_run()
     if active:
-        return frame, (f"Paused: the device is busy ({studio.training_status()}); the camera resumes when it "
+        return _shown(frame), (f"Paused: the device is busy ({studio.training_status()}); the camera resumes when it "
                        "is free."), state
     key = (base_name, style_id)
     if state is None or state["key"] != key:
@@ -274,7 +275,12 @@ def live_frame(studio: Studio, frame, base_name, style_id, state, colours=0.0, r
     out = state["styliser"](frame, time.monotonic())
     took = time.perf_counter() - start
     state["done"].append(time.monotonic())
-    return out.frames[style_id], _rate(state["done"], took, out.faces), state
+    return _shown(out.frames[style_id]), _rate(state["done"], took, out.faces), state
+
+
+def _shown(frame: np.ndarray) -> str:
+    """A webcam frame through the one atomic output path (lossless, lightly compressed: it is live)."""
+    return image_file(Image.fromarray(np.ascontiguousarray(frame)), name="webcam", live=True)
 
 
 @friendly

@@ -138,6 +138,7 @@ def test_selfie_flow(app, tmp_path):
     status, photo, aligned, recon, stylised, pasted = outs[-1]
     assert "Inverted with optimisation" in status
     assert Image.open(aligned).size == (256, 256) and Image.open(recon).size == (256, 256)   # 32 px, shown enlarged
+    assert (Path(aligned).name, Path(recon).name) == ("aligned.png", "reconstruction.png")   # the atomic output path
     assert len(stylised) == 1 and Image.open(pasted[0]["image"]).size == (512, 512)
     # "Keep my photo's colours": each style shown plain and with the photo's chroma, side by side
     *_, aligned, _, stylised, pasted = run_selfie(client, tmp_path / "me.jpg", path, colours=1.0)[-1]
@@ -320,6 +321,8 @@ def test_focus_the_domain_then_sample_with_the_mapper(app):
     job.result()
     shown = [o[0] for o in outs if ": step " in o[0]]   # read at the page's pace: any shown step is of this run
     assert all("/3 ·" in t for t in shown) and "Saved as mapper" in outs[-1][0]
+    previews = {Path(o[1]["value"]).name for o in outs if isinstance(o[1], dict) and o[1].get("value")}
+    assert previews == {"before_after.png"}, previews   # before/after previews through the atomic output path (ui.image_file)
     mappers = studio.mappers(model)
     assert mappers and mappers[0]["generator"] == model and mappers[0]["text"] == studio.entry(model).recipe["target"]
     mid = mappers[0]["id"]
