@@ -191,8 +191,8 @@ class Studio:
         """Finished mapper runs: {'id', 'text', 'generator' (library id or base name), 'path'}, newest first;
         with ``generator``, those trained on it or on its base (one latent space)."""
         out = []
-        for rec in sorted(self.mapper_root.glob("*/mapper.json"), key=lambda p: p.stat().st_mtime, reverse=True):
-            final = rec.parent / "mapper.safetensors"
+        for rec in sorted(self.mapper_root.glob(f"*/{MAPPER.recipe}"), key=lambda p: p.stat().st_mtime, reverse=True):
+            final = rec.parent / MAPPER.final
             if not final.is_file():
                 continue
             try:

@@ -203,3 +203,26 @@ def test_one_time_formatter_a_clock_for_terminals_and_words_for_the_app():
     assert [fmt_seconds(s, clock=True) for s in (0, 1.0, 65, 3723)] == ["0:00", "0:01", "1:05", "1:02:03"]
     assert [fmt_seconds(s) for s in (0, 45, 65, 3723)] == ["0 s", "45 s", "1 min 05 s", "1 h 02 min"]
     assert fmt_seconds(59.6) == "1 min 00 s" and fmt_seconds(59.6, clock=True) == "1:00"  # both round
+
+
+def test_only_the_run_folder_module_spells_the_run_file_names():
+    """Issue 17: every run file name in one place (nada_core/store/runs.py); elsewhere the code asks RunFolder
+    (string literals are checked, docstrings and comments may name the files)."""
+    import ast
+    from pathlib import Path
+
+    names = ["recipe.json", "final.safetensors", "mapper.json", "mapper.safetensors", "state.pt", "diagnostics.json",
+             "thumb.png", "snapshots", "step_"]
+    root = Path(__file__).resolve().parents[1]
+    spelled = []
+    for path in [*root.glob("nada_core/**/*.py"), *root.glob("demo/*.py"), root / "app.py"]:
+        if path.name == "runs.py":
+            continue
+        tree = ast.parse(path.read_text())
+        docs = {id(n.body[0].value) for n in ast.walk(tree) if isinstance(n, (ast.Module, ast.FunctionDef, ast.ClassDef))
+                and n.body and isinstance(n.body[0], ast.Expr)}
+        spelled += [f"{path.relative_to(root)}:{c.lineno} {c.value!r}" for c in ast.walk(tree)
+                    if isinstance(c, ast.Constant) and isinstance(c.value, str) and id(c) not in docs
+                    and any(n == c.value or (n.endswith((".json", ".safetensors", ".pt", ".png", "_")) and n in c.value)
+                            for n in names)]
+    assert spelled == []

@@ -69,7 +69,7 @@ class VideoStyliser:
         self.keep_colours = keep_colours   # the photo's chroma by this strength (faces.colour); may change live
         self.tracker = FaceTracker(fps, detect_every, max_faces, smooth=smooth_landmarks)
         self.crop = 256 if encoder is not None else min(G.size, 256)
-        self.device = G.input.input.device
+        self.device = G.device
         self._last: dict[int, torch.Tensor] = {}     # each track's code as inverted
         self._smoothed: dict[int, torch.Tensor] = {}
 

@@ -187,7 +187,7 @@ class Upsample(nn.Module):
         k = self.kernel.shape[0]
         if _cpu_training_layout(x) and self.pad[0] - self.pad[1] == self.factor - 1 < k:
             # the same filter as oneDNN's transposed convolution of each channel (zero insertion + convolution,
-            # cropped by k - 1 - pad): 2-4x faster on CPU than the depthwise convolution, backward included
+            # cropped by k - 1 - pad): faster on CPU than the depthwise convolution, backward included
             b, c, h, w = x.shape
             y = F.conv_transpose2d(x.reshape(b * c, 1, h, w), self.kernel.to(x.dtype)[None, None], stride=self.factor,
                                    padding=k - 1 - self.pad[0])
@@ -207,8 +207,8 @@ def _dense_channels_last(t: torch.Tensor) -> torch.Tensor:
 
 class _DepthwiseConv(torch.autograd.Function):
     """``F.conv2d(x, kernel, bias, padding, groups=channels)`` with a constant kernel, whose backward runs as
-    a forward depthwise convolution with the flipped kernel (oneDNN's depthwise backward with a bias was
-    10-20x slower than that on CPU) and a sum for the bias."""
+    a forward depthwise convolution with the flipped kernel (oneDNN's depthwise backward with a bias is
+    far slower on CPU) and a sum for the bias."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor | None, padding: int) -> torch.Tensor:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from ..faces.identity import face_landmarks, identity_distance, to_uint8
 from ..guidance.clip_guide import ClipMember
+from ..store.runs import RunFolder
 from .loop import read_diagnostics
 
 __all__ = ["COLLAPSE_RATIO", "Diagnostics", "SnapshotAdvice", "best_snapshot", "best_snapshot_of_run", "clip_score",
@@ -120,16 +121,9 @@ def best_snapshot(history: list[dict], available_steps=None, tolerance: float = 
 
 def best_snapshot_of_run(run_dir: str | Path, tolerance: float = SCORE_TOLERANCE) -> SnapshotAdvice | None:
     """``best_snapshot`` over a run folder: the figures of ``diagnostics.json``, choosing among the snapshots
-    still on disk (``snapshots/step_NNNNN.*``; pruning keeps the figures of every step)."""
-    run_dir = Path(run_dir)
+    still on disk (pruning keeps the figures of every step)."""
     history = [{"step": step, **figures} for step, figures in read_diagnostics(run_dir).items()]
-    steps = []
-    for p in (run_dir / "snapshots").glob("step_*.*"):
-        try:
-            steps.append(int(p.name.split(".")[0].split("_")[1]))
-        except (IndexError, ValueError):
-            continue
-    return best_snapshot(history, steps, tolerance)
+    return best_snapshot(history, RunFolder(Path(run_dir)).snapshot_steps(), tolerance)
 
 
 class Diagnostics:
