@@ -3,7 +3,9 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
+import gradio as gr
 import numpy as np
 import pytest
 from gradio_client import Client, handle_file
@@ -160,21 +162,34 @@ def test_two_clients_train_in_order_and_nothing_is_lost(app):
     before = {e.name for e in studio.library()}
     results = {}
 
-    def run(name, target):
+    def run(name, target, steps):
         client = Client(url, verbose=False)
         args = list(TRAIN_ARGS)
-        args[3], args[6] = target, 6
+        args[3], args[6] = target, steps
         job = client.submit(*args, api_name="/train")
         stamped = [(time.time(), out) for out in job]
         job.result()
         results[name] = stamped
 
-    threads = [threading.Thread(target=run, args=("a", "Cartoon")), threading.Thread(target=run, args=("b", "Statue"))]
+    threads = [threading.Thread(target=run, args=("a", "Cartoon", 200)),
+               threading.Thread(target=run, args=("b", "Statue", 150))]
     for t in threads:
         t.start()
+    deadline = time.monotonic() + 60
+    while studio.active_run() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    (_, holder) = studio.active_run()
+    # a third visitor is told a run holds the device; its holder is refused a second start
+    waiting = adapt_tab.before_start(studio, SimpleNamespace(session_hash="a third visitor"))
+    assert "Waiting: another run is training (step " in waiting and "yours starts when it ends" in waiting
+    with pytest.raises(gr.Error, match="Already training"):
+        adapt_tab.before_start(studio, SimpleNamespace(session_hash=holder))
     for t in threads:
         t.join(timeout=300)
     assert all("Finished" in r[-1][1][0] for r in results.values())
+    for name, total in (("a", 200), ("b", 150)):   # each page showed only its own run
+        lines = [out[0] for _, out in results[name] if "Training: step " in out[0] or "Finished" in out[0]]
+        assert lines and all(f"/{total}" in line for line in lines), (name, lines)
     spans = sorted((r[0][0], r[-1][0]) for r in results.values())  # (first output, last output) per client
     assert spans[0][1] <= spans[1][0] + 0.5, spans  # the second run started only after the first finished
     new = {e.name for e in studio.library()} - before
