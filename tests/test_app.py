@@ -247,6 +247,42 @@ def test_starter_pack_downloads_with_one_progress(tmp_path, monkeypatch):
         srv.shutdown()
 
 
+def test_a_failed_pack_or_optional_download_leaves_a_lasting_status_in_its_panel(tmp_path, monkeypatch):
+    import functools
+    import json
+
+    from demo.app import build_demo
+    from nada_core.store import packs, weights
+    from tests.app_server import free_port
+
+    url = f"http://127.0.0.1:{free_port()}/mirror"   # nobody listens: offline
+    manifest = json.loads(weights.MANIFEST_PATH.read_text())   # the real manifest, every URL on the dead host
+    for name, asset in manifest["assets"].items():
+        if asset.get("url"):
+            asset["url"] = f"{url}/{name}"
+    first = next(n for n in manifest["packs"]["cpu"]["assets"] if manifest["assets"][n].get("url"))
+    label = manifest["packs"]["cpu"]["label"]
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setattr(weights, "MANIFEST_PATH", tmp_path / "manifest.json")
+    monkeypatch.setenv("NADA_WEIGHTS_DIR", str(tmp_path / "weights"))
+    monkeypatch.setenv("NADA_LIBRARY_DIR", str(tmp_path / "lib"))
+    monkeypatch.setattr(packs, "remote_size", lambda asset, timeout=5.0: None)
+    demo = build_demo(Studio(device="cpu"))
+    ids = {c["id"]: c for c in demo.config["components"]}
+    pack = next(f for f in demo.fns.values() if isinstance(f.fn, functools.partial) and f.fn.func.__name__ == "fetch")
+    assert ids[pack.outputs[0]._id]["props"]["elem_id"] == "pack-status"   # an HTML line in the panel, not a toast
+    assert pack.fn.args == ("cpu",)
+    *_, (status, _) = list(pack.fn())
+    assert f"{label}: not downloaded." in status and f"cannot reach {url}/{first}" in status
+    assert "Press the button again to resume" in status and str(tmp_path) not in status
+    optional = [f for f in demo.fns.values() if getattr(f.fn, "__qualname__", "").startswith("optional_download")]
+    assert len(optional) == 4   # Sample's styles, Edit's directions, Selfie's e4e and pSp encoders
+    for f in optional:
+        status = f.fn()
+        assert ids[f.outputs[0]._id]["type"] == "html"   # beside its button, where it stays
+        assert "Not downloaded." in status and f"cannot reach {url}/" in status and "download the files by hand" in status
+
+
 def test_blend_two_adapted_models(app):
     client, studio, _ = app
     while len(studio.library()) < 2:
