@@ -100,7 +100,9 @@ REVEAL_JS = """() => {
   const e = document.getElementById(%s);
   if (!e) return;
   const r = e.getBoundingClientRect();
-  if (r.top < 0 || r.top + Math.min(r.height, 160) > window.innerHeight) window.scrollTo(0, window.scrollY + r.top - 8);
+  if (r.top < 0 || r.top + Math.min(r.height, window.innerHeight - 16) > window.innerHeight) {
+    window.scrollTo(0, window.scrollY + r.top - 8);   // all of it in view (its top, where taller than the window)
+  }
 }"""
 
 

@@ -78,11 +78,16 @@ def wait_for_quickly(predicate, timeout):
         time.sleep(0.01)
 
 
-def in_viewport(page, selector) -> bool:
+def in_viewport(page, selector, share: float = 0.9) -> bool:
+    """Whether ``share`` of the element is on screen in both directions (of the viewport's height where the
+    element is taller than it): a video with its top third showing, or a grid half off to the side, is not."""
     box = (page.locator(selector) if isinstance(selector, str) else selector).first.bounding_box()
     vp = page.viewport_size
-    return bool(box) and box["y"] >= 0 and box["y"] + min(box["height"], 60) <= vp["height"] and box["x"] >= 0 \
-        and box["x"] + min(box["width"], 60) <= vp["width"]
+    if not box or box["height"] == 0 or box["width"] == 0:
+        return False
+    seen_h = min(box["y"] + box["height"], vp["height"]) - max(box["y"], 0)
+    seen_w = min(box["x"] + box["width"], vp["width"]) - max(box["x"], 0)
+    return seen_h >= share * min(box["height"], vp["height"]) and seen_w >= share * min(box["width"], vp["width"])
 
 
 def set_number(page, elem_id, value):
@@ -386,6 +391,8 @@ def test_every_result_comes_into_view(browser, server, tmp_path, width, height):
     continue_button.click()
     shown("#adapt-status", "continued run")
     wait_for(lambda: "Finished" in page.locator("#adapt-status").inner_text(), 300, "the continued run's end")
+    if width >= 900:   # beside the status on a laptop (on a phone it follows the status)
+        shown("#adapt-preview", "continued run's preview")
 
     # Sample: Generate, Preview the mix, Make video
     page.get_by_role("tab", name="Sample").click()
