@@ -329,6 +329,8 @@ def cmd_video(args) -> int:
     from .store.library import default_device
     from .training.run import stop_on_ctrl_c
 
+    if not 0 <= args.keep_colours <= 1:   # before a model is loaded
+        raise ValueError(f"--keep-colours must be between 0 and 1, got {args.keep_colours:g}")
     limits = ClipLimits(max_seconds=args.max_seconds, max_frames=args.max_frames, max_side=args.max_side)
     info = probe(args.clip, limits)   # refused here, before a model is loaded or a frame decoded
     device = args.device or default_device()

@@ -162,6 +162,21 @@ def test_cli_video(clip, tmp_path, capsys):
     assert "too many frames (1000000); the limit is 1800" in capsys.readouterr().err
     assert not (tmp_path / "x.mp4").exists()
 
+    # --keep-colours: the faces take the clip's own colours (compared on the face, against the plain output)
+    assert main(["video", str(clip), "--style", str(ink), "--out", str(tmp_path / "kept.mp4"), "--steps", "1",
+                 "--first-steps", "5", "--loss", "pixels", "--keep-colours"]) == 0
+    source, plain, kept = decoded(clip), decoded(tmp_path / "out-ink.mp4"), decoded(tmp_path / "kept.mp4")
+    far = near = 0.0
+    for i in set(range(12)) - set(FACELESS):
+        left, top, right, bottom = detect(Image.fromarray(source[i])).boxes[0]
+        box = (slice(top + 4, bottom - 4), slice(left + 4, right - 4))
+        chroma = [np.asarray(Image.fromarray(f[i][box]).convert("YCbCr"), dtype=float)[..., 1:] for f in (source, plain, kept)]
+        far, near = far + np.abs(chroma[1] - chroma[0]).mean(), near + np.abs(chroma[2] - chroma[0]).mean()
+    assert near < 0.6 * far, (near, far)
+    capsys.readouterr()
+    assert main(["video", str(clip), "--style", str(ink), "--out", str(tmp_path / "y.mp4"), "--keep-colours", "2"]) == 1
+    assert "--keep-colours must be between 0 and 1, got 2" in capsys.readouterr().err and not (tmp_path / "y.mp4").exists()
+
 
 def test_the_faces_can_keep_the_clips_colours(clip):
     """'Keep my photo's colours' in a video: each stylised face takes its aligned crop's chroma by the strength."""
