@@ -12,7 +12,7 @@ import gradio as gr
 from PIL import Image
 
 from nada_core.faces.align import CropAdjust
-from nada_core.faces.selfie import invert_faces, pixel_error, prepare_face, stylize_faces
+from nada_core.faces.selfie import invert_faces, prepare_face, stylize_faces
 
 from . import adapt_tab, sample_tab
 from .state import Studio
@@ -96,7 +96,7 @@ def adapt(studio: Studio, target: str, source: str = "photo", iterations: int = 
 
 
 def stylise_photo(studio: Studio, photo: str, model: str, steps: int = 100, crop_scale: float = 1.0,
-                  progress=gr.Progress()) -> tuple[str, str, str]:
+                  progress=gr.Progress()) -> str:
     """A face photo in an adapted model's style: the face is aligned (FFHQ crop), inverted into the base model
     by optimisation, rendered through the style, and pasted back into the photo.
 
@@ -106,8 +106,8 @@ def stylise_photo(studio: Studio, photo: str, model: str, steps: int = 100, crop
         steps: optimisation steps of the inversion, 1 to 1000 (more: closer to the photo, slower).
         crop_scale: the face crop's size against the FFHQ crop, 0.6 to 1.6.
     Returns:
-        The photo with the stylised face pasted back, the stylised face beside the aligned photo, and the
-        reconstruction error (mean per-pixel difference; lower is closer).
+        One picture: the photo with the stylised face pasted back, and under it the aligned face beside its
+        stylised version (judge the likeness there; more steps come closer).
     """
     if not photo:
         raise gr.Error("give a photo file with a visible face")
@@ -123,12 +123,19 @@ def stylise_photo(studio: Studio, photo: str, model: str, steps: int = 100, crop
     inv, = invert_faces([face], G, None, n, perceptual=perceptual,
                         progress=lambda s, total, loss: progress((s, total), desc="inverting", unit="steps"))
     (styled,), pasted = stylize_faces([face], [inv], G_style)
-    both = Image.new("RGB", (face.aligned.width * 2, face.aligned.height))
-    both.paste(face.aligned, (0, 0))
-    both.paste(enlarged(styled, face.aligned.size), (face.aligned.width, 0))
-    error = pixel_error(face.aligned, inv.reconstruction)
-    return (image_file(pasted), image_file(both),
-            f"reconstruction error {error:.1%} (mean per-pixel difference from the aligned photo)")
+    return image_file(result_sheet(pasted, face.aligned, enlarged(styled, face.aligned.size)), name="stylised")
+
+
+def result_sheet(pasted: Image.Image, aligned: Image.Image, styled: Image.Image) -> str:
+    """One picture for an agent (an MCP tool gives back one image): the pasted photo over the aligned face and
+    its stylised version, side by side at half the photo's width each."""
+    half = pasted.width // 2
+    pair = [im.resize((half, half), Image.LANCZOS) for im in (aligned, styled)]
+    sheet = Image.new("RGB", (pasted.width, pasted.height + half), "white")
+    sheet.paste(pasted, (0, 0))
+    for k, im in enumerate(pair):
+        sheet.paste(im, (k * (pasted.width - half), pasted.height))
+    return sheet
 
 
 def build(studio: Studio) -> None:
@@ -141,16 +148,14 @@ def build(studio: Studio) -> None:
         iterations, base, trained = gr.Number(300, label="iterations"), gr.Textbox("", label="base"), gr.Textbox(label="result")
         photo, steps, crop_scale = (gr.File(label="photo", file_types=["image"]), gr.Number(100, label="steps"),
                                     gr.Number(1.0, label="crop_scale"))
-        pasted = gr.Image(format="png", type="filepath", label="pasted")
-        pair = gr.Image(format="png", type="filepath", label="aligned and stylised")
-        error = gr.Textbox(label="reconstruction error")
+        stylised = gr.Image(format="png", type="filepath", label="stylised photo")
         trigger = gr.Button()
     trigger.click(bind(studio, check_prompt), [source, target], report, api_name="check_prompt",
                   concurrency_id="prompt", concurrency_limit=1)
     trigger.click(bind(studio, sample_grid), [model, seeds, psi], grid, api_name="sample_grid", concurrency_id="render")
     trigger.click(friendly(bind(studio, adapt)), [target, source, iterations, base], trained, api_name="adapt",
                   concurrency_id="device", concurrency_limit=1)
-    trigger.click(friendly(bind(studio, stylise_photo)), [photo, model, steps, crop_scale], [pasted, pair, error],
+    trigger.click(friendly(bind(studio, stylise_photo)), [photo, model, steps, crop_scale], stylised,
                   api_name="stylise_photo", concurrency_id="device", concurrency_limit=1)
 
 

@@ -699,7 +699,7 @@ def test_before_after_sliders_get_the_two_images_at_one_size(app, tmp_path):
     assert selfie_tab.before_after(studio, None, []) is None
 
 
-def test_the_agents_stylise_tool_gives_the_pasted_photo_the_pair_and_the_error(app, tmp_path):
+def test_the_agents_stylise_tool_gives_one_sheet_of_the_pasted_photo_and_the_pair(app, tmp_path):
     from demo import agent_api
 
     client, studio, _ = app
@@ -708,10 +708,14 @@ def test_the_agents_stylise_tool_gives_the_pasted_photo_the_pair_and_the_error(a
     model = studio.library()[0].id
     Image.fromarray(data.astronaut()).save(tmp_path / "me.png")
     steps = []
-    pasted, pair, error = agent_api.stylise_photo(studio, str(tmp_path / "me.png"), model, 3, 1.0,
-                                                  progress=lambda p, **kw: steps.append(p))
-    assert Image.open(pasted).size == (512, 512) and Image.open(pair).size == (512, 256)
-    assert steps[-1] == (3, 3) and 0 < float(error.split("error ")[1].split("%")[0]) < 60
+    sheet = agent_api.stylise_photo(studio, str(tmp_path / "me.png"), model, 3, 1.0,
+                                    progress=lambda p, **kw: steps.append(p))
+    sheet = np.asarray(Image.open(sheet).convert("RGB")).astype(int)
+    assert sheet.shape == (512 + 256, 512, 3) and steps[-1] == (3, 3)   # the photo over the aligned/stylised pair
+    photo = data.astronaut().astype(int)
+    assert np.abs(sheet[:512] - photo)[400:].mean() < 3     # the photo pasted back, unchanged far from the face
+    assert np.abs(sheet[:512] - photo)[60:200, 160:280].mean() > 5          # and the face stylised
+    assert np.abs(sheet[512:, :256] - sheet[512:, 256:]).mean() > 5         # aligned beside its stylised version
     with pytest.raises(Exception, match="crop scale must be between 0.6 and 1.6"):
         agent_api.stylise_photo(studio, str(tmp_path / "me.png"), model, 3, 2.0, progress=lambda p, **kw: None)
     with pytest.raises(Exception, match="target must be a text of 1 to 300 characters"):

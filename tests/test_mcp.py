@@ -12,6 +12,7 @@ import urllib.request
 
 import pytest
 from PIL import Image
+from skimage import data
 
 from tests.app_server import free_port
 from tests.conftest import ROOT
@@ -43,8 +44,15 @@ def server(tmp_path_factory):
         proc.communicate(timeout=30)
 
 
+def grey_photo() -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", (200, 200), (90, 120, 150)).save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
 async def _agent(url: str) -> dict:
-    """List the tools, check a prompt, train for 60 steps (long enough for the run's view to be read mid-way: progress), then sample the new model."""
+    """List the tools, check a prompt, train for 60 steps (long enough for the run's view to be read mid-way: progress),
+    sample the new model, then stylise a photo sent as a data URI."""
     import httpx
     from mcp import ClientSession
     from mcp.client.streamable_http import streamable_http_client
@@ -67,6 +75,11 @@ async def _agent(url: str) -> dict:
             model = seen["adapt"].content[0].text.split("Model id: ")[-1].strip()
             seen["sample"] = await session.call_tool("sample_grid", {"model": model, "seeds": "0-2"})
             seen["bad"] = await session.call_tool("sample_grid", {"model": model, "seeds": "x-y"})
+            buf = io.BytesIO()   # a photo as an agent sends a file: a data URI (or an http URL)
+            Image.fromarray(data.astronaut()).save(buf, "JPEG")
+            photo = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+            seen["stylise"] = await session.call_tool("stylise_photo", {"photo": photo, "model": model, "steps": 5})
+            seen["no_face"] = await session.call_tool("stylise_photo", {"photo": grey_photo(), "model": model, "steps": 5})
     return seen
 
 
@@ -91,6 +104,13 @@ def test_the_main_actions_are_mcp_tools_and_the_api_page_lists_the_same(server):
     grid = Image.open(io.BytesIO(base64.b64decode(image.data)))
     assert grid.size == (3 * 128 + 2 * 4, 2 * 128 + 4)
     assert seen["bad"].isError and "Seeds must look like" in seen["bad"].content[0].text
+    # a selfie through the tool: the photo with the face pasted back, the aligned/stylised pair, the error
+    assert not seen["stylise"].isError, seen["stylise"].content
+    images = [Image.open(io.BytesIO(base64.b64decode(c.data))) for c in seen["stylise"].content if c.type == "image"]
+    assert [im.size for im in images] == [(512, 512 + 256)]   # the astronaut photo over the 256 px crop and its style
+    assert [c.type for c in seen["stylise"].content] == ["image", "text"]   # the picture and its URL, no raw tuple
+    assert seen["stylise"].content[1].text.startswith("Image URL: http://")
+    assert seen["no_face"].isError and "no face found" in seen["no_face"].content[0].text
     # the API page documents the same four endpoints, beside the page's own (callable as before)
     with urllib.request.urlopen(f"{server}/gradio_api/info", timeout=10) as r:
         endpoints = json.load(r)["named_endpoints"]
