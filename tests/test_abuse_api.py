@@ -2,6 +2,7 @@
 probes, bad images, bad numbers, a disk that fills while saving. Each asserts the message, that
 nothing was lost, and that the server still serves."""
 import struct
+import time
 import zlib
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from PIL import Image
 from nada_core.models.tiny import tiny_generator
 from nada_core.store.checkpoints import save_generator
 from nada_core.store.images import open_image
+from nada_core.store.runs import RunFolder
 from tests.app_server import launch_tiny, refusal
 
 SLIDERS, RANGES = [0.0] * 12, ["all layers"] * 12
@@ -309,4 +311,30 @@ def test_a_full_disk_during_import_mix_save_or_download_says_so_and_leaves_no_fo
     assert folders() == before   # no half-written .pt, nothing else
     _, files = client.predict("mix-to-download", api_name="/library_download")
     assert sorted(Path(f).name for f in files["value"]) == ["mix-to-download.pt", "mix-to-download.safetensors"]
+    still_serves(client, studio)
+
+
+def test_a_training_run_cannot_be_renamed_or_deleted_by_another_visitor(app):
+    client, studio, _ = app
+    trainer, other = Client(client.src, verbose=False), Client(client.src, verbose=False)
+    args = list(TRAIN)
+    args[3], args[6] = "Granite", 2000
+    job = trainer.submit(*args, api_name="/train")
+    running = None
+    for _ in range(600):
+        running = next((e for e in studio.library() if e.training), None)
+        active = studio.active_run()
+        if running and active and active[0].view().step >= 250:   # past the share a stopped run keeps its place
+            break
+        time.sleep(0.05)
+    assert running is not None and not job.done()
+    assert f"{running.id} is training; stop the run before you rename it" in error_of(
+        lambda: other.predict(running.id, "taken over", api_name="/library_rename"))
+    assert "stop the run before you delete it" in error_of(lambda: other.predict(running.id, api_name="/library_delete"))
+    trainer.predict(api_name="/stop")
+    job.result()
+    entry = studio.entry(running.id)   # still listed, whole: the recipe, the weights where it stopped, the thumbnail
+    folder = RunFolder(entry.folder.path)
+    assert folder.recipe_path.is_file() and folder.finished and folder.thumb_path.is_file() and folder.state_path.is_file()
+    assert not (studio.library_root / "taken-over").exists()
     still_serves(client, studio)
