@@ -99,7 +99,7 @@ def test_the_tiny_studio_offers_the_encoder_and_inverts_with_it(studio, tmp_path
     status, _, _, recon, _, _, state = outs[-1]
     assert "Inverted with e4e" in status and TINY_ENCODER_NOTE in status
     assert state["invs"][0].method == "e4e" and state["invs"][0].w_plus.shape == (1, 8, 64)
-    assert recon.size == (256, 256)   # the 32 px reconstruction, enlarged to be seen
+    assert Image.open(recon).size == (256, 256)   # the 32 px reconstruction, enlarged to be seen (a file, atomic)
 
 
 def test_the_tiny_studio_renders_a_drawing_instead_of_refusing(studio, drawing):
