@@ -126,7 +126,7 @@ def stylise_photo(studio: Studio, photo: str, model: str, steps: int = 100, crop
     return image_file(result_sheet(pasted, face.aligned, enlarged(styled, face.aligned.size)), name="stylised")
 
 
-def result_sheet(pasted: Image.Image, aligned: Image.Image, styled: Image.Image) -> str:
+def result_sheet(pasted: Image.Image, aligned: Image.Image, styled: Image.Image) -> Image.Image:
     """One picture for an agent (an MCP tool gives back one image): the pasted photo over the aligned face and
     its stylised version, side by side at half the photo's width each."""
     half = pasted.width // 2
