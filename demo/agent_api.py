@@ -13,6 +13,7 @@ from PIL import Image
 
 from nada_core.faces.align import CropAdjust
 from nada_core.faces.selfie import invert_faces, prepare_face, stylize_faces
+from nada_core.store.images import grid
 
 from . import adapt_tab, sample_tab
 from .state import Studio
@@ -130,11 +131,9 @@ def result_sheet(pasted: Image.Image, aligned: Image.Image, styled: Image.Image)
     """One picture for an agent (an MCP tool gives back one image): the pasted photo over the aligned face and
     its stylised version, side by side at half the photo's width each."""
     half = pasted.width // 2
-    pair = [im.resize((half, half), Image.LANCZOS) for im in (aligned, styled)]
     sheet = Image.new("RGB", (pasted.width, pasted.height + half), "white")
     sheet.paste(pasted, (0, 0))
-    for k, im in enumerate(pair):
-        sheet.paste(im, (k * (pasted.width - half), pasted.height))
+    sheet.paste(grid([[aligned, styled]], pad=pasted.width - 2 * half, tile=half), (0, pasted.height))
     return sheet
 
 

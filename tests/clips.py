@@ -75,3 +75,21 @@ def patched_frame_count(path, frames: int) -> bytes:
     at = data.find(b"stts")
     data[at + 12:at + 16] = struct.pack(">I", frames)
     return bytes(data)
+
+
+def face_chroma_gap(source: list[np.ndarray], shown: list[np.ndarray]) -> float:
+    """Mean chroma (YCbCr's Cb, Cr) difference from ``source`` inside the detected face of each frame that has
+    one: how far a stylised clip's faces are from the clip's own colours."""
+    from nada_core.faces.align import detect
+
+    gaps = []
+    for src, out in zip(source, shown):
+        found = detect(Image.fromarray(src)).boxes
+        if found:
+            left, top, right, bottom = found[0]
+            box = (slice(top + 4, bottom - 4), slice(left + 4, right - 4))
+            a, b = (np.asarray(Image.fromarray(np.ascontiguousarray(f[box])).convert("YCbCr"), dtype=float)[..., 1:]
+                    for f in (src, out))
+            gaps.append(np.abs(a - b).mean())
+    assert gaps, "no face in any frame"
+    return float(np.mean(gaps))

@@ -44,10 +44,11 @@ def server(tmp_path_factory):
         proc.communicate(timeout=30)
 
 
-def grey_photo() -> str:
+def data_uri(img: Image.Image, fmt: str = "PNG") -> str:
+    """A photo as an agent sends a file: a data URI (or an http URL)."""
     buf = io.BytesIO()
-    Image.new("RGB", (200, 200), (90, 120, 150)).save(buf, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    img.save(buf, fmt)
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 async def _agent(url: str) -> dict:
@@ -75,11 +76,9 @@ async def _agent(url: str) -> dict:
             model = seen["adapt"].content[0].text.split("Model id: ")[-1].strip()
             seen["sample"] = await session.call_tool("sample_grid", {"model": model, "seeds": "0-2"})
             seen["bad"] = await session.call_tool("sample_grid", {"model": model, "seeds": "x-y"})
-            buf = io.BytesIO()   # a photo as an agent sends a file: a data URI (or an http URL)
-            Image.fromarray(data.astronaut()).save(buf, "JPEG")
-            photo = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+            photo, wall = data_uri(Image.fromarray(data.astronaut()), "JPEG"), data_uri(Image.new("RGB", (200, 200), (90, 120, 150)))
             seen["stylise"] = await session.call_tool("stylise_photo", {"photo": photo, "model": model, "steps": 5})
-            seen["no_face"] = await session.call_tool("stylise_photo", {"photo": grey_photo(), "model": model, "steps": 5})
+            seen["no_face"] = await session.call_tool("stylise_photo", {"photo": wall, "model": model, "steps": 5})
     return seen
 
 

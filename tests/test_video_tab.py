@@ -7,13 +7,12 @@ import pytest
 from gradio_client import Client, handle_file
 from PIL import Image
 
-from nada_core.faces.align import detect
 from nada_core.models.tiny import tiny_generator
 from nada_core.store.checkpoints import save_generator
 from nada_core.store.clips import probe, read_frames
 from nada_core.store.runs import RunFolder
 from tests.app_server import launch_tiny, refusal
-from tests.clips import moving_face, no_face, patched_frame_count, write_clip
+from tests.clips import face_chroma_gap, moving_face, no_face, patched_frame_count, write_clip
 
 
 @pytest.fixture(scope="module")
@@ -56,21 +55,6 @@ def test_a_clip_through_two_styles_holds_the_device_slot(app, clip):
                                                                             "me-stylised-pop.mp4"]
     shown = probe(video["video"] if isinstance(video, dict) else video)
     assert (shown.frames, shown.width, shown.height, shown.fps, shown.audio) == (12, 128, 128, 12, "aac")
-
-
-def face_chroma_gap(source, shown):
-    """Mean chroma difference from the source on the detected face of each frame that has one."""
-    gaps = []
-    for src, out in zip(source, shown):
-        found = detect(Image.fromarray(src)).boxes
-        if found:
-            left, top, right, bottom = found[0]
-            box = (slice(top + 4, bottom - 4), slice(left + 4, right - 4))
-            a, b = (np.asarray(Image.fromarray(np.ascontiguousarray(f[box])).convert("YCbCr"), dtype=float)[..., 1:]
-                    for f in (src, out))
-            gaps.append(np.abs(a - b).mean())
-    assert gaps
-    return float(np.mean(gaps))
 
 
 def test_keep_my_colours_reaches_the_video_and_the_webcam(app, clip):
